@@ -1,0 +1,147 @@
+"""The HTTP API: session control, status and probes.
+
+Handlers only read or flip the supervisor's in-memory state. None of them
+touches a file or waits on a child, so they answer in milliseconds even
+while every child is stuck on a frozen mount.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ingestd import __version__
+from ingestd.sessions import SessionNameError, new_session
+from ingestd.supervisor import Supervisor
+
+MAX_BODY_BYTES = 16 * 1024
+"""A start request is a few dozen bytes; anything much larger is a mistake or an attack."""
+
+
+class StartRequest(BaseModel):
+    """Body of ``POST /v1/watch/start``; the body itself is optional."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    session_name: str | None = Field(
+        None, description="Blob folder name; blank or missing means a generated one."
+    )
+
+
+class StartResponse(BaseModel):
+    date_prefix: str
+    session_name: str
+    encoded_session: str
+
+
+class BodyLimit:
+    """Refuse request bodies over ``limit`` bytes with 413, before they are read whole."""
+
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            await _too_large(self.limit, send)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise _BodyTooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _BodyTooLarge:
+            await _too_large(self.limit, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _too_large(limit: int, send: Send) -> None:
+    response = JSONResponse({"detail": f"request body over {limit} bytes"}, status_code=413)
+    await response({"type": "http"}, _no_receive, send)
+
+
+async def _no_receive() -> Message:
+    return {"type": "http.disconnect"}
+
+
+def create_app(supervisor: Supervisor, ready: dict[str, Any] | None = None) -> FastAPI:
+    """The FastAPI app over a running :class:`Supervisor`.
+
+    ``ready`` is a small dict the CLI flips to ``{"ready": True}`` once
+    startup has finished.
+    """
+    readiness = ready if ready is not None else {"ready": True}
+    app = FastAPI(title="ingestd", version=__version__)
+    app.add_middleware(BodyLimit)
+
+    @app.exception_handler(SessionNameError)
+    async def bad_session(_: Request, exc: SessionNameError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")}
+            for e in exc.errors()
+        ]
+        return JSONResponse({"detail": errors}, status_code=422)
+
+    @app.get("/healthz")
+    async def healthz() -> JSONResponse:
+        """Liveness: the supervisor ticks and every child slot has a fresh heartbeat."""
+        ok, reason = supervisor.health()
+        body: dict[str, Any] = {"ok": ok}
+        if not ok:
+            body["reason"] = reason
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        """Readiness: startup finished and no shutdown has begun."""
+        is_ready = bool(readiness.get("ready")) and not supervisor.draining
+        body: dict[str, Any] = {"ready": is_ready}
+        if supervisor.draining:
+            body["reason"] = "shutting down"
+        return JSONResponse(body, status_code=200 if is_ready else 503)
+
+    @app.post("/v1/watch/start", response_model=StartResponse)
+    async def watch_start(body: StartRequest | None = None) -> StartResponse:
+        """Start scanning under a session; the blob prefix is ``<date>/<encoded>/``."""
+        session = new_session(body.session_name if body else None)
+        session = supervisor.start_session(session)
+        return StartResponse(
+            date_prefix=session.date,
+            session_name=session.name,
+            encoded_session=session.encoded,
+        )
+
+    @app.post("/v1/watch/stop")
+    async def watch_stop() -> dict[str, bool]:
+        """Stop scanning; queued and in-flight files still finish."""
+        supervisor.stop_session()
+        return {"enabled": False}
+
+    @app.get("/v1/status")
+    async def status() -> dict[str, Any]:
+        return supervisor.status()
+
+    return app

@@ -1,0 +1,144 @@
+"""Settings, read once from ``APP_``-prefixed environment variables.
+
+Every knob an operator can turn lives here, with the PRD's defaults. The
+parent validates the settings before it serves anything, and hands the same
+object to each child process (it pickles), so parent and children can never
+disagree about a path or a size.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BeforeValidator, Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "APP_"
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": 1024,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gib": 1024**3,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(value: object) -> int:
+    """Turn ``8388608``, ``"8MiB"`` or ``"8 MB"`` into a number of bytes.
+
+    Operators copy sizes from the PRD ("8MiB"), so both forms are accepted.
+    """
+    if isinstance(value, int):
+        return value
+    match = _SIZE_RE.match(str(value))
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _SIZE_UNITS:
+        raise ValueError(f"not a size: {value!r} (use bytes or e.g. 8MiB, 4MB)")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+ByteSize = Annotated[int, BeforeValidator(parse_size), Field(gt=0)]
+
+
+class Settings(BaseSettings):
+    """The service's configuration; see the README for what each one does."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    # Azure: the two required keys, then the optional fallbacks.
+    azure_account_url: str
+    azure_container: str
+    azure_connection_string: SecretStr | None = None
+    azure_account_name: str | None = None
+    azure_account_key: SecretStr | None = None
+    azure_startup_timeout_s: float = Field(30.0, gt=0)
+
+    # Folders. Incoming, .processing and .failed must share one filesystem so
+    # that the claim (a rename) is atomic.
+    nfs_incoming_dir: Path = Path("/mnt/nfs/incoming")
+    nfs_processing_root: Path = Path("/mnt/nfs/.processing")
+    nfs_failed_root: Path = Path("/mnt/nfs/.failed")
+    local_staging_root: Path = Path("/mnt/staging")
+
+    # Scanner.
+    poll_interval_s: float = Field(2.0, gt=0)
+    min_file_age_s: float = Field(5.0, ge=0)
+
+    # Work queue and uploader processes.
+    max_queue_size: int = Field(2000, gt=0)
+    worker_concurrency: int = Field(4, gt=0, le=64)
+    max_attempts: int = Field(5, gt=0)
+
+    # Upload tuning, passed to the SDK.
+    azure_max_block_size: ByteSize = 8 * 1024**2
+    azure_max_single_put_size: ByteSize = 4 * 1024**2
+    azure_max_concurrency: int = Field(8, gt=0, le=64)
+
+    # Supervision.
+    child_stall_timeout_s: float = Field(60.0, gt=0)
+    liveness_timeout_s: float = Field(300.0, gt=0)
+    max_stuck_children: int = Field(8, ge=0)
+    shutdown_grace_s: float = Field(120.0, ge=0)
+
+    # HTTP and logs.
+    http_host: str = "0.0.0.0"
+    http_port: int = Field(8080, ge=0, le=65535)
+    log_format: Literal["json", "text"] = "text"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    # Start watching at boot, so a restarted pod resumes without an API call.
+    autostart: bool = False
+    autostart_session: str = ""
+
+    def secrets(self) -> list[str]:
+        """The secret values configured, for the log redactor."""
+        values = [self.azure_connection_string, self.azure_account_key]
+        secrets = [v.get_secret_value() for v in values if v is not None]
+        return [s for s in secrets if s]
+
+
+class ConfigError(Exception):
+    """The environment does not describe a runnable service."""
+
+
+def env_name(field: str) -> str:
+    """The environment variable that sets ``field``."""
+    return f"{ENV_PREFIX}{field.upper()}"
+
+
+def load_settings() -> Settings:
+    """Read the settings from the environment, or explain what is wrong.
+
+    pydantic's own message names Python fields; an operator reads variable
+    names, so missing and invalid keys are reported as ``APP_...`` names.
+    Secret values are never echoed back.
+    """
+    try:
+        return Settings()  # type: ignore[call-arg]
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    missing = [env_name(str(e["loc"][0])) for e in exc.errors() if e["type"] == "missing"]
+    invalid = [
+        f"{env_name(str(e['loc'][0]))}: {e['msg']}"
+        for e in exc.errors()
+        if e["type"] != "missing"
+    ]
+    parts = []
+    if missing:
+        parts.append("missing required configuration: " + ", ".join(missing))
+    if invalid:
+        parts.append("invalid configuration: " + "; ".join(invalid))
+    return ". ".join(parts)

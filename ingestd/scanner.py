@@ -1,0 +1,229 @@
+"""The scanner child: the only process that lists NFS folders.
+
+It polls incoming, decides which files are stable, and at its first start
+lists ``.processing`` so claimed-but-unfinished files are uploaded again. It
+keeps no state but the previous poll's ``(size, mtime, inode)`` per name;
+everything it learns goes to the parent as messages.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+from ingestd import child
+from ingestd.child import Channel, ParentGone
+from ingestd.config import Settings
+from ingestd.messages import (
+    Recovered,
+    RecoveryDone,
+    ScanControl,
+    ScanDone,
+    ScanError,
+    Stable,
+    Stop,
+)
+
+log = logging.getLogger(__name__)
+
+DATE_FOLDER = re.compile(r"^\d{8}$")
+MAX_BACKOFF_S = 60.0
+BATCH = 500
+"""Stable files per message: one pickle per file would cost the parent more
+than the scan itself when thousands of files wait."""
+
+Signature = tuple[int, int, int]  # size, mtime_ns, inode
+
+
+@dataclass
+class Listing:
+    """One poll of incoming: candidate files and what they looked like."""
+
+    files: dict[str, Signature]
+    seconds: float
+
+
+def list_incoming(incoming: Path, channel: Channel) -> Listing:
+    """Regular files directly in ``incoming``; dotfiles, folders and symlinks are skipped.
+
+    ``scandir`` gives the file type without a syscall per entry; one
+    ``lstat`` per candidate is the whole cost of a poll.
+    """
+    started = time.monotonic()
+    files: dict[str, Signature] = {}
+    with os.scandir(incoming) as entries:
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # taken by an uploader or another replica meanwhile
+            files[entry.name] = (st.st_size, st.st_mtime_ns, st.st_ino)
+            channel.beat("scanning")
+    return Listing(files=files, seconds=time.monotonic() - started)
+
+
+def stable_files(
+    previous: dict[str, Signature], current: dict[str, Signature], now_ns: int, min_age_s: float
+) -> list[tuple[str, int, int]]:
+    """Files unchanged since the previous poll and older than ``min_age_s``."""
+    min_age_ns = int(min_age_s * 1e9)
+    return [
+        (name, sig[0], sig[1])
+        for name, sig in current.items()
+        if previous.get(name) == sig and now_ns - sig[1] >= min_age_ns
+    ]
+
+
+def recover(settings: Settings, channel: Channel) -> int:
+    """Report every file under ``.processing/<date>/<session>/``; return the count."""
+    root = settings.nfs_processing_root
+    count = 0
+    for date in _folders(root):
+        if not DATE_FOLDER.match(date):
+            continue
+        for session in _folders(root / date):
+            with os.scandir(root / date / session) as entries:
+                for entry in entries:
+                    channel.beat("recovering")
+                    if entry.name.startswith(".") or not entry.is_file(follow_symlinks=False):
+                        continue
+                    size = entry.stat(follow_symlinks=False).st_size
+                    channel.send(Recovered(name=entry.name, date=date, session=session, size=size))
+                    count += 1
+    return count
+
+
+def clean_staging(staging_root: Path) -> int:
+    """Delete leftover staging copies from a previous run of this instance.
+
+    Staging is this pod's own disk and nothing is in flight before the first
+    recovery completes, so every file found is stale. Only files at the depth
+    the uploaders write (``<date>/<session>/<name>``) are touched, so a
+    misconfigured root cannot lead to deleting anything else.
+    """
+    removed = 0
+    for date in _folders(staging_root):
+        if not DATE_FOLDER.match(date):
+            continue
+        for session in _folders(staging_root / date):
+            for path in (staging_root / date / session).iterdir():
+                if path.is_file() and not path.is_symlink():
+                    path.unlink(missing_ok=True)
+                    removed += 1
+    return removed
+
+
+def _folders(path: Path) -> list[str]:
+    if not path.is_dir():
+        return []
+    with os.scandir(path) as entries:
+        return sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
+
+
+class Scanner:
+    """The scanner's main loop, with its backoff and its one piece of state."""
+
+    def __init__(self, settings: Settings, channel: Channel) -> None:
+        self.settings = settings
+        self.channel = channel
+        self.enabled = False
+        self.previous: dict[str, Signature] = {}
+        self.backoff_s = 0.0
+
+    def run(self, first_start: bool) -> None:
+        self._retrying("recovery", lambda: self._recover(first_start))
+        next_poll = 0.0
+        while True:
+            self._wait_for_control(max(0.0, next_poll - time.monotonic()))
+            if not self.enabled:
+                next_poll = 0.0  # poll at once when enabled again
+            elif time.monotonic() >= next_poll:
+                self._retrying("scan", self._poll)
+                next_poll = time.monotonic() + self.settings.poll_interval_s
+
+    def _recover(self, first_start: bool) -> None:
+        self.channel.beat("recovering", force=True)
+        for folder in (self.settings.nfs_incoming_dir, self.settings.nfs_processing_root):
+            folder.mkdir(parents=True, exist_ok=True)
+        if first_start:
+            removed = clean_staging(self.settings.local_staging_root)
+            if removed:
+                log.info("removed %d stale staging files", removed)
+        count = recover(self.settings, self.channel)
+        self.channel.send(RecoveryDone(count=count))
+
+    def _poll(self) -> None:
+        self.channel.beat("scanning", force=True)
+        listing = list_incoming(self.settings.nfs_incoming_dir, self.channel)
+        stable = stable_files(
+            self.previous, listing.files, time.time_ns(), self.settings.min_file_age_s
+        )
+        self.previous = listing.files
+        for start in range(0, len(stable), BATCH):
+            self.channel.send(Stable(files=tuple(stable[start : start + BATCH])))
+        self.channel.send(ScanDone(seen=len(listing.files), stable=len(stable),
+                                   seconds=listing.seconds))
+        self.channel.beat("idle", force=True)
+
+    def _retrying(self, what: str, step) -> None:
+        """Run ``step`` until it succeeds, backing off on NFS errors.
+
+        A stale handle or an I/O error on NFS is usually transient; the
+        scanner waits (doubling, capped) and tries again, beating meanwhile.
+        """
+        while True:
+            try:
+                step()
+                self.backoff_s = 0.0
+                return
+            except OSError as exc:
+                self.backoff_s = min(MAX_BACKOFF_S, max(self.settings.poll_interval_s,
+                                                        self.backoff_s * 2))
+                reason = f"{what} failed: {_describe(exc)}"
+                log.warning("%s; retrying in %.1f s", reason, self.backoff_s,
+                            extra={"file": getattr(exc, "filename", None)})
+                self.channel.send(ScanError(error=reason, backoff_s=self.backoff_s))
+                self._sleep(self.backoff_s)
+
+    def _sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            self._wait_for_control(left)
+
+    def _wait_for_control(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for a message from the parent, beating at least each second."""
+        self.channel.beat("idle" if not self.backoff_s else "backoff")
+        if not self.channel.poll(min(timeout, 1.0)):
+            return
+        message = self.channel.recv()
+        if isinstance(message, Stop):
+            raise ParentGone()
+        if isinstance(message, ScanControl):
+            self.enabled = message.enabled
+            if not self.enabled:
+                self.previous = {}
+
+
+def _describe(exc: OSError) -> str:
+    name = errno.errorcode.get(exc.errno or 0, "error")
+    where = f" ({exc.filename})" if exc.filename else ""
+    return f"{name}: {exc.strerror or exc}{where}"
+
+
+def main(conn: Connection, settings: Settings, first_start: bool) -> None:
+    """Entry point of the scanner process."""
+    child.start(settings, "scanner")
+    try:
+        Scanner(settings, Channel(conn)).run(first_start)
+    except ParentGone:
+        return

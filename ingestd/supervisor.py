@@ -1,0 +1,483 @@
+"""The supervisor: one thread in the parent that owns every child and all state.
+
+Modelled on gunicorn's arbiter. One loop, a few times a second, never
+blocking for longer than a tick:
+
+1. wait (with a timeout) for messages on the children's pipes and apply them;
+2. respawn children that exited; SIGKILL and replace children whose heartbeat
+   is older than ``APP_CHILD_STALL_TIMEOUT_S``, and put their file back;
+3. reap killed children with WNOHANG; those the kernel keeps (stuck in a hung
+   NFS call) are counted, and past ``APP_MAX_STUCK_CHILDREN`` no more are made;
+4. hand queued jobs to idle uploaders.
+
+The HTTP handlers call the public methods, which take the lock for a moment
+and never wait on the loop, so the API answers whatever the children do.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait
+
+from ingestd import scanner, uploader
+from ingestd.config import Settings
+from ingestd.messages import (
+    Beat,
+    Done,
+    Failed,
+    Gone,
+    Job,
+    Quarantined,
+    Recovered,
+    RecoveryDone,
+    ScanControl,
+    ScanDone,
+    ScanError,
+    Stable,
+    Stop,
+)
+from ingestd.process import ChildProcess
+from ingestd.sessions import Session
+from ingestd.stats import Stats
+from ingestd.workqueue import WorkQueue
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.2
+LOOP_STALE_S = 10.0
+"""The loop ticks every 0.2 s; ten seconds without a tick means it is wedged."""
+REAP_GRACE_S = 2.0
+"""A killed child still unreaped after this long is stuck in the kernel."""
+MAX_RESPAWN_DELAY_S = 30.0
+MAX_RETRY_DELAY_S = 60.0
+SCANNER = "scanner"
+
+
+@dataclass
+class Slot:
+    """A place for one child: the scanner, or uploader number ``index``."""
+
+    role: str
+    child: ChildProcess | None = None
+    state: str = "starting"
+    file: str | None = None
+    bytes_done: int = 0
+    bytes_total: int = 0
+    last_beat: float = field(default_factory=time.monotonic)
+    restarts: int = 0
+    job: Job | None = None
+    job_started: float = 0.0
+    respawn_at: float = 0.0
+    quick_deaths: int = 0
+    held_back: str | None = None  # why no child runs here now
+
+    @property
+    def is_uploader(self) -> bool:
+        return self.role != SCANNER
+
+    def beat_age(self, now: float) -> float:
+        return now - self.last_beat
+
+
+class Supervisor:
+    """Owns the children, the work queue, the sessions and the counters."""
+
+    def __init__(self, settings: Settings, auth_method: str) -> None:
+        self.settings = settings
+        self.auth_method = auth_method
+        self.lock = threading.Lock()
+        self.queue = WorkQueue(settings.max_queue_size)
+        self.stats = Stats()
+        self.slots = [Slot(SCANNER)] + [
+            Slot(f"uploader-{i}") for i in range(1, settings.worker_concurrency + 1)
+        ]
+        self.stuck: list[ChildProcess] = []
+        self.session: Session | None = None
+        self.enabled = False
+        self.recovery_done = False
+        self.draining = False
+        self.drained = threading.Event()
+        self.last_tick = time.monotonic()
+        self.started_at = time.time()
+        self._scan_sent: bool | None = None
+        self._first_scanner = True
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="supervisor", daemon=True)
+        self.on_drained: Callable[[], None] | None = None
+
+    # Lifecycle
+
+    def start(self) -> None:
+        with self.lock:
+            for slot in self.slots:
+                self._spawn(slot)
+        self._thread.start()
+
+    def begin_drain(self) -> None:
+        """Stop taking new work; in-flight uploads may finish. Safe from a signal handler:
+        it only sets flags, the loop does the rest."""
+        self.draining = True
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop the loop and SIGKILL every child; wait for none of them.
+
+        Files in flight stay in ``.processing`` for the next start.
+        """
+        self._stopping.set()
+        self._thread.join(timeout=timeout)
+        with self.lock:
+            for slot in self.slots:
+                if slot.child is not None:
+                    slot.child.kill()
+                    self.stuck.append(slot.child)
+                    slot.child = None
+            deadline = time.monotonic() + timeout
+            while self.stuck and time.monotonic() < deadline:
+                self._reap_stuck(time.monotonic())
+                time.sleep(0.05)
+        if self.stuck:
+            log.warning("%d children could not be reaped at exit", len(self.stuck))
+
+    # Sessions (called by the API)
+
+    def start_session(self, session: Session) -> Session:
+        """Make ``session`` the active one and start scanning.
+
+        Asking again for the session already active returns it unchanged, so
+        a client retrying its request does not open a new date prefix.
+        """
+        with self.lock:
+            if self.enabled and self.session and self.session.name == session.name:
+                return self.session
+            self.session = session
+            self.enabled = True
+            self.stats.session(session.date, session.encoded)
+        log.info("session started", extra={"session": session.encoded, "date": session.date})
+        return session
+
+    def stop_session(self) -> Session | None:
+        with self.lock:
+            session, self.enabled = self.session, False
+        if session:
+            log.info("session stopped", extra={"session": session.encoded, "date": session.date})
+        return session
+
+    # The loop
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self.tick()
+            except Exception:  # the loop must outlive any one bad message
+                log.exception("supervisor tick failed")
+                time.sleep(TICK_S)
+
+    def tick(self) -> None:
+        ready = wait(self._connections(), timeout=TICK_S)
+        with self.lock:
+            now = time.monotonic()
+            for conn in ready:
+                self._drain(conn, now)
+            self._check_children(now)
+            self._reap_stuck(now)
+            self._control_scanner()
+            self._dispatch(now)
+            self._finish_drain()
+            self.last_tick = time.monotonic()
+
+    def _connections(self) -> list:
+        with self.lock:
+            return [s.child.conn for s in self.slots if s.child and s.child.conn]
+
+    def _slot_of(self, conn) -> Slot | None:
+        return next((s for s in self.slots if s.child and s.child.conn is conn), None)
+
+    def _drain(self, conn, now: float) -> None:
+        """Apply every message waiting on one child's pipe."""
+        slot = self._slot_of(conn)
+        if slot is None:
+            return
+        try:
+            while slot.child and slot.child.conn and slot.child.conn.poll(0):
+                self._handle(slot, slot.child.conn.recv(), now)
+        except (EOFError, OSError):
+            # The child closed its end: it is exiting. _check_children reaps it.
+            if slot.child:
+                slot.child.close_pipe()
+
+    # Messages
+
+    def _handle(self, slot: Slot, message: object, now: float) -> None:
+        slot.last_beat = now
+        if isinstance(message, Beat):
+            slot.state, slot.file = message.state, message.file
+            slot.bytes_done, slot.bytes_total = message.bytes_done, message.bytes_total
+        elif isinstance(message, Stable):
+            self._on_stable(message)
+        elif isinstance(message, Recovered):
+            self._on_recovered(message)
+        elif isinstance(message, RecoveryDone):
+            self.recovery_done = True
+            self.stats.recovered_total += message.count
+            log.info("recovery found %d claimed files in .processing", message.count)
+        elif isinstance(message, ScanDone):
+            self.stats.on_scan(message.seen, message.stable, message.seconds)
+        elif isinstance(message, ScanError):
+            self.stats.scan_errors += 1
+            self.stats.last_error = message.error
+        elif isinstance(message, (Done, Failed, Gone, Quarantined)):
+            self._on_result(slot, message, now)
+
+    def _on_stable(self, message: Stable) -> None:
+        if not self.enabled or self.session is None or self.draining:
+            return  # found after a stop: it stays in incoming for the next session
+        for name, _size, _mtime in message.files:
+            job = Job(name=name, date=self.session.date, session=self.session.encoded)
+            if self.queue.add_new(job):
+                self.stats.session(job.date, job.session).queued += 1
+
+    def _on_recovered(self, message: Recovered) -> None:
+        job = Job(name=message.name, date=message.date, session=message.session)
+        if self.queue.add_recovered(job):
+            self.stats.recovered_queued += 1
+            self.stats.session(job.date, job.session).queued += 1
+
+    def _on_result(self, slot: Slot, message: Done | Failed | Gone | Quarantined,
+                   now: float) -> None:
+        job = message.job
+        slot.job, slot.file, slot.state = None, None, "idle"
+        counters = self.stats.session(job.date, job.session)
+        counters.in_flight = max(0, counters.in_flight - 1)
+        if isinstance(message, Done):
+            self.queue.finish(job)
+            self.stats.on_done(counters, message.size, message.upload_seconds)
+        elif isinstance(message, Gone):
+            self.queue.finish(job)
+            self.stats.skipped += 1
+        elif isinstance(message, Quarantined):
+            self.queue.finish(job)
+            self.stats.on_quarantined(counters, f"{job.blob_name}: {message.error}")
+        else:
+            self.stats.on_failed(counters, f"{job.blob_name}: {message.error}", message.counted)
+            self.queue.retry(job, now + self._retry_delay(message))
+
+    def _retry_delay(self, failed: Failed) -> float:
+        """Back off per file for its own failures, globally for outages."""
+        if failed.counted:
+            return min(MAX_RETRY_DELAY_S, 2.0 ** failed.attempts)
+        return min(MAX_RETRY_DELAY_S, 2.0 ** min(self.stats.consecutive_outages, 6))
+
+    # Children
+
+    def _spawn(self, slot: Slot) -> None:
+        if slot.role == SCANNER:
+            target, args = scanner.main, (self.settings, self._first_scanner)
+            self._first_scanner = False
+            self._scan_sent = None
+        else:
+            target, args = uploader.main, (self.settings, self.auth_method, slot.role)
+        slot.child = ChildProcess(slot.role, target, args)
+        slot.state, slot.file, slot.last_beat, slot.held_back = "starting", None, \
+            time.monotonic(), None
+        log.info("started %s (pid %d)", slot.role, slot.child.pid)
+
+    def _check_children(self, now: float) -> None:
+        for slot in self.slots:
+            child = slot.child
+            if child is None:
+                self._maybe_respawn(slot, now)
+            elif child.exited():
+                self._on_exit(slot, child, now)
+            elif slot.beat_age(now) > self.settings.child_stall_timeout_s:
+                self._on_stall(slot, child, now)
+
+    def _on_exit(self, slot: Slot, child: ChildProcess, now: float) -> None:
+        lived = now - child.started
+        log.warning("%s (pid %d) exited with code %s after %.1f s", slot.role, child.pid,
+                    child.exitcode, lived)
+        child.release()
+        slot.child = None
+        self._take_back_job(slot, now, f"{slot.role} exited with code {child.exitcode}")
+        slot.quick_deaths = slot.quick_deaths + 1 if lived < 10 else 0
+        slot.respawn_at = now + min(MAX_RESPAWN_DELAY_S, 0.5 * 2 ** slot.quick_deaths) \
+            if slot.quick_deaths else now
+        slot.restarts += 1
+        self.stats.restarts[self._role_kind(slot)] += 1
+        self._maybe_respawn(slot, now)
+
+    def _on_stall(self, slot: Slot, child: ChildProcess, now: float) -> None:
+        age = slot.beat_age(now)
+        log.error("%s (pid %d) sent no heartbeat for %.0f s while %s%s: killing it",
+                  slot.role, child.pid, age, slot.state,
+                  f" {slot.file}" if slot.file else "", extra={"role": slot.role,
+                                                               "file": slot.file})
+        child.kill()
+        self.stuck.append(child)
+        slot.child = None
+        self._take_back_job(slot, now, f"{slot.role} stalled for {age:.0f} s in {slot.state}")
+        slot.restarts += 1
+        self.stats.restarts[self._role_kind(slot)] += 1
+        self.stats.kills[self._role_kind(slot)] += 1
+        slot.respawn_at = now
+        self._maybe_respawn(slot, now)
+
+    def _maybe_respawn(self, slot: Slot, now: float) -> None:
+        if self._stopping.is_set() or now < slot.respawn_at:
+            return
+        if slot.is_uploader and self.draining:
+            return
+        stuck = self.stuck_count(now)
+        if stuck >= self.settings.max_stuck_children:
+            slot.held_back = f"not respawned: {stuck} killed children are stuck in the kernel"
+            slot.state = "held"
+            return
+        self._spawn(slot)
+
+    def _take_back_job(self, slot: Slot, now: float, why: str) -> None:
+        """A child died holding a job: its file stays claimed, so run it again."""
+        job = slot.job
+        slot.job = None
+        if job is None:
+            return
+        counters = self.stats.session(job.date, job.session)
+        counters.in_flight = max(0, counters.in_flight - 1)
+        self.stats.interrupted += 1
+        self.stats.last_error = f"{job.blob_name}: {why}"
+        self.queue.retry(job, now + 1.0)
+
+    def _reap_stuck(self, now: float) -> None:
+        still = []
+        for child in self.stuck:
+            if child.exited():
+                child.release()
+            else:
+                still.append(child)
+        self.stuck = still
+
+    def stuck_count(self, now: float) -> int:
+        return sum(1 for c in self.stuck if c.killed_at and now - c.killed_at > REAP_GRACE_S)
+
+    @staticmethod
+    def _role_kind(slot: Slot) -> str:
+        return "uploader" if slot.is_uploader else SCANNER
+
+    # Work
+
+    def _control_scanner(self) -> None:
+        scan = self.enabled and not self.draining
+        slot = self.slots[0]
+        if slot.child and self._scan_sent != scan and slot.child.send(ScanControl(scan)):
+            self._scan_sent = scan
+
+    def _dispatch(self, now: float) -> None:
+        if not self.recovery_done or self.draining:
+            return
+        for slot in self.slots[1:]:
+            if slot.child is None or slot.child.conn is None or slot.job is not None:
+                continue
+            job = self.queue.take(now)
+            if job is None:
+                return
+            if not slot.child.send(job):
+                self.queue.retry(job, now)
+                continue
+            slot.job, slot.job_started = job, now
+            slot.state, slot.file, slot.bytes_done, slot.bytes_total = "claiming", job.name, 0, 0
+            slot.last_beat = now
+            self.stats.session(job.date, job.session).in_flight += 1
+            self.stats.session(job.date, job.session).queued -= 1
+
+    def _finish_drain(self) -> None:
+        if not self.draining or self.drained.is_set():
+            return
+        self._control_scanner()
+        if any(slot.job for slot in self.slots[1:]):
+            return
+        for slot in self.slots:
+            if slot.child:
+                slot.child.send(Stop())
+        self.drained.set()
+        log.info("drained: no upload in flight")
+        if self.on_drained:
+            self.on_drained()
+
+    # Views for the API
+
+    def health(self) -> tuple[bool, str]:
+        """Live if the loop ticks and every slot has beaten within the liveness timeout."""
+        with self.lock:
+            now = time.monotonic()
+            if now - self.last_tick > LOOP_STALE_S:
+                return False, f"supervisor loop has not ticked for {now - self.last_tick:.0f} s"
+            problems = []
+            for slot in self.slots:
+                if slot.held_back:
+                    problems.append(f"{slot.role} {slot.held_back}")
+                elif slot.beat_age(now) > self.settings.liveness_timeout_s:
+                    problems.append(f"{slot.role} heartbeat is {slot.beat_age(now):.0f} s old")
+            return (not problems), "; ".join(problems)
+
+    def status(self) -> dict:
+        """Everything an operator needs, as plain JSON-ready data."""
+        with self.lock:
+            now = time.monotonic()
+            session = self.session
+            return {
+                "enabled": self.enabled,
+                "active_session": session.name if session and self.enabled else None,
+                "session": _session_view(session),
+                **self.stats.totals(),
+                "draining": self.draining,
+                "recovery_done": self.recovery_done,
+                "queue": {"depth": len(self.queue), **self.queue.depth(),
+                          "max": self.queue.max_size, "dropped_full": self.queue.dropped},
+                "in_flight": [self._flight_view(s, now) for s in self.slots[1:] if s.job],
+                "children": [self._child_view(s, now) for s in self.slots],
+                "stuck_children": self.stuck_count(now),
+                "killed_unreaped": len(self.stuck),
+                "auth_method": self.auth_method,
+                "sessions": self.stats.sessions_view(),
+            }
+
+    @staticmethod
+    def _flight_view(slot: Slot, now: float) -> dict:
+        assert slot.job is not None
+        return {
+            "file": slot.job.name,
+            "date": slot.job.date,
+            "session": slot.job.session,
+            "blob": slot.job.blob_name,
+            "stage": slot.state,
+            "bytes_done": slot.bytes_done,
+            "bytes_total": slot.bytes_total,
+            "seconds": round(now - slot.job_started, 1),
+            "worker": slot.role,
+        }
+
+    @staticmethod
+    def _child_view(slot: Slot, now: float) -> dict:
+        return {
+            "role": slot.role,
+            "pid": slot.child.pid if slot.child else None,
+            "state": slot.state,
+            "file": slot.file,
+            "heartbeat_age_s": round(slot.beat_age(now), 2),
+            "restarts": slot.restarts,
+            "held_back": slot.held_back,
+        }
+
+
+def _session_view(session: Session | None) -> dict | None:
+    if session is None:
+        return None
+    return {
+        "session_name": session.name,
+        "encoded_session": session.encoded,
+        "date_prefix": session.date,
+        "blob_prefix": session.blob_prefix,
+    }
+

@@ -1,0 +1,330 @@
+"""The uploader child: one file at a time, claim -> stage -> upload -> clean up.
+
+Every step leaves the disk in a state that says what to do after a crash:
+
+* claimed: the file sits in ``.processing/<date>/<session>/``; recovery finds it.
+* staged: a local copy, fsynced, whose MD5 was computed in the same pass.
+* uploaded: the blob is committed (overwrite, so a retry is harmless).
+* cleaned: the NFS copy is deleted only now, then the staging copy.
+
+A file that fails ``APP_MAX_ATTEMPTS`` times for reasons of its own (not an
+outage) is moved to ``.failed/<date>/<session>/`` with a sidecar saying why.
+Attempts are counted on NFS, next to the claimed file, so they survive restarts.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+from ingestd import blobstore, child
+from ingestd.child import Channel, ParentGone
+from ingestd.config import Settings
+from ingestd.messages import Done, Failed, Gone, Job, Quarantined, Stop
+
+log = logging.getLogger(__name__)
+
+COPY_CHUNK = 8 * 1024 * 1024
+ATTEMPTS_FOLDER = ".attempts"
+ERRORS_FOLDER = ".errors"
+
+
+class StepError(Exception):
+    """A step failed; carries the stage and whether it counts against the file."""
+
+    def __init__(self, stage: str, message: str, counted: bool) -> None:
+        super().__init__(message)
+        self.stage = stage
+        self.counted = counted
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where one job's file lives at each step."""
+
+    incoming: Path
+    claimed: Path
+    staged: Path
+    attempts: Path
+    failed: Path
+    failed_sidecar: Path
+
+    @classmethod
+    def of(cls, settings: Settings, job: Job) -> Paths:
+        processing = settings.nfs_processing_root / job.date / job.session
+        failed = settings.nfs_failed_root / job.date / job.session
+        return cls(
+            incoming=settings.nfs_incoming_dir / job.name,
+            claimed=processing / job.name,
+            staged=settings.local_staging_root / job.date / job.session / job.name,
+            attempts=processing / ATTEMPTS_FOLDER / job.name,
+            failed=failed / job.name,
+            failed_sidecar=failed / ERRORS_FOLDER / job.name,
+        )
+
+
+# The steps. Each is a plain function of paths, so tests can call them directly.
+
+
+def claim(paths: Paths) -> bool:
+    """Move the file into ``.processing``; False if it is gone (a benign race).
+
+    A file already in ``.processing`` (recovery, retry, a killed uploader) is
+    ours to continue and is never overwritten by a newer file of that name.
+    """
+    if os.path.lexists(paths.claimed):
+        return True
+    paths.claimed.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(paths.incoming, paths.claimed)
+    except FileNotFoundError:
+        return os.path.lexists(paths.claimed)
+    return True
+
+
+def stage(paths: Paths, channel: Channel, file: str) -> tuple[int, bytes]:
+    """Copy the claimed file to staging, hashing it in the same pass; fsync both.
+
+    Returns the size and MD5 of exactly the bytes that will be uploaded.
+    A partial copy is removed on failure so staging never fills with junk.
+    """
+    paths.staged.parent.mkdir(parents=True, exist_ok=True)
+    md5 = hashlib.md5()
+    buffer = bytearray(COPY_CHUNK)
+    view = memoryview(buffer)
+    done = 0
+    try:
+        with open(paths.claimed, "rb") as src, open(paths.staged, "wb") as dst:
+            total = os.fstat(src.fileno()).st_size
+            channel.beat("copying", file, 0, total, force=True)
+            while count := src.readinto(buffer):
+                md5.update(view[:count])
+                dst.write(view[:count])
+                done += count
+                channel.beat("copying", file, done, total)
+            dst.flush()
+            os.fsync(dst.fileno())
+        _fsync_folder(paths.staged.parent)
+    except BaseException:
+        paths.staged.unlink(missing_ok=True)
+        raise
+    return done, md5.digest()
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the new directory entry durable, not only the data."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def cleanup(paths: Paths) -> None:
+    """Delete the NFS copy (only after the commit), then the staging copy."""
+    try:
+        paths.claimed.unlink()
+    except FileNotFoundError:
+        pass  # another replica finished the same file first
+    paths.staged.unlink(missing_ok=True)
+    paths.attempts.unlink(missing_ok=True)
+
+
+def read_attempts(paths: Paths) -> int:
+    """How many counted attempts this file has used, across restarts."""
+    try:
+        return int(json.loads(paths.attempts.read_text())["attempts"])
+    except FileNotFoundError:
+        return 0
+    except (ValueError, KeyError, TypeError):
+        return 0  # a torn record: start again rather than refuse the file
+
+
+def write_attempts(paths: Paths, attempts: int, error: str) -> None:
+    paths.attempts.parent.mkdir(parents=True, exist_ok=True)
+    record = {"attempts": attempts, "last_error": error, "time": _now()}
+    temp = paths.attempts.with_name(f".{os.getpid()}.tmp")
+    temp.write_text(json.dumps(record))
+    os.replace(temp, paths.attempts)
+
+
+def quarantine(paths: Paths, job: Job, attempts: int, error: str) -> None:
+    """Move a poison file to ``.failed`` with a sidecar that says why."""
+    paths.failed_sidecar.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "name": job.name,
+        "date": job.date,
+        "session": job.session,
+        "attempts": attempts,
+        "last_error": error,
+        "time": _now(),
+    }
+    paths.failed_sidecar.write_text(json.dumps(record, indent=2))
+    os.rename(paths.claimed, paths.failed)
+    paths.attempts.unlink(missing_ok=True)
+    paths.staged.unlink(missing_ok=True)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def describe_os_error(exc: OSError) -> str:
+    code = errno.errorcode.get(exc.errno or 0, "error")
+    return f"{code}: {exc.strerror or exc}"
+
+
+class Uploader:
+    """The uploader's main loop: wait for a job, run it, report, repeat."""
+
+    def __init__(self, settings: Settings, channel: Channel, auth_method: str) -> None:
+        self.settings = settings
+        self.channel = channel
+        self.client = blobstore.container_client(settings, auth_method)
+
+    def run(self) -> None:
+        while True:
+            self.channel.beat("idle")
+            if not self.channel.poll(1.0):
+                continue
+            message = self.channel.recv()
+            if isinstance(message, Stop):
+                return
+            if isinstance(message, Job):
+                self.channel.send(self.process(message))
+
+    def process(self, job: Job) -> Done | Failed | Gone | Quarantined:
+        """Run every step of one job and say how it ended."""
+        context = {"file": job.name, "session": job.session, "date": job.date}
+        paths = Paths.of(self.settings, job)
+        started = time.monotonic()
+        self.channel.beat("claiming", job.name, force=True)
+        try:
+            if not claim(paths):
+                log.info("file gone before claim (taken elsewhere)", extra=context)
+                return Gone(job, "not in incoming nor in .processing")
+        except OSError as exc:
+            return self._failed(job, paths, StepError("claim", describe_os_error(exc), True))
+        try:
+            attempts = read_attempts_quietly(paths)
+            if attempts >= self.settings.max_attempts:
+                return self._quarantine(job, paths, attempts, "attempts exhausted before restart")
+            size, md5 = self._stage(paths, job)
+            upload_seconds = self._upload(paths, job, size, md5)
+            self.channel.beat("cleaning", job.name, size, size, force=True)
+            self._cleanup(paths)
+        except StepError as exc:
+            return self._failed(job, paths, exc)
+        except (ParentGone, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # a bug must cost one attempt, not the process
+            log.exception("unexpected error", extra=context)
+            return self._failed(job, paths, StepError("internal", repr(exc), True))
+        seconds = time.monotonic() - started
+        mb_per_s = size / 1e6 / upload_seconds if upload_seconds > 0 else 0.0
+        log.info(
+            "uploaded %s (%d bytes) in %.2f s",
+            job.blob_name,
+            size,
+            seconds,
+            extra={**context, "size": size, "seconds": round(seconds, 3),
+                   "mb_per_s": round(mb_per_s, 1)},
+        )
+        return Done(job, size, md5.hex(), seconds, upload_seconds)
+
+    def _stage(self, paths: Paths, job: Job) -> tuple[int, bytes]:
+        try:
+            return stage(paths, self.channel, job.name)
+        except FileNotFoundError as exc:
+            raise StepError("copy", f"claimed file vanished: {describe_os_error(exc)}",
+                            False) from exc
+        except OSError as exc:
+            where = "staging" if exc.filename and str(exc.filename).startswith(
+                str(self.settings.local_staging_root)) else "nfs"
+            message = f"copy failed ({where}): {describe_os_error(exc)}"
+            raise StepError("copy", message, True) from exc
+
+    def _upload(self, paths: Paths, job: Job, size: int, md5: bytes) -> float:
+        def progress(current: int, total: int | None) -> None:
+            self.channel.beat("uploading", job.name, current, total or size)
+
+        self.channel.beat("uploading", job.name, 0, size, force=True)
+        started = time.monotonic()
+        try:
+            blobstore.upload_file(self.client, self.settings, job.blob_name,
+                                  str(paths.staged), size, md5, progress)
+        except ParentGone:
+            raise
+        except Exception as exc:
+            message = f"upload failed: {blobstore.describe_error(exc)}"
+            raise StepError("upload", message, not blobstore.is_outage(exc)) from exc
+        return time.monotonic() - started
+
+    def _cleanup(self, paths: Paths) -> None:
+        try:
+            cleanup(paths)
+        except OSError as exc:
+            # The blob is committed; the file stays claimed and is uploaded
+            # again later (same bytes, overwrite), which is safe.
+            raise StepError("cleanup", f"cleanup failed: {describe_os_error(exc)}",
+                            False) from exc
+
+    def _failed(self, job: Job, paths: Paths, exc: StepError) -> Failed | Quarantined:
+        context = {"file": job.name, "session": job.session, "date": job.date,
+                   "error": str(exc)}
+        if exc.stage != "cleanup":
+            paths.staged.unlink(missing_ok=True)
+        attempts = self._count(paths, exc) if exc.counted else read_attempts_quietly(paths)
+        if exc.counted and attempts >= self.settings.max_attempts:
+            return self._quarantine(job, paths, attempts, str(exc))
+        log.error("%s failed at %s (attempt %d of %d)", job.blob_name, exc.stage, attempts,
+                  self.settings.max_attempts, extra=context)
+        return Failed(job, str(exc), exc.stage, exc.counted, attempts)
+
+    def _count(self, paths: Paths, exc: StepError) -> int:
+        try:
+            attempts = read_attempts(paths) + 1
+            write_attempts(paths, attempts, str(exc))
+            return attempts
+        except OSError as write_error:
+            log.warning("cannot record the attempt: %s", describe_os_error(write_error),
+                        extra={"file": paths.claimed.name})
+            return 0
+
+    def _quarantine(self, job: Job, paths: Paths, attempts: int,
+                    error: str) -> Quarantined | Failed:
+        context = {"file": job.name, "session": job.session, "date": job.date, "error": error}
+        try:
+            quarantine(paths, job, attempts, error)
+        except OSError as exc:
+            message = f"cannot move to .failed: {describe_os_error(exc)} (after: {error})"
+            log.error("%s stays in .processing: %s", job.blob_name, message, extra=context)
+            return Failed(job, message, "quarantine", False, attempts)
+        log.error("%s moved to %s after %d failed attempts", job.blob_name, paths.failed,
+                  attempts, extra=context)
+        return Quarantined(job, str(paths.failed), error)
+
+
+def read_attempts_quietly(paths: Paths) -> int:
+    try:
+        return read_attempts(paths)
+    except OSError:
+        return 0
+
+
+def main(conn: Connection, settings: Settings, auth_method: str, role: str) -> None:
+    """Entry point of an uploader process."""
+    child.start(settings, role)
+    channel = Channel(conn)
+    try:
+        Uploader(settings, channel, auth_method).run()
+    except ParentGone:
+        return

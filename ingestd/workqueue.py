@@ -1,0 +1,93 @@
+"""The parent's bounded queue of jobs, with retries that wait their turn.
+
+It holds names, not files: a job is a few strings. A name is in at most one
+place at a time (queued, waiting to retry, or in flight), which is what keeps
+one file out of two uploaders of the same instance.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+
+from ingestd.messages import Job
+
+
+class WorkQueue:
+    """FIFO of new jobs, a priority lane for recovered ones, and a retry heap."""
+
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
+        self._recovered: deque[Job] = deque()
+        self._new: deque[Job] = deque()
+        self._retries: list[tuple[float, int, Job]] = []
+        self._order = itertools.count()
+        self._names: set[str] = set()
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return len(self._recovered) + len(self._new) + len(self._retries)
+
+    def holds(self, name: str) -> bool:
+        """Is ``name`` queued, waiting to retry, or in flight?"""
+        return name in self._names
+
+    def add_new(self, job: Job) -> bool:
+        """Queue a freshly stable file; False if known or the queue is full.
+
+        A full queue drops the job: the file stays in incoming and the next
+        poll offers it again, which is all the back-pressure needed.
+        """
+        if job.name in self._names:
+            return False
+        if len(self) >= self.max_size:
+            self.dropped += 1
+            return False
+        self._names.add(job.name)
+        self._new.append(job)
+        return True
+
+    def add_recovered(self, job: Job) -> bool:
+        """Queue a file found in ``.processing``; these go first and are never dropped.
+
+        Recovery runs once per start, so a dropped one would wait for the
+        next restart; they are few and small, so the bound does not apply.
+        """
+        if job.name in self._names:
+            return False
+        self._names.add(job.name)
+        self._recovered.append(job)
+        return True
+
+    def retry(self, job: Job, not_before: float) -> None:
+        """Put a failed or interrupted job back, due at ``not_before`` (monotonic)."""
+        self._names.add(job.name)
+        heapq.heappush(self._retries, (not_before, next(self._order), job))
+
+    def take(self, now: float) -> Job | None:
+        """The next job to run: a due retry, a recovered file, then a new one.
+
+        The name stays reserved until :meth:`finish` is called for it.
+        """
+        if self._retries and self._retries[0][0] <= now:
+            return heapq.heappop(self._retries)[2]
+        if self._recovered:
+            return self._recovered.popleft()
+        if self._new:
+            return self._new.popleft()
+        return None
+
+    def finish(self, job: Job) -> None:
+        """The job left the instance: done, gone, or quarantined."""
+        self._names.discard(job.name)
+
+    def depth(self) -> dict[str, int]:
+        return {
+            "recovered": len(self._recovered),
+            "new": len(self._new),
+            "retrying": len(self._retries),
+        }
+
+    def next_retry_in(self, now: float) -> float | None:
+        return max(0.0, self._retries[0][0] - now) if self._retries else None
