@@ -296,12 +296,12 @@ class Supervisor:
                 self._on_stall(slot, child, now)
 
     def _on_exit(self, slot: Slot, child: ChildProcess, now: float) -> None:
-        lived = now - child.started
+        lived, code = now - child.started, child.exitcode
         log.warning("%s (pid %d) exited with code %s after %.1f s", slot.role, child.pid,
-                    child.exitcode, lived)
+                    code, lived)
         child.release()
         slot.child = None
-        self._take_back_job(slot, now, f"{slot.role} exited with code {child.exitcode}")
+        self._take_back_job(slot, now, f"{slot.role} exited with code {code}")
         slot.quick_deaths = slot.quick_deaths + 1 if lived < 10 else 0
         slot.respawn_at = now + min(MAX_RESPAWN_DELAY_S, 0.5 * 2 ** slot.quick_deaths) \
             if slot.quick_deaths else now
@@ -313,8 +313,7 @@ class Supervisor:
         age = slot.beat_age(now)
         log.error("%s (pid %d) sent no heartbeat for %.0f s while %s%s: killing it",
                   slot.role, child.pid, age, slot.state,
-                  f" {slot.file}" if slot.file else "", extra={"role": slot.role,
-                                                               "file": slot.file})
+                  f" {slot.file}" if slot.file else "", extra={"file": slot.file})
         child.kill()
         self.stuck.append(child)
         slot.child = None

@@ -1,0 +1,289 @@
+"""The real ingestd, started as a process and driven over HTTP, for tests.
+
+The service runs in its own process group so a test can ``kill -9`` the whole
+tree at once, exactly as a node failure would, and check afterwards that no
+process of the tree is left behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.1,
+               what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def md5_of(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as stream:
+        while chunk := stream.read(8 * 1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_random(path: Path, size: int, seed: int | None = None) -> str:
+    """Write ``size`` random bytes the way a writer would (temp dotfile, then rename).
+
+    Returns the MD5 of what was written.
+    """
+    digest = hashlib.md5()
+    temp = path.with_name(f".{path.name[:200]}.{uuid.uuid4().hex}.part")
+    chunk = 4 * 1024 * 1024
+    with open(temp, "wb") as stream:
+        left = size
+        while left > 0:
+            block = os.urandom(min(chunk, left))
+            digest.update(block)
+            stream.write(block)
+            left -= len(block)
+    os.rename(temp, path)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The folders of one test: an NFS root (incoming, .processing, .failed) and staging."""
+
+    root: Path
+
+    @property
+    def nfs(self) -> Path:
+        return self.root / "nfs"
+
+    @property
+    def incoming(self) -> Path:
+        return self.nfs / "incoming"
+
+    @property
+    def processing(self) -> Path:
+        return self.nfs / ".processing"
+
+    @property
+    def failed(self) -> Path:
+        return self.nfs / ".failed"
+
+    @property
+    def staging(self) -> Path:
+        return self.root / "staging"
+
+    def make(self) -> Layout:
+        for folder in (self.incoming, self.staging):
+            folder.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def env(self) -> dict[str, str]:
+        return {
+            "APP_NFS_INCOMING_DIR": str(self.incoming),
+            "APP_NFS_PROCESSING_ROOT": str(self.processing),
+            "APP_NFS_FAILED_ROOT": str(self.failed),
+            "APP_LOCAL_STAGING_ROOT": str(self.staging),
+        }
+
+    def files_under(self, folder: Path) -> list[Path]:
+        """Regular files below ``folder``, ignoring the bookkeeping dot-folders."""
+        if not folder.exists():
+            return []
+        return sorted(
+            p for p in folder.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in
+                                       p.relative_to(folder).parts)
+        )
+
+
+def base_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """A minimal environment for the service: no inherited Azure or APP_ settings.
+
+    ``AZURE_TOKEN_CREDENTIALS=EnvironmentCredential`` narrows
+    DefaultAzureCredential to one credential that reads only variables, so it
+    can never probe IMDS; tests of managed identity replace it.
+    """
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": os.environ.get("HOME", "/root"),
+        "LANG": "C.UTF-8",
+        "PYTHONUNBUFFERED": "1",
+        "AZURE_TOKEN_CREDENTIALS": "EnvironmentCredential",
+        "APP_HTTP_HOST": "127.0.0.1",
+        "APP_POLL_INTERVAL_S": "0.3",
+        "APP_MIN_FILE_AGE_S": "0.5",
+        "APP_AZURE_STARTUP_TIMEOUT_S": "15",
+    }
+    env.update(extra or {})
+    return env
+
+
+class Service:
+    """One ingestd process tree."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.env = dict(env)
+        self.env.setdefault("APP_HTTP_PORT", str(free_port()))
+        self.port = int(self.env["APP_HTTP_PORT"])
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+        self.seen_pids: set[int] = set()
+        self.http = httpx.Client(base_url=self.url, timeout=5.0)
+
+    # Lifecycle
+
+    def start(self, wait: bool = True, timeout: float = 60.0) -> Service:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ingestd"],
+            env=self.env,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        if wait:
+            self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        def ready() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"ingestd exited with {self.proc.returncode}:\n{self.log_text()[-4000:]}")
+            try:
+                return self.http.get("/readyz").status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(ready, timeout, what="ingestd /readyz")
+        wait_until(lambda: self.status()["recovery_done"], timeout, what="recovery")
+        self.track_pids()
+
+    def wait_exit(self, timeout: float) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout)
+
+    def track_pids(self) -> set[int]:
+        """Remember every pid of the tree, to check later that none survives."""
+        if self.proc is None:
+            return set()
+        try:
+            parent = psutil.Process(self.proc.pid)
+            pids = {parent.pid} | {c.pid for c in parent.children(recursive=True)}
+        except psutil.NoSuchProcess:
+            pids = set()
+        self.seen_pids |= pids
+        return pids
+
+    def tree_size(self) -> int:
+        return len(self.track_pids())
+
+    def kill_tree(self) -> None:
+        """``kill -9`` on the process group: the whole service dies at once."""
+        if self.proc is None:
+            return
+        self.track_pids()
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=30)
+
+    def terminate(self) -> None:
+        assert self.proc is not None
+        self.track_pids()
+        self.proc.send_signal(signal.SIGTERM)
+
+    def stop(self) -> None:
+        """Kill whatever is left and check that no process of the tree survives."""
+        self.kill_tree()
+        self.http.close()
+        wait_until(lambda: not self.survivors(), 30, what="the service's processes to exit")
+
+    def survivors(self) -> list[int]:
+        alive = []
+        for pid in self.seen_pids:
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    alive.append(pid)
+            except psutil.NoSuchProcess:
+                continue
+        return alive
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    # HTTP
+
+    def status(self) -> dict[str, Any]:
+        response = self.http.get("/v1/status")
+        response.raise_for_status()
+        return response.json()
+
+    def start_session(self, name: str | None = None) -> dict[str, Any]:
+        body = {} if name is None else {"session_name": name}
+        response = self.http.post("/v1/watch/start", json=body)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def stop_session(self) -> None:
+        response = self.http.post("/v1/watch/stop")
+        assert response.status_code == 200, response.text
+
+    def wait_processed(self, count: int, timeout: float) -> dict[str, Any]:
+        """Wait until ``processed_ok`` reaches ``count`` and nothing is in flight."""
+        def done() -> dict[str, Any] | None:
+            status = self.status()
+            if status["processed_ok"] >= count and not status["in_flight"]:
+                return status
+            return None
+
+        return wait_until(done, timeout, interval=0.2, what=f"{count} files uploaded")
+
+    def children(self) -> list[dict[str, Any]]:
+        return self.status()["children"]
+
+
+def run_once(env: dict[str, str], timeout: float = 60.0) -> subprocess.CompletedProcess:
+    """Run ingestd expecting it to exit by itself (a start-up failure)."""
+    return subprocess.run(
+        [sys.executable, "-m", "ingestd"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

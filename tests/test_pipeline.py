@@ -1,0 +1,266 @@
+"""End to end: the real service, a real Azurite, files dropped into a folder.
+
+PRD §16 items 1-4 and 6, and the core issue's list: sessions name the
+prefix, every file goes incoming -> .processing -> staging -> blob -> gone,
+bytes are checked by MD5 of the downloaded blob, odd names round-trip, and a
+``kill -9`` of the whole tree mid-upload loses nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.azurite import Azurite
+from tests.support.service import Layout, md5_of, wait_until, write_random
+
+MiB = 1024 * 1024
+UUID7 = r"[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
+
+
+def assert_all_arrived(azurite: Azurite, container: str, prefix: str,
+                       expected: dict[str, str]) -> None:
+    """Every expected file is a blob under ``prefix`` whose downloaded bytes match."""
+    names = set(azurite.blob_names(container, prefix=prefix))
+    assert names >= {prefix + name for name in expected}, sorted(names)
+    for name, md5 in expected.items():
+        assert azurite.blob_md5(container, prefix + name) == md5, name
+
+
+def assert_nothing_left(layout: Layout) -> None:
+    assert layout.files_under(layout.incoming) == []
+    assert layout.files_under(layout.processing) == []
+    assert layout.files_under(layout.staging) == []
+
+
+@pytest.mark.timeout(120)
+def test_named_session_moves_every_file_with_exact_names_and_bytes(
+    make_service, layout: Layout, azurite: Azurite, azurite_container: str
+) -> None:
+    service = make_service()
+    session = service.start_session("my session")
+    assert session["encoded_session"] == "my%20session"
+    assert re.fullmatch(r"\d{8}", session["date_prefix"])
+    prefix = f"{session['date_prefix']}/my%20session/"
+
+    names = [
+        "plain.bin",
+        "with space.dat",
+        "ünïcødé-файл.bin",
+        "hash#mark.bin",
+        "question?mark.bin",
+        "percent%41sign.bin",
+        "-leading-dash.bin",
+        "empty.bin",
+        "n" * 251 + ".bin",  # 255 bytes, the longest a file name can be
+    ]
+    expected = {}
+    for i, name in enumerate(names):
+        size = 0 if name == "empty.bin" else (i + 1) * 300_000
+        expected[name] = write_random(layout.incoming / name, size)
+
+    service.wait_processed(len(names), timeout=60)
+    assert_all_arrived(azurite, azurite_container, prefix, expected)
+    assert_nothing_left(layout)
+    status = service.status()
+    assert status["processed_ok"] == len(names)
+    assert status["processed_err"] == 0
+    assert status["active_session"] == "my session"
+
+
+@pytest.mark.timeout(60)
+def test_unnamed_sessions_are_generated_and_sort_by_time(make_service) -> None:
+    service = make_service()
+    first = service.start_session()
+    time.sleep(0.01)
+    second = service.http.post("/v1/watch/start", json={"session_name": "   "}).json()
+    third = service.http.post("/v1/watch/start").json()  # no body at all
+    for session in (first, second, third):
+        assert re.fullmatch(f"00-session-{UUID7}", session["session_name"]), session
+        assert session["encoded_session"] == session["session_name"]
+    assert first["session_name"] < second["session_name"] < third["session_name"]
+    assert service.status()["active_session"] == third["session_name"]
+
+
+@pytest.mark.timeout(60)
+def test_blob_prefix_of_an_unnamed_session(
+    make_service, layout: Layout, azurite: Azurite, azurite_container: str
+) -> None:
+    service = make_service()
+    session = service.start_session()
+    md5 = write_random(layout.incoming / "auto.bin", 2 * MiB)
+    service.wait_processed(1, timeout=30)
+    prefix = f"{session['date_prefix']}/{session['encoded_session']}/"
+    assert azurite.blob_names(azurite_container, prefix=prefix) == [prefix + "auto.bin"]
+    assert azurite.blob_md5(azurite_container, prefix + "auto.bin") == md5
+
+
+@pytest.mark.timeout(60)
+def test_file_lands_in_processing_then_staging_before_upload(
+    make_service, layout: Layout, azurite: Azurite, azurite_container: str
+) -> None:
+    """Watch a large file's path: claimed into .processing/<date>/<session>/ and staged."""
+    service = make_service()
+    session = service.start_session("lifecycle")
+    claimed_dir = layout.processing / session["date_prefix"] / "lifecycle"
+    staged_dir = layout.staging / session["date_prefix"] / "lifecycle"
+    md5 = write_random(layout.incoming / "big.bin", 128 * MiB)
+
+    seen_claimed = wait_until(lambda: (claimed_dir / "big.bin").exists(), 20,
+                              interval=0.01, what="the claim")
+    seen_staged = wait_until(lambda: (staged_dir / "big.bin").exists(), 20,
+                             interval=0.01, what="the staging copy")
+    assert seen_claimed and seen_staged
+    assert not (layout.incoming / "big.bin").exists()
+    service.wait_processed(1, timeout=60)
+    assert azurite.blob_md5(azurite_container, "%s/lifecycle/big.bin"
+                            % session["date_prefix"]) == md5
+    assert_nothing_left(layout)
+
+
+@pytest.mark.timeout(60)
+def test_growing_file_is_claimed_only_once_it_stops_changing(
+    make_service, layout: Layout, azurite: Azurite, azurite_container: str
+) -> None:
+    service = make_service(APP_MIN_FILE_AGE_S="0.5", APP_POLL_INTERVAL_S="0.3")
+    session = service.start_session("growing")
+    path = layout.incoming / "growing.log"
+    with open(path, "wb") as stream:
+        for _ in range(20):  # 4 s of appends, each within the minimum age
+            stream.write(os.urandom(64 * 1024))
+            stream.flush()
+            time.sleep(0.2)
+            assert path.exists(), "claimed while still being written"
+    assert service.status()["processed_ok"] == 0
+    expected = md5_of(path)
+    service.wait_processed(1, timeout=30)
+    blob = f"{session['date_prefix']}/growing/growing.log"
+    assert azurite.blob_md5(azurite_container, blob) == expected
+
+
+@pytest.mark.timeout(60)
+def test_dotfiles_folders_and_symlinks_are_left_alone(
+    make_service, layout: Layout, tmp_path: Path
+) -> None:
+    service = make_service()
+    service.start_session("skips")
+    (layout.incoming / ".writer.tmp").write_bytes(b"partial")
+    (layout.incoming / "a-folder").mkdir()
+    (layout.incoming / "a-folder" / "inner.bin").write_bytes(b"inner")
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"outside")
+    (layout.incoming / "link.bin").symlink_to(outside)
+    write_random(layout.incoming / "real.bin", 1000)
+
+    service.wait_processed(1, timeout=30)
+    time.sleep(1.5)  # several more polls
+    assert (layout.incoming / ".writer.tmp").read_bytes() == b"partial"
+    assert (layout.incoming / "a-folder" / "inner.bin").read_bytes() == b"inner"
+    assert (layout.incoming / "link.bin").is_symlink()
+    assert outside.read_bytes() == b"outside"
+    assert service.status()["processed_ok"] == 1
+
+
+@pytest.mark.timeout(180)
+def test_more_files_than_uploaders_and_a_killed_uploader_is_replaced(
+    make_service, layout: Layout, azurite: Azurite, azurite_container: str
+) -> None:
+    service = make_service(APP_WORKER_CONCURRENCY="2")
+    session = service.start_session("many")
+    expected = {f"file-{i:02d}.bin": write_random(layout.incoming / f"file-{i:02d}.bin",
+                                                  48 * MiB) for i in range(8)}
+
+    def busy_uploader() -> dict | None:
+        for child in service.children():
+            if child["role"].startswith("uploader") and child["state"] in ("copying",
+                                                                          "uploading"):
+                return child
+        return None
+
+    victim = wait_until(busy_uploader, 30, interval=0.02, what="a busy uploader")
+    os.kill(victim["pid"], 9)
+
+    def replaced() -> bool:
+        child = next(c for c in service.children() if c["role"] == victim["role"])
+        return child["pid"] not in (None, victim["pid"]) and child["restarts"] >= 1
+
+    wait_until(replaced, 30, what="the killed uploader to be respawned")
+    service.wait_processed(len(expected), timeout=150)
+    prefix = f"{session['date_prefix']}/many/"
+    assert_all_arrived(azurite, azurite_container, prefix, expected)
+    assert_nothing_left(layout)
+    assert service.status()["interrupted"] >= 1
+
+
+@pytest.mark.timeout(240)
+def test_kill_9_of_the_whole_tree_mid_upload_then_restart_completes_the_file(
+    make_service, layout: Layout, azurite: Azurite, azurite_container: str
+) -> None:
+    """PRD §16.4: the file stays in .processing and the restart uploads it cleanly."""
+    service = make_service(APP_AZURE_MAX_CONCURRENCY="2")
+    session = service.start_session("crash")
+    md5 = write_random(layout.incoming / "large.bin", 384 * MiB)
+
+    def uploading() -> bool:
+        return any(f["stage"] == "uploading" and f["bytes_done"] > 0
+                   for f in service.status()["in_flight"])
+
+    wait_until(uploading, 60, interval=0.05, what="the upload to start")
+    service.kill_tree()
+    assert not service.survivors()
+    claimed = layout.processing / session["date_prefix"] / "crash" / "large.bin"
+    assert claimed.exists(), "the claimed file must survive the crash"
+    assert md5_of(claimed) == md5
+
+    restarted = make_service()  # same folders, same container
+    status = restarted.wait_processed(1, timeout=120)
+    assert status["recovered"] == 1
+    blob = f"{session['date_prefix']}/crash/large.bin"
+    assert azurite.blob_md5(azurite_container, blob) == md5
+    assert_nothing_left(layout)
+
+
+@pytest.mark.timeout(240)
+def test_api_stays_fast_while_a_512_mib_file_moves(
+    make_service, layout: Layout, azurite: Azurite, azurite_container: str
+) -> None:
+    """FR-2 / PRD §16.5. Figures are printed; the bound is generous on purpose."""
+    service = make_service()
+    session = service.start_session("responsive")
+    md5 = write_random(layout.incoming / "half-gig.bin", 512 * MiB)
+    latencies: dict[str, list[float]] = {"/healthz": [], "/v1/status": []}
+    stop = threading.Event()
+
+    def sample() -> None:
+        with httpx.Client(base_url=service.url, timeout=5) as client:
+            while not stop.is_set():
+                for path, values in latencies.items():
+                    started = time.perf_counter()
+                    assert client.get(path).status_code == 200
+                    values.append(time.perf_counter() - started)
+                time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        service.wait_processed(1, timeout=180)
+    finally:
+        stop.set()
+        sampler.join(timeout=10)
+    assert azurite.blob_md5(azurite_container,
+                            f"{session['date_prefix']}/responsive/half-gig.bin") == md5
+    for path, values in latencies.items():
+        values.sort()
+        p50 = statistics.median(values) * 1000
+        p99 = values[int(len(values) * 0.99) - 1] * 1000
+        print(f"\n{path}: {len(values)} requests, p50 {p50:.1f} ms, p99 {p99:.1f} ms, "
+              f"max {values[-1] * 1000:.1f} ms")
+        assert len(values) >= 50
+        assert p99 < 100, f"{path} p99 {p99:.1f} ms"
