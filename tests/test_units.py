@@ -1,0 +1,121 @@
+"""Unit tests of the pure parts: names, sizes, stability, the queue, the redactor.
+
+These complement the end-to-end tests; they never replace them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+
+import pytest
+
+from ingestd.config import parse_size
+from ingestd.logs import SecretRedactor
+from ingestd.messages import Job
+from ingestd.scanner import stable_files
+from ingestd.sessions import SessionNameError, encode_session, new_session
+from ingestd.workqueue import WorkQueue
+
+pytestmark = pytest.mark.timeout(10)
+
+
+@pytest.mark.parametrize(
+    ("name", "encoded"),
+    [
+        ("my session", "my%20session"),
+        ("a/b", "a%2Fb"),
+        ("../x", "..%2Fx"),
+        ("über", "%C3%BCber"),
+        ("100%", "100%25"),
+        ("nul\x00byte", "nul%00byte"),
+        ("...", "..."),
+    ],
+)
+def test_session_encoding_is_one_safe_path_component(name: str, encoded: str) -> None:
+    assert encode_session(name) == encoded
+    assert "/" not in encode_session(name)
+
+
+@pytest.mark.parametrize("name", [".", ".."])
+def test_dot_names_are_refused(name: str) -> None:
+    with pytest.raises(SessionNameError, match="not allowed"):
+        encode_session(name)
+
+
+def test_names_longer_than_255_bytes_once_encoded_are_refused() -> None:
+    assert encode_session("x" * 255) == "x" * 255
+    with pytest.raises(SessionNameError, match="too long"):
+        encode_session("x" * 256)
+    with pytest.raises(SessionNameError, match="too long"):
+        encode_session("ü" * 50)  # 300 bytes once encoded
+
+
+def test_blank_names_are_generated_and_the_date_is_utc() -> None:
+    late_evening_in_new_york = dt.datetime(2026, 1, 31, 23, 30,
+                                           tzinfo=dt.timezone(dt.timedelta(hours=-5)))
+    session = new_session("  ", now=late_evening_in_new_york)
+    assert session.name.startswith("00-session-")
+    assert session.date == "20260201"
+    assert session.blob_prefix == f"20260201/{session.encoded}/"
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [(8388608, 8388608), ("8MiB", 8 * 1024**2), ("4 MB", 4_000_000), ("1gib", 1024**3),
+     ("512", 512)],
+)
+def test_sizes_accept_bytes_and_units(text: object, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["eight", "8XB", "-1MiB", ""])
+def test_bad_sizes_are_refused(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_size(text)
+
+
+def test_a_file_is_stable_only_when_unchanged_and_old_enough() -> None:
+    now = 1_000 * 10**9
+    old, young = now - 10 * 10**9, now - 1 * 10**9
+    previous = {"a": (10, old, 1), "b": (10, old, 2), "c": (10, young, 3), "d": (5, old, 4)}
+    current = {"a": (10, old, 1), "b": (11, old, 2), "c": (10, young, 3), "d": (5, old, 9),
+               "e": (1, old, 5)}
+    stable = stable_files(previous, current, now, min_age_s=5)
+    # b grew, c is too young, d was replaced (new inode), e is new this poll
+    assert stable == [("a", 10, old)]
+
+
+def test_queue_is_bounded_dedups_names_and_orders_work() -> None:
+    queue = WorkQueue(max_size=2)
+    assert queue.add_new(Job("n1", "20260101", "s"))
+    assert not queue.add_new(Job("n1", "20260101", "s")), "same name twice"
+    assert queue.add_new(Job("n2", "20260101", "s"))
+    assert not queue.add_new(Job("n3", "20260101", "s")), "over the bound"
+    assert queue.dropped == 1
+    assert queue.add_recovered(Job("r1", "20251231", "old"))  # recovered ignore the bound
+    queue.retry(Job("x", "20260101", "s"), not_before=100.0)
+    assert queue.take(now=50.0).name == "r1"
+    assert queue.take(now=50.0).name == "n1"
+    assert queue.take(now=100.0).name == "x"
+    job = queue.take(now=100.0)
+    assert job.name == "n2" and queue.take(now=100.0) is None
+    assert queue.holds("n2")
+    queue.finish(job)
+    assert not queue.holds("n2")
+
+
+def test_redactor_scrubs_secrets_from_messages_args_and_tracebacks() -> None:
+    secret = "AccountKey=c2VjcmV0LXNlY3JldC1zZWNyZXQ="
+    redactor = SecretRedactor([secret])
+    try:
+        raise RuntimeError(f"bad connection string {secret}")
+    except RuntimeError:
+        import sys
+
+        record = logging.LogRecord("t", logging.ERROR, __file__, 1, "using %s", (secret,),
+                                   sys.exc_info())
+    redactor.filter(record)
+    assert secret not in record.getMessage()
+    assert secret not in (record.exc_text or "")
+    assert "***" in record.getMessage()
