@@ -138,13 +138,6 @@ def _one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict
     return found[0]
 
 
-def _raw_docs() -> list[dict[str, Any]]:
-    docs: list[dict[str, Any]] = []
-    for path in _manifest_files():
-        docs.extend(_load_yaml_docs(path))
-    return docs
-
-
 def _configmap_data() -> dict[str, str]:
     return dict(_one(_load_yaml_docs(MANIFESTS / "configmap.yaml"), "ConfigMap")["data"])
 
@@ -263,7 +256,9 @@ def _substitute_args(text: str, stage: list[tuple[str, str]]) -> str:
         if instr == "ARG" and "=" in rest:
             key, _, value = rest.partition("=")
             args[key.strip()] = value.strip().strip('"')
-    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: args.get(m.group(1) or m.group(2), m.group(0)), text)
+    return re.sub(
+        r"\$\{(\w+)\}|\$(\w+)", lambda m: args.get(m.group(1) or m.group(2), m.group(0)), text
+    )
 
 
 def _env_from_stage(stage: list[tuple[str, str]]) -> dict[str, str]:
@@ -311,7 +306,9 @@ def _checkov() -> str:
 
 
 def _run(cmd: list[str], timeout: float, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, **kwargs)
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, check=False, **kwargs
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -473,8 +470,12 @@ def test_kustomization_lists_exactly_the_manifest_files() -> None:
     assert EXAMPLE_SECRET.resolve() in existing, "secret.example.yaml is missing"
     assert EXAMPLE_SECRET.resolve() not in listed, "the example Secret must not be deployed"
     existing.discard(EXAMPLE_SECRET.resolve())
-    assert not listed - existing, f"listed but not a manifest: {sorted(map(str, listed - existing))}"
-    assert not existing - listed, f"manifests not in kustomization.yaml: {sorted(map(str, existing - listed))}"
+    assert not listed - existing, (
+        f"listed but not a manifest: {sorted(map(str, listed - existing))}"
+    )
+    assert not existing - listed, (
+        f"manifests not in kustomization.yaml: {sorted(map(str, existing - listed))}"
+    )
 
 
 @pytest.mark.timeout(120)
@@ -533,7 +534,15 @@ def _hadolint_run(dockerfile: Path, tmp_path: Path) -> subprocess.CompletedProce
     config = tmp_path / "hadolint.yaml"
     config.write_text("ignored: []\n", encoding="utf-8")
     return _run(
-        [_hadolint(), "--no-color", "--config", str(config), "--failure-threshold", "style", str(dockerfile)],
+        [
+            _hadolint(),
+            "--no-color",
+            "--config",
+            str(config),
+            "--failure-threshold",
+            "style",
+            str(dockerfile),
+        ],
         timeout=60,
         cwd=tmp_path,
     )
@@ -549,7 +558,9 @@ def test_hadolint_passes(tmp_path: Path) -> None:
 def test_hadolint_flags_a_bad_dockerfile(tmp_path: Path) -> None:
     """Negative control: the hadolint call above can fail."""
     bad = tmp_path / "Dockerfile"
-    bad.write_text("FROM python:latest\nRUN apt-get update && apt-get install -y curl\n", encoding="utf-8")
+    bad.write_text(
+        "FROM python:latest\nRUN apt-get update && apt-get install -y curl\n", encoding="utf-8"
+    )
     proc = _hadolint_run(bad, tmp_path)
     assert proc.returncode != 0 and "DL3008" in proc.stdout, proc.stdout + proc.stderr
 
@@ -567,7 +578,9 @@ def test_lint_suppressions_are_inline_and_explained() -> None:
             )
         m = re.match(r"\s*#\s*checkov:skip=(CKV\w+)(.*)", line)
         if m:
-            assert re.match(r"\s*:\s*\S", m.group(2)), f"Dockerfile:{i + 1}: checkov skip without reason"
+            assert re.match(r"\s*:\s*\S", m.group(2)), (
+                f"Dockerfile:{i + 1}: checkov skip without reason"
+            )
     for path in _manifest_files():
         for doc in _load_yaml_docs(path):
             for key, value in (doc["metadata"].get("annotations") or {}).items():
@@ -606,7 +619,17 @@ def test_checkov_passes_on_dockerfile_and_manifests(tmp_path: Path) -> None:
     files = [str(DOCKERFILE)] + [str(p) for p in _manifest_files()] + [str(bad)]
     env = {**os.environ, "BC_SKIP_MAPPING": "TRUE", "CHECKOV_RUN_SCA_PACKAGE_SCAN_V2": "false"}
     proc = _run(
-        [checkov, "--framework", "kubernetes", "dockerfile", "--skip-download", "-o", "json", "-f", *files],
+        [
+            checkov,
+            "--framework",
+            "kubernetes",
+            "dockerfile",
+            "--skip-download",
+            "-o",
+            "json",
+            "-f",
+            *files,
+        ],
         timeout=280,
         cwd=REPO,
         env=env,
@@ -614,7 +637,10 @@ def test_checkov_passes_on_dockerfile_and_manifests(tmp_path: Path) -> None:
     try:
         reports = json.loads(proc.stdout)
     except json.JSONDecodeError:
-        pytest.fail(f"checkov printed no JSON (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        pytest.fail(
+            f"checkov printed no JSON (exit {proc.returncode}):\n"
+            f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     reports = reports if isinstance(reports, list) else [reports]
     by_type = {r["check_type"]: r for r in reports}
     assert set(by_type) == {"kubernetes", "dockerfile"}, f"checkov scanned {sorted(by_type)}"
@@ -627,7 +653,10 @@ def test_checkov_passes_on_dockerfile_and_manifests(tmp_path: Path) -> None:
             if Path(check["file_path"]).name == bad.name:
                 control_failures += 1
             else:
-                failures.append(f"{check['check_id']} {check['check_name']} in {check['file_path']} ({check['resource']})")
+                failures.append(
+                    f"{check['check_id']} {check['check_name']} "
+                    f"in {check['file_path']} ({check['resource']})"
+                )
         for check in report["results"]["skipped_checks"]:
             reason = (check.get("check_result") or {}).get("suppress_comment", "")
             assert len(reason.strip()) > 20, f"{check['check_id']} skipped without a reason"
@@ -645,8 +674,12 @@ def test_checkov_passes_on_dockerfile_and_manifests(tmp_path: Path) -> None:
 def test_configmap_has_every_setting() -> None:
     keys = set(_configmap_data())
     expected = _expected_configmap_keys()
-    assert keys == expected, f"missing: {sorted(expected - keys)}, unexpected: {sorted(keys - expected)}"
-    assert all(isinstance(v, str) for v in _configmap_data().values()), "ConfigMap values must be strings"
+    assert keys == expected, (
+        f"missing: {sorted(expected - keys)}, unexpected: {sorted(keys - expected)}"
+    )
+    assert all(isinstance(v, str) for v in _configmap_data().values()), (
+        "ConfigMap values must be strings"
+    )
 
 
 @pytest.mark.timeout(30)
@@ -694,15 +727,24 @@ def test_probes_point_at_the_health_endpoints() -> None:
     c = _container()
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports == {"http": int(data["APP_HTTP_PORT"])}
-    expected_paths = {"startupProbe": "/readyz", "readinessProbe": "/readyz", "livenessProbe": "/healthz"}
+    expected_paths = {
+        "startupProbe": "/readyz",
+        "readinessProbe": "/readyz",
+        "livenessProbe": "/healthz",
+    }
     for probe_name, path in expected_paths.items():
         get = c[probe_name]["httpGet"]
         assert get["path"] == path, probe_name
         assert get["port"] in ("http", int(data["APP_HTTP_PORT"])), probe_name
 
     startup = c["startupProbe"]
-    budget = startup.get("initialDelaySeconds", 0) + startup["periodSeconds"] * startup["failureThreshold"]
-    assert budget >= float(data["APP_AZURE_STARTUP_TIMEOUT_S"]) + 30, "startupProbe shorter than the startup check"
+    budget = (
+        startup.get("initialDelaySeconds", 0)
+        + startup["periodSeconds"] * startup["failureThreshold"]
+    )
+    assert budget >= float(data["APP_AZURE_STARTUP_TIMEOUT_S"]) + 30, (
+        "startupProbe shorter than the startup check"
+    )
     live = c["livenessProbe"]
     window = live["periodSeconds"] * live["failureThreshold"]
     # The app waits APP_LIVENESS_TIMEOUT_S itself; the probe only confirms it.
@@ -714,7 +756,9 @@ def test_probes_point_at_the_health_endpoints() -> None:
 def test_termination_grace_covers_the_shutdown_grace() -> None:
     grace = float(_configmap_data()["APP_SHUTDOWN_GRACE_S"])
     termination = _deployment()["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-    assert termination >= grace + 15, f"{termination}s leaves no margin over APP_SHUTDOWN_GRACE_S={grace}s"
+    assert termination >= grace + 15, (
+        f"{termination}s leaves no margin over APP_SHUTDOWN_GRACE_S={grace}s"
+    )
 
 
 @pytest.mark.timeout(30)
@@ -748,7 +792,9 @@ def test_staging_and_tmp_volumes() -> None:
     assert staging_bytes >= int(data["APP_WORKER_CONCURRENCY"]) * LARGEST_FILE_BYTES
     assert "medium" not in staging, "staging must be disk-backed, not counted as memory"
     ephemeral = _k8s_bytes(_container()["resources"]["limits"]["ephemeral-storage"])
-    assert ephemeral > staging_bytes + _k8s_bytes(tmp["sizeLimit"]), "ephemeral-storage limit below the emptyDirs"
+    assert ephemeral > staging_bytes + _k8s_bytes(tmp["sizeLimit"]), (
+        "ephemeral-storage limit below the emptyDirs"
+    )
 
 
 @pytest.mark.timeout(30)
@@ -773,7 +819,10 @@ def test_deployment_shape_and_security() -> None:
     image = c["image"]
     repo, _, tag = image.rpartition(":")
     assert "/" in repo and tag and tag != "latest" and "@" not in tag, image
-    assert c["envFrom"][0]["configMapRef"]["name"] == _one(_load_yaml_docs(MANIFESTS / "configmap.yaml"), "ConfigMap")["metadata"]["name"]
+    assert (
+        c["envFrom"][0]["configMapRef"]["name"]
+        == _one(_load_yaml_docs(MANIFESTS / "configmap.yaml"), "ConfigMap")["metadata"]["name"]
+    )
 
 
 @pytest.mark.timeout(30)
@@ -795,7 +844,9 @@ def test_nfs_volume_is_hard_mounted_rwx() -> None:
     assert pv["spec"]["persistentVolumeReclaimPolicy"] == "Retain"
     assert pv["spec"]["storageClassName"] == pvc["spec"]["storageClassName"] == ""
     assert pvc["spec"]["volumeName"] == pv["metadata"]["name"]
-    assert _k8s_bytes(pvc["spec"]["resources"]["requests"]["storage"]) <= _k8s_bytes(pv["spec"]["capacity"]["storage"])
+    assert _k8s_bytes(pvc["spec"]["resources"]["requests"]["storage"]) <= _k8s_bytes(
+        pv["spec"]["capacity"]["storage"]
+    )
 
 
 @pytest.mark.timeout(30)
@@ -815,7 +866,9 @@ def test_dockerfile_runtime_stage() -> None:
     froms = [rest.split()[0] for instr, rest in instructions if instr == "FROM"]
     assert len(froms) >= 2, "multi-stage build expected"
     for image in froms:
-        assert re.fullmatch(r"python:3\.11\.\d+-slim(-[a-z]+)?", image), f"unpinned base image {image}"
+        assert re.fullmatch(r"python:3\.11\.\d+-slim(-[a-z]+)?", image), (
+            f"unpinned base image {image}"
+        )
     assert len(set(froms)) == 1, "builder and runtime must share the base (the venv is copied)"
 
     stage = _final_stage()
@@ -832,10 +885,14 @@ def test_dockerfile_runtime_stage() -> None:
         "AZURE_TOKEN_CREDENTIALS": "prod",
     }.items():
         assert env.get(key) == value, key
-    assert any(i == "COPY" and "--from=builder" in r for i, r in stage), "runtime must copy the builder's venv"
+    assert any(i == "COPY" and "--from=builder" in r for i, r in stage), (
+        "runtime must copy the builder's venv"
+    )
     run = " ".join(r for i, r in stage if i == "RUN")
     assert "tini" in run and "useradd" in run
-    assert not any(i == "RUN" and "pip install" in r for i, r in stage), "no pip in the runtime stage"
+    assert not any(i == "RUN" and "pip install" in r for i, r in stage), (
+        "no pip in the runtime stage"
+    )
     builder_runs = " ".join(r for i, r in instructions if i == "RUN")
     assert re.search(r"--require-hashes.*requirements\.lock", builder_runs)
 
@@ -881,7 +938,9 @@ def _lock_entries() -> dict[str, tuple[str, list[str]]]:
 @pytest.mark.timeout(30)
 def test_lockfile_header_has_the_regeneration_command() -> None:
     head = "\n".join(LOCKFILE.read_text(encoding="utf-8").splitlines()[:5])
-    assert re.search(r"#\s+uv pip compile pyproject\.toml .*--generate-hashes.*-o requirements\.lock", head), head
+    assert re.search(
+        r"#\s+uv pip compile pyproject\.toml .*--generate-hashes.*-o requirements\.lock", head
+    ), head
 
 
 @pytest.mark.timeout(30)
@@ -894,7 +953,9 @@ def test_lockfile_pins_every_runtime_dependency() -> None:
         name = str(canonicalize_name(req.name))
         assert name in entries, f"{req.name} is not in requirements.lock: regenerate it"
         version = entries[name][0]
-        assert req.specifier.contains(version, prereleases=True), f"{req.name}=={version} violates {req.specifier}"
+        assert req.specifier.contains(version, prereleases=True), (
+            f"{req.name}=={version} violates {req.specifier}"
+        )
     # Test tooling must not leak into the image.
     for name in ("pytest", "pytest-timeout", "pytest-socket"):
         assert name not in entries, f"test-only dependency {name} is in requirements.lock"
