@@ -11,11 +11,11 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ingestd import __version__
+from ingestd import __version__, metrics
 from ingestd.sessions import SessionNameError, new_session
 from ingestd.supervisor import Supervisor
 
@@ -143,5 +143,10 @@ def create_app(supervisor: Supervisor, ready: dict[str, Any] | None = None) -> F
     @app.get("/v1/status")
     async def status() -> dict[str, Any]:
         return supervisor.status()
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        """Prometheus text format, rendered from the supervisor's state."""
+        return Response(supervisor.metrics.render(), media_type=metrics.CONTENT_TYPE)
 
     return app

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Iterable
 
 from pythonjsonlogger.json import JsonFormatter
@@ -80,10 +81,13 @@ class TextFormatter(logging.Formatter):
 
 
 def _json_formatter() -> logging.Formatter:
-    return JsonFormatter(
+    formatter = JsonFormatter(
         "%(asctime)s %(levelname)s %(name)s %(role)s %(process)d %(message)s",
         rename_fields={"levelname": "level", "asctime": "time", "process": "pid"},
+        datefmt="%Y-%m-%dT%H:%M:%S%z",
     )
+    formatter.converter = time.gmtime  # one clock for every pod: UTC
+    return formatter
 
 
 def configure(fmt: str, level: str, role: str, secrets: Iterable[str] = ()) -> None:

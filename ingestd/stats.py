@@ -53,7 +53,7 @@ class Stats:
             self.sessions[key] = SessionCounters(date, session)
         return self.sessions[key]
 
-    def on_done(self, counters: SessionCounters, size: int, upload_seconds: float) -> None:
+    def on_done(self, counters: SessionCounters, size: int) -> None:
         self.processed_ok += 1
         self.bytes_ok += size
         self.last_success_at = time.time()

@@ -40,6 +40,7 @@ from ingestd.messages import (
     Stable,
     Stop,
 )
+from ingestd.metrics import Metrics
 from ingestd.process import ChildProcess
 from ingestd.sessions import Session
 from ingestd.stats import Stats
@@ -92,6 +93,8 @@ class Supervisor:
         self.lock = threading.Lock()
         self.queue = WorkQueue(settings.max_queue_size)
         self.stats = Stats()
+        self.metrics = Metrics()
+        self.metrics.attach(self)
         self.slots = [Slot(SCANNER)] + [
             Slot(f"uploader-{i}") for i in range(1, settings.worker_concurrency + 1)
         ]
@@ -226,6 +229,7 @@ class Supervisor:
             log.info("recovery found %d claimed files in .processing", message.count)
         elif isinstance(message, ScanDone):
             self.stats.on_scan(message.seen, message.stable, message.seconds)
+            self.metrics.scan_seconds.observe(message.seconds)
         elif isinstance(message, ScanError):
             self.stats.scan_errors += 1
             self.stats.last_error = message.error
@@ -254,7 +258,9 @@ class Supervisor:
         counters.in_flight = max(0, counters.in_flight - 1)
         if isinstance(message, Done):
             self.queue.finish(job)
-            self.stats.on_done(counters, message.size, message.upload_seconds)
+            self.stats.on_done(counters, message.size)
+            self.metrics.upload_seconds.observe(message.seconds)
+            self.metrics.file_bytes.observe(message.size)
         elif isinstance(message, Gone):
             self.queue.finish(job)
             self.stats.skipped += 1
@@ -409,16 +415,39 @@ class Supervisor:
     def health(self) -> tuple[bool, str]:
         """Live if the loop ticks and every slot has beaten within the liveness timeout."""
         with self.lock:
+            return self._health(time.monotonic())
+
+    def _health(self, now: float) -> tuple[bool, str]:
+        if now - self.last_tick > LOOP_STALE_S:
+            return False, f"supervisor loop has not ticked for {now - self.last_tick:.0f} s"
+        problems = []
+        for slot in self.slots:
+            if slot.held_back:
+                problems.append(f"{slot.role} {slot.held_back}")
+            elif slot.beat_age(now) > self.settings.liveness_timeout_s:
+                problems.append(f"{slot.role} heartbeat is {slot.beat_age(now):.0f} s old")
+        return (not problems), "; ".join(problems)
+
+    def metrics_view(self) -> dict:
+        """What a scrape needs, read in one go under the lock."""
+        with self.lock:
             now = time.monotonic()
-            if now - self.last_tick > LOOP_STALE_S:
-                return False, f"supervisor loop has not ticked for {now - self.last_tick:.0f} s"
-            problems = []
-            for slot in self.slots:
-                if slot.held_back:
-                    problems.append(f"{slot.role} {slot.held_back}")
-                elif slot.beat_age(now) > self.settings.liveness_timeout_s:
-                    problems.append(f"{slot.role} heartbeat is {slot.beat_age(now):.0f} s old")
-            return (not problems), "; ".join(problems)
+            stuck: dict[str, int] = {}
+            for child in self.stuck:
+                if child.killed_at and now - child.killed_at > REAP_GRACE_S:
+                    kind = "scanner" if child.role == SCANNER else "uploader"
+                    stuck[kind] = stuck.get(kind, 0) + 1
+            return {
+                "auth_method": self.auth_method,
+                "stats": self.stats,
+                "enabled": self.enabled,
+                "healthy": self._health(now)[0],
+                "in_flight": sum(1 for s in self.slots[1:] if s.job),
+                "queued": len(self.queue),
+                "stuck": stuck,
+                "heartbeats": [(s.role, self._role_kind(s), round(s.beat_age(now), 3))
+                               for s in self.slots],
+            }
 
     def status(self) -> dict:
         """Everything an operator needs, as plain JSON-ready data."""

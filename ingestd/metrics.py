@@ -1,0 +1,143 @@
+"""Prometheus metrics, built in the parent from what the children report.
+
+Children never touch a metric: they send messages, the supervisor updates
+:class:`~ingestd.stats.Stats`, and a scrape renders that state. So there is no
+multiprocess mode, no shared files, and nothing a killed child can corrupt.
+Histograms are observed by the supervisor as results arrive; everything else
+is read at scrape time under the supervisor's lock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.registry import Collector
+
+from ingestd import __version__
+
+if TYPE_CHECKING:
+    from ingestd.supervisor import Supervisor
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+MiB = 1024 * 1024
+
+
+class Metrics:
+    """The registry for one service, and the histograms the supervisor feeds."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.upload_seconds = Histogram(
+            "ingestd_upload_duration_seconds",
+            "Time from claim to cleanup of each uploaded file.",
+            buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800),
+            registry=self.registry,
+        )
+        self.file_bytes = Histogram(
+            "ingestd_file_size_bytes",
+            "Size of each uploaded file.",
+            buckets=tuple(MiB * b for b in (1, 10, 100, 256, 512, 1024, 4096, 16384)),
+            registry=self.registry,
+        )
+        self.scan_seconds = Histogram(
+            "ingestd_scan_duration_seconds",
+            "Time one poll of the incoming folder took.",
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30),
+            registry=self.registry,
+        )
+
+    def attach(self, supervisor: Supervisor) -> None:
+        self.registry.register(_StateCollector(supervisor))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _StateCollector(Collector):
+    """Counters and gauges read from the supervisor's state at scrape time."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+
+    def describe(self) -> list:
+        return []  # families vary with the children present; skip the up-front check
+
+    def collect(self) -> Iterator:
+        view = self.supervisor.metrics_view()
+        yield _info(view)
+        yield from _counters(view)
+        yield from _gauges(view)
+        yield from _children(view)
+
+
+def _info(view: dict) -> InfoMetricFamily:
+    info = InfoMetricFamily("ingestd", "Version and the Azure auth method in use.")
+    info.add_metric([], {"version": __version__, "auth_method": view["auth_method"]})
+    return info
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, value=value)
+
+
+def _counters(view: dict) -> Iterator:
+    stats = view["stats"]
+    yield _counter("ingestd_files_uploaded", "Files uploaded and cleaned up.", stats.processed_ok)
+    yield _counter("ingestd_bytes_uploaded", "Bytes of files uploaded.", stats.bytes_ok)
+    yield _counter("ingestd_upload_failures", "Failed attempts (the file is retried).",
+                   stats.processed_err - stats.quarantined)
+    yield _counter("ingestd_files_quarantined", "Files moved to .failed after too many attempts.",
+                   stats.quarantined)
+    yield _counter("ingestd_files_skipped", "Files gone before the claim (another replica).",
+                   stats.skipped)
+    yield _counter("ingestd_files_interrupted", "Files whose uploader died or was killed.",
+                   stats.interrupted)
+    yield _counter("ingestd_files_recovered", "Files found in .processing at startup.",
+                   stats.recovered_total)
+    yield _counter("ingestd_scan_errors", "Polls that failed with an NFS error.",
+                   stats.scan_errors)
+    yield _counter("ingestd_scans", "Polls of the incoming folder.", stats.scans)
+    restarts = CounterMetricFamily("ingestd_child_restarts", "Children replaced, by role.",
+                                   labels=["role"])
+    kills = CounterMetricFamily("ingestd_child_kills", "Children killed for a stale heartbeat.",
+                                labels=["role"])
+    for role in ("scanner", "uploader"):
+        restarts.add_metric([role], stats.restarts.get(role, 0))
+        kills.add_metric([role], stats.kills.get(role, 0))
+    yield restarts
+    yield kills
+
+
+def _gauges(view: dict) -> Iterator:
+    stats = view["stats"]
+    yield GaugeMetricFamily("ingestd_files_in_flight", "Files being uploaded now.",
+                            value=view["in_flight"])
+    yield GaugeMetricFamily("ingestd_files_queued", "Files waiting for an uploader.",
+                            value=view["queued"])
+    yield GaugeMetricFamily("ingestd_scan_files_seen", "Candidate files seen by the last poll.",
+                            value=stats.last_scan_seen)
+    yield GaugeMetricFamily("ingestd_watch_enabled", "1 while a session is scanning.",
+                            value=1 if view["enabled"] else 0)
+    yield GaugeMetricFamily("ingestd_last_success_timestamp_seconds",
+                            "Unix time of the last successful upload (0: none yet).",
+                            value=stats.last_success_at or 0)
+    yield GaugeMetricFamily("ingestd_healthy", "1 when /healthz would answer 200.",
+                            value=1 if view["healthy"] else 0)
+
+
+def _children(view: dict) -> Iterator:
+    stuck = GaugeMetricFamily("ingestd_stuck_children",
+                              "Killed children the kernel has not released, by role.",
+                              labels=["role"])
+    for role in ("scanner", "uploader"):
+        stuck.add_metric([role], view["stuck"].get(role, 0))
+    yield stuck
+    age = GaugeMetricFamily("ingestd_child_heartbeat_age_seconds",
+                            "Seconds since each child slot last reported.",
+                            labels=["child", "role"])
+    for child, role, seconds in view["heartbeats"]:
+        age.add_metric([child, role], seconds)
+    yield age
