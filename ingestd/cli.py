@@ -39,8 +39,8 @@ class Server(uvicorn.Server):
         supervisor.on_drained = self._drained
 
     def handle_exit(self, sig: int, frame: Any) -> None:
-        if self.supervisor.draining:
-            super().handle_exit(sig, frame)
+        if self.supervisor.draining:  # asked twice: stop now
+            self.should_exit = self.force_exit = True
             return
         self.supervisor.begin_drain()
 

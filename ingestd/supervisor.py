@@ -103,6 +103,7 @@ class Supervisor:
         self.enabled = False
         self.recovery_done = False
         self.draining = False
+        self.drain_deadline = 0.0
         self.drained = threading.Event()
         self.last_tick = time.monotonic()
         self.started_at = time.time()
@@ -121,8 +122,11 @@ class Supervisor:
         self._thread.start()
 
     def begin_drain(self) -> None:
-        """Stop taking new work; in-flight uploads may finish. Safe from a signal handler:
-        it only sets flags, the loop does the rest."""
+        """Stop taking new work; in-flight uploads get ``APP_SHUTDOWN_GRACE_S`` to finish.
+
+        Safe from a signal handler: it only sets two attributes, the loop does the rest.
+        """
+        self.drain_deadline = time.monotonic() + self.settings.shutdown_grace_s
         self.draining = True
 
     def stop(self, timeout: float = 2.0) -> None:
@@ -189,7 +193,7 @@ class Supervisor:
             self._reap_stuck(now)
             self._control_scanner()
             self._dispatch(now)
-            self._finish_drain()
+            self._finish_drain(now)
             self.last_tick = time.monotonic()
 
     def _connections(self) -> list:
@@ -396,17 +400,22 @@ class Supervisor:
             self.stats.session(job.date, job.session).in_flight += 1
             self.stats.session(job.date, job.session).queued -= 1
 
-    def _finish_drain(self) -> None:
+    def _finish_drain(self, now: float) -> None:
+        """Once nothing is in flight, or the grace period is over, let the server exit."""
         if not self.draining or self.drained.is_set():
             return
-        self._control_scanner()
-        if any(slot.job for slot in self.slots[1:]):
+        busy = [slot.job.blob_name for slot in self.slots[1:] if slot.job]
+        if busy and now < self.drain_deadline:
             return
+        if busy:
+            log.warning("grace period over with %d uploads in flight; they stay in "
+                        ".processing for the next start: %s", len(busy), ", ".join(busy))
+        else:
+            log.info("drained: no upload in flight")
         for slot in self.slots:
             if slot.child:
                 slot.child.send(Stop())
         self.drained.set()
-        log.info("drained: no upload in flight")
         if self.on_drained:
             self.on_drained()
 

@@ -222,7 +222,7 @@ def test_rename_over_a_name_is_atomic_for_concurrent_lookups(
     reader = spawn(
         f"""
         import errno, json, os
-        inodes, lookups, missing, stale, wrong_size = set(), 0, 0, 0, 0
+        versions, lookups, missing, stale, wrong_size = set(), 0, 0, 0, 0
         while not os.path.exists({str(stop)!r}):
             try:
                 st = os.stat({str(target)!r})
@@ -235,9 +235,9 @@ def test_rename_over_a_name_is_atomic_for_concurrent_lookups(
                 stale += 1
                 continue
             lookups += 1
-            inodes.add(st.st_ino)
+            versions.add((st.st_ino, st.st_mtime_ns))
             wrong_size += st.st_size != {len(version(0))}
-        print(json.dumps({{"lookups": lookups, "inodes": len(inodes), "missing": missing,
+        print(json.dumps({{"lookups": lookups, "versions": len(versions), "missing": missing,
                           "stale": stale, "wrong_size": wrong_size}}))
         """,
         stdout=subprocess.PIPE,
@@ -256,7 +256,7 @@ def test_rename_over_a_name_is_atomic_for_concurrent_lookups(
     print(f"[fusefs] concurrent lookups during {renames} renames: {result}")
     assert result["missing"] == 0, result
     assert result["wrong_size"] == 0, result
-    assert result["inodes"] >= 2, f"reader never overlapped the renames: {result}"
+    assert result["versions"] >= 2, f"reader never overlapped the renames: {result}"
     assert target.read_bytes() == version(renames)
     assert sorted(os.listdir(fuse_mount.path(".processing"))) == ["current"]
 

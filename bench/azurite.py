@@ -1,0 +1,106 @@
+"""One in-memory Azurite on 127.0.0.1 for the benchmark, telemetry off.
+
+Leaner than ``tests/support/azurite.py`` (no pytest, no HTTPS), so the bench
+needs nothing from the test suite.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BINARY = REPO / "tools" / "node_modules" / ".bin" / "azurite-blob"
+ACCOUNT = "devstoreaccount1"
+KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+class Azurite:
+    """``with Azurite(workdir) as az:`` starts it on a free port and stops it after."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = Path(workdir)
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.log_path = self.workdir / "azurite.log"
+
+    @property
+    def account_url(self) -> str:
+        return f"http://{HOST}:{self.port}/{ACCOUNT}"
+
+    @property
+    def connection_string(self) -> str:
+        return (f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={KEY};"
+                f"BlobEndpoint={self.account_url};")
+
+    def command(self) -> list[str]:
+        args = [str(BINARY), "--disableTelemetry", "--skipApiVersionCheck",
+                "--blobHost", HOST, "--blobPort", str(self.port), "--inMemoryPersistence",
+                "--silent"]
+        setpriv = shutil.which("setpriv")
+        return [setpriv, "--pdeathsig", "KILL", "--", *args] if setpriv else args
+
+    def start(self) -> Azurite:
+        if not BINARY.exists():
+            raise RuntimeError(f"azurite-blob not found at {BINARY} (run npm ci in tools/)")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT, cwd=self.workdir,
+                                         start_new_session=True)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"Azurite exited: {self.log_path.read_text()[-2000:]}")
+            try:
+                with socket.create_connection((HOST, self.port), timeout=0.5):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("Azurite did not listen within 30 s")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        except ProcessLookupError:
+            pass
+
+    def __enter__(self) -> Azurite:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def container(self, name: str):
+        from azure.storage.blob import ContainerClient
+
+        return ContainerClient.from_connection_string(self.connection_string, name)
+
+    def create_container(self, name: str):
+        from azure.core.exceptions import ResourceExistsError
+
+        client = self.container(name)
+        try:
+            client.create_container()
+        except ResourceExistsError:
+            pass
+        return client
