@@ -21,8 +21,6 @@ class SessionCounters:
     bytes_done: int = 0
     failed: int = 0
     quarantined: int = 0
-    in_flight: int = 0
-    queued: int = 0
 
 
 @dataclass
@@ -36,7 +34,6 @@ class Stats:
     quarantined: int = 0
     interrupted: int = 0
     recovered_total: int = 0
-    recovered_queued: int = 0
     scan_errors: int = 0
     scans: int = 0
     last_scan_seen: int = 0
@@ -102,5 +99,5 @@ class Stats:
             "kills": dict(self.kills),
         }
 
-    def sessions_view(self) -> list[dict]:
-        return [asdict(c) for c in self.sessions.values()]
+    def sessions_view(self) -> list[tuple[tuple[str, str], dict]]:
+        return [(key, asdict(c)) for key, c in self.sessions.items()]

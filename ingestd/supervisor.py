@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
@@ -245,21 +246,17 @@ class Supervisor:
             return  # found after a stop: it stays in incoming for the next session
         for name, _size, _mtime in message.files:
             job = Job(name=name, date=self.session.date, session=self.session.encoded)
-            if self.queue.add_new(job):
-                self.stats.session(job.date, job.session).queued += 1
+            self.queue.add_new(job)
 
     def _on_recovered(self, message: Recovered) -> None:
         job = Job(name=message.name, date=message.date, session=message.session)
-        if self.queue.add_recovered(job):
-            self.stats.recovered_queued += 1
-            self.stats.session(job.date, job.session).queued += 1
+        self.queue.add_recovered(job)
 
     def _on_result(self, slot: Slot, message: Done | Failed | Gone | Quarantined,
                    now: float) -> None:
         job = message.job
         slot.job, slot.file, slot.state = None, None, "idle"
         counters = self.stats.session(job.date, job.session)
-        counters.in_flight = max(0, counters.in_flight - 1)
         if isinstance(message, Done):
             self.queue.finish(job)
             self.stats.on_done(counters, message.size)
@@ -352,8 +349,6 @@ class Supervisor:
         slot.job = None
         if job is None:
             return
-        counters = self.stats.session(job.date, job.session)
-        counters.in_flight = max(0, counters.in_flight - 1)
         self.stats.interrupted += 1
         self.stats.last_error = f"{job.blob_name}: {why}"
         self.queue.retry(job, now + 1.0)
@@ -397,8 +392,6 @@ class Supervisor:
             slot.job, slot.job_started = job, now
             slot.state, slot.file, slot.bytes_done, slot.bytes_total = "claiming", job.name, 0, 0
             slot.last_beat = now
-            self.stats.session(job.date, job.session).in_flight += 1
-            self.stats.session(job.date, job.session).queued -= 1
 
     def _finish_drain(self, now: float) -> None:
         """Once nothing is in flight, or the grace period is over, let the server exit."""
@@ -477,8 +470,19 @@ class Supervisor:
                 "stuck_children": self.stuck_count(now),
                 "killed_unreaped": len(self.stuck),
                 "auth_method": self.auth_method,
-                "sessions": self.stats.sessions_view(),
+                "sessions": self._sessions_view(),
             }
+
+    def _sessions_view(self) -> list[dict]:
+        """Per-session counters, with queued and in-flight counted from where jobs are now."""
+        queued = Counter(job.key[:2] for job in self.queue.jobs())
+        flying = Counter(slot.job.key[:2] for slot in self.slots[1:] if slot.job)
+        for key in (*queued, *flying):
+            self.stats.session(*key)
+        return [
+            {**view, "queued": queued[key], "in_flight": flying[key]}
+            for key, view in self.stats.sessions_view()
+        ]
 
     @staticmethod
     def _flight_view(slot: Slot, now: float) -> dict:

@@ -46,6 +46,10 @@ class StepError(Exception):
         self.counted = counted
 
 
+class Vanished(Exception):
+    """The claimed file disappeared: another replica uploaded and deleted it."""
+
+
 @dataclass(frozen=True)
 class Paths:
     """Where one job's file lives at each step."""
@@ -223,6 +227,9 @@ class Uploader:
             self._cleanup(paths)
         except StepError as exc:
             return self._failed(job, paths, exc)
+        except Vanished:
+            log.info("claimed file vanished: another replica finished it", extra=context)
+            return Gone(job, "claimed file vanished (another replica finished it)")
         except (ParentGone, KeyboardInterrupt):
             raise
         except Exception as exc:  # a bug must cost one attempt, not the process
@@ -244,8 +251,9 @@ class Uploader:
         try:
             return stage(paths, self.channel, job.name)
         except FileNotFoundError as exc:
-            raise StepError("copy", f"claimed file vanished: {describe_os_error(exc)}",
-                            False) from exc
+            if not os.path.lexists(paths.claimed):
+                raise Vanished() from exc
+            raise StepError("copy", f"copy failed: {describe_os_error(exc)}", True) from exc
         except OSError as exc:
             where = "staging" if exc.filename and str(exc.filename).startswith(
                 str(self.settings.local_staging_root)) else "nfs"

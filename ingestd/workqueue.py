@@ -82,6 +82,10 @@ class WorkQueue:
         """The job left the instance: done, gone, or quarantined."""
         self._names.discard(job.name)
 
+    def jobs(self) -> list[Job]:
+        """Every job waiting (not those in flight), for per-session counts."""
+        return [*self._recovered, *self._new, *(entry[2] for entry in self._retries)]
+
     def depth(self) -> dict[str, int]:
         return {
             "recovered": len(self._recovered),
