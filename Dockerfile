@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1
-#
 # ingestd container image.
 #
 #   docker build -t <REGISTRY>/ingestd:<VERSION> .

@@ -13,9 +13,12 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import os
 import threading
 import time
+import uuid
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 from azure.core.exceptions import (
@@ -277,30 +280,162 @@ def _first_line(text: object) -> str:
 # Upload
 
 
+@dataclass(frozen=True)
+class Staged:
+    """What staging learnt about a file, in the one pass that copied it.
+
+    ``block_md5s`` has one digest per ``APP_AZURE_MAX_BLOCK_SIZE`` block (empty
+    when the file goes in one request); ``data`` holds the whole file only
+    when it goes in one request (at most ``APP_AZURE_MAX_SINGLE_PUT_SIZE``).
+    """
+
+    size: int
+    md5: bytes
+    block_md5s: tuple[bytes, ...] = ()
+    data: bytes | None = None
+
+
+READ_SIZE = 256 * 1024
+"""Bytes per read when a block's body is sent from the staging file. The HTTP
+stack asks for 32 KiB at a time; answering with more means a few dozen
+read/send rounds per block instead of hundreds, and only this much of a
+block is ever in memory."""
+
+
+class FileRange:
+    """A seekable, read-only view of ``length`` bytes at ``offset`` of an open file.
+
+    It reads with ``os.pread``, so many blocks of one file go out in
+    parallel from one descriptor without a shared position or a lock, and
+    nothing but the chunk being sent is held in memory. Seekable so the
+    SDK's retry policy can rewind it; ``__len__`` gives requests the
+    Content-Length. ``read(size)`` may return up to ``READ_SIZE`` bytes even
+    when asked for fewer (urllib3 and http.client send whatever they get).
+    """
+
+    def __init__(self, fd: int, offset: int, length: int) -> None:
+        self._fd = fd
+        self._offset = offset
+        self._length = length
+        self._pos = 0
+
+    def __len__(self) -> int:
+        return self._length
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._length}[whence]
+        self._pos = min(max(0, base + offset), self._length)
+        return self._pos
+
+    def read(self, size: int = -1) -> bytes:
+        left = self._length - self._pos
+        want = left if size is None or size < 0 else min(left, max(size, READ_SIZE))
+        if want <= 0:
+            return b""
+        data = os.pread(self._fd, want, self._offset + self._pos)
+        if not data:
+            raise OSError(f"staging file shorter than expected at {self._offset + self._pos}")
+        self._pos += len(data)
+        return data
+
+
+def block_count(size: int, block_size: int) -> int:
+    return max(1, -(-size // block_size))
+
+
 def upload_file(
     client: ContainerClient,
     settings: Settings,
     blob_name: str,
     path: str,
-    size: int,
-    md5: bytes,
+    staged: Staged,
     progress: Callable[[int, int | None], None],
+    pool: ThreadPoolExecutor | None = None,
 ) -> None:
     """Upload ``path`` as a Block Blob named ``blob_name``, replacing any previous one.
 
-    Blocks go in parallel (``APP_AZURE_MAX_CONCURRENCY``) with a Content-MD5
-    each, and the whole file's MD5, computed while staging, is stored on the
-    blob so anyone can check it later.
+    Files up to ``APP_AZURE_MAX_SINGLE_PUT_SIZE`` go in one request from
+    memory. Larger ones go as blocks of ``APP_AZURE_MAX_BLOCK_SIZE``,
+    ``APP_AZURE_MAX_CONCURRENCY`` at a time, each streamed from the staging
+    file with the Content-MD5 computed while staging (the file is not hashed
+    or read whole again, and no block is ever buffered whole). The commit
+    lists exactly this attempt's blocks and stores the whole file's MD5 on
+    the blob so anyone can check it later.
     """
     blob = client.get_blob_client(blob_name)
-    with open(path, "rb") as stream:
-        blob.upload_blob(
-            stream,
-            blob_type=BlobType.BLOCKBLOB,
-            length=size,
-            overwrite=True,
-            max_concurrency=settings.azure_max_concurrency,
-            validate_content=True,
-            content_settings=ContentSettings(content_md5=bytearray(md5)),
-            progress_hook=progress,
-        )
+    content_settings = ContentSettings(content_md5=bytearray(staged.md5))
+    if staged.data is not None or staged.size <= settings.azure_max_single_put_size:
+        data = staged.data
+        if data is None:
+            with open(path, "rb") as stream:
+                data = stream.read()
+        blob.upload_blob(data, blob_type=BlobType.BLOCKBLOB, length=staged.size,
+                         overwrite=True, validate_content=True,
+                         content_settings=content_settings)
+        progress(staged.size, staged.size)
+        return
+    block_size = settings.azure_max_block_size
+    count = block_count(staged.size, block_size)
+    if len(staged.block_md5s) != count:
+        raise ValueError(f"{len(staged.block_md5s)} block digests for {count} blocks")
+    # Fresh IDs per attempt (all the same length): a retry never commits
+    # blocks staged by an earlier, interrupted attempt.
+    attempt = uuid.uuid4().hex
+    block_ids = [f"{attempt}{index:08d}" for index in range(count)]
+    done = 0
+    lock = threading.Lock()
+    own_pool = pool is None
+    if pool is None:
+        pool = ThreadPoolExecutor(settings.azure_max_concurrency, thread_name_prefix="block")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        def put(index: int) -> None:
+            nonlocal done
+            offset = index * block_size
+            length = min(block_size, staged.size - offset)
+            blob.stage_block(block_ids[index], FileRange(fd, offset, length), length=length,
+                             transactional_content_md5=bytearray(staged.block_md5s[index]))
+            with lock:
+                done += length
+                current = done
+            progress(current, staged.size)
+
+        _run_all(pool, put, count, settings.azure_max_concurrency)
+        blob.commit_block_list(block_ids, content_settings=content_settings)
+    finally:
+        os.close(fd)
+        if own_pool:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _run_all(pool: ThreadPoolExecutor, task: Callable[[int], None], count: int,
+             window: int) -> None:
+    """Run ``task(0..count-1)`` with at most ``window`` in flight; stop at the first error.
+
+    Submitting only ``window`` at a time keeps a failed upload from queueing
+    hundreds of doomed requests behind the first error.
+    """
+    pending: set[Future] = set()
+    next_index = 0
+    try:
+        while next_index < count or pending:
+            while next_index < count and len(pending) < window:
+                pending.add(pool.submit(task, next_index))
+                next_index += 1
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                future.result()  # raises the block's error
+    finally:
+        for future in pending:
+            future.cancel()
+        if pending:
+            wait(pending)  # no block thread may outlive the file descriptor

@@ -21,18 +21,21 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 
 from ingestd import blobstore, child
+from ingestd.blobstore import Staged
 from ingestd.child import Channel, ParentGone
 from ingestd.config import Settings
 from ingestd.messages import Done, Failed, Gone, Job, Quarantined, Stop
 
 log = logging.getLogger(__name__)
 
-COPY_CHUNK = 8 * 1024 * 1024
+COPY_CHUNK = 1024 * 1024
+"""Bytes per read from NFS while staging (a typical NFS rsize)."""
 ATTEMPTS_FOLDER = ".attempts"
 ERRORS_FOLDER = ".errors"
 
@@ -94,33 +97,76 @@ def claim(paths: Paths) -> bool:
     return True
 
 
-def stage(paths: Paths, channel: Channel, file: str) -> tuple[int, bytes]:
+def stage(paths: Paths, channel: Channel, file: str, block_size: int,
+          single_put_size: int) -> Staged:
     """Copy the claimed file to staging, hashing it in the same pass; fsync both.
 
-    Returns the size and MD5 of exactly the bytes that will be uploaded.
-    A partial copy is removed on failure so staging never fills with junk.
+    The one read of the NFS file yields everything the upload needs: the
+    whole file's MD5 (stored on the blob), one MD5 per upload block (sent as
+    each block's Content-MD5, so the upload never hashes or reads a file
+    twice), and, for a file small enough to go in one request, its bytes.
+    Memory stays at one copy chunk (plus the file itself when it goes in one
+    request, at most ``single_put_size``). A partial copy is removed on
+    failure so staging never fills with junk.
     """
     paths.staged.parent.mkdir(parents=True, exist_ok=True)
     md5 = hashlib.md5()
-    buffer = bytearray(COPY_CHUNK)
-    view = memoryview(buffer)
+    block_md5s: list[bytes] = []
+    block = hashlib.md5()
+    block_left = block_size
     done = 0
     try:
-        with open(paths.claimed, "rb") as src, open(paths.staged, "wb") as dst:
+        with open(paths.claimed, "rb", buffering=0) as src, \
+                open(paths.staged, "wb", buffering=0) as dst:
             total = os.fstat(src.fileno()).st_size
             channel.beat("copying", file, 0, total, force=True)
+            if total <= single_put_size:
+                data = _read_small(src, total)
+                md5.update(data)
+                _write_all(dst, memoryview(data))
+                os.fsync(dst.fileno())
+                _fsync_folder(paths.staged.parent)
+                return Staged(len(data), md5.digest(), (), data)
+            buffer = bytearray(COPY_CHUNK)
+            view = memoryview(buffer)
             while count := src.readinto(buffer):
-                md5.update(view[:count])
-                dst.write(view[:count])
+                chunk = view[:count]
+                md5.update(chunk)
+                start = 0
+                while start < count:  # a chunk may end a block and start the next
+                    take = min(block_left, count - start)
+                    block.update(chunk[start:start + take])
+                    block_left -= take
+                    start += take
+                    if block_left == 0:
+                        block_md5s.append(block.digest())
+                        block, block_left = hashlib.md5(), block_size
+                _write_all(dst, chunk)
                 done += count
                 channel.beat("copying", file, done, total)
-            dst.flush()
+            if block_left != block_size or not block_md5s:
+                block_md5s.append(block.digest())
             os.fsync(dst.fileno())
         _fsync_folder(paths.staged.parent)
     except BaseException:
         paths.staged.unlink(missing_ok=True)
         raise
-    return done, md5.digest()
+    return Staged(done, md5.digest(), tuple(block_md5s))
+
+
+def _read_small(src, size_hint: int) -> bytes:
+    """The whole (small) file, whatever its size turns out to be while read."""
+    parts = []
+    while part := src.read(max(size_hint, COPY_CHUNK)):
+        parts.append(part)
+    return b"".join(parts)
+
+
+def _write_all(dst, data: memoryview) -> None:
+    """Unbuffered writes may be short; loop until every byte is written."""
+    while data:
+        written = dst.write(data)
+        data = data[written:]
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -193,6 +239,10 @@ class Uploader:
         self.settings = settings
         self.channel = channel
         self.client = blobstore.container_client(settings, auth_method)
+        # One pool for the life of the process: block threads are reused
+        # from file to file instead of started and joined per file.
+        self.pool = ThreadPoolExecutor(settings.azure_max_concurrency,
+                                       thread_name_prefix="block")
 
     def run(self) -> None:
         while True:
@@ -221,8 +271,9 @@ class Uploader:
             attempts = read_attempts_quietly(paths)
             if attempts >= self.settings.max_attempts:
                 return self._quarantine(job, paths, attempts, "attempts exhausted before restart")
-            size, md5 = self._stage(paths, job)
-            upload_seconds = self._upload(paths, job, size, md5)
+            staged = self._stage(paths, job)
+            size, md5 = staged.size, staged.md5
+            upload_seconds = self._upload(paths, job, staged)
             self.channel.beat("cleaning", job.name, size, size, force=True)
             self._cleanup(paths)
         except StepError as exc:
@@ -247,9 +298,10 @@ class Uploader:
         )
         return Done(job, size, md5.hex(), seconds, upload_seconds)
 
-    def _stage(self, paths: Paths, job: Job) -> tuple[int, bytes]:
+    def _stage(self, paths: Paths, job: Job) -> Staged:
         try:
-            return stage(paths, self.channel, job.name)
+            return stage(paths, self.channel, job.name, self.settings.azure_max_block_size,
+                         self.settings.azure_max_single_put_size)
         except FileNotFoundError as exc:
             if not os.path.lexists(paths.claimed):
                 raise Vanished() from exc
@@ -260,7 +312,9 @@ class Uploader:
             message = f"copy failed ({where}): {describe_os_error(exc)}"
             raise StepError("copy", message, True) from exc
 
-    def _upload(self, paths: Paths, job: Job, size: int, md5: bytes) -> float:
+    def _upload(self, paths: Paths, job: Job, staged: Staged) -> float:
+        size = staged.size
+
         def progress(current: int, total: int | None) -> None:
             self.channel.beat("uploading", job.name, current, total or size)
 
@@ -268,7 +322,7 @@ class Uploader:
         started = time.monotonic()
         try:
             blobstore.upload_file(self.client, self.settings, job.blob_name,
-                                  str(paths.staged), size, md5, progress)
+                                  str(paths.staged), staged, progress, self.pool)
         except ParentGone:
             raise
         except Exception as exc:

@@ -49,3 +49,14 @@ install_node_tools() {
         (cd "$REPO/tools" && npm ci --no-audit --no-fund --loglevel=error)
     fi
 }
+
+# checkov lives in its own venv: its pins (packaging, among others) clash with
+# the app's test dependencies. The deploy-file tests call it by path.
+install_checkov() {
+    if [ ! -x "$REPO/.venv-tools/bin/checkov" ]; then
+        say "installing checkov into .venv-tools"
+        "$PYTHON" -m venv "$REPO/.venv-tools"
+        "$REPO/.venv-tools/bin/pip" install -q 'checkov==3.3.30' > "$REPO/.venv-tools/pip.log" 2>&1 \
+            || { cat "$REPO/.venv-tools/pip.log" >&2; return 1; }
+    fi
+}

@@ -119,12 +119,37 @@ def _is_kustomization(path: Path) -> bool:
     return path.name in {"kustomization.yaml", "kustomization.yml", "Kustomization"}
 
 
+def _is_kubernetes_file(path: Path) -> bool:
+    """True if every document in path is a Kubernetes object (apiVersion + kind).
+
+    manifests/ also holds non-Kubernetes YAML, e.g. the plain Prometheus rule
+    file under manifests/monitoring/; such a file has neither key in any
+    document. Half of the pair is a broken manifest, not another format.
+    """
+    docs = _load_yaml_docs(path)
+    marked = [isinstance(d, dict) and {"apiVersion", "kind"} <= d.keys() for d in docs]
+    unmarked = [isinstance(d, dict) and not ({"apiVersion", "kind"} & d.keys()) for d in docs]
+    assert all(m or u for m, u in zip(marked, unmarked, strict=True)), (
+        f"{path}: a document has apiVersion or kind but not both"
+    )
+    assert all(marked) or all(unmarked), f"{path}: mixes Kubernetes and other documents"
+    if docs and all(unmarked):
+        assert path.parent != MANIFESTS, (
+            f"{path}: only Kubernetes objects belong directly in manifests/"
+        )
+        return False
+    return True
+
+
 def _manifest_files() -> list[Path]:
     """Every Kubernetes YAML file under manifests/ (kustomizations excluded)."""
     files = sorted(
         p
         for p in MANIFESTS.rglob("*")
-        if p.suffix in {".yaml", ".yml"} and p.is_file() and not _is_kustomization(p)
+        if p.suffix in {".yaml", ".yml"}
+        and p.is_file()
+        and not _is_kustomization(p)
+        and _is_kubernetes_file(p)
     )
     assert files, "no manifests found"
     return files

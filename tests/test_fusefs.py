@@ -26,7 +26,8 @@ import psutil
 import pytest
 
 from tests.support import fusefs
-from tests.support.fusefs import FreezableMount, fuse_mount, is_mounted  # noqa: F401 - fixture import
+from tests.support.fusefs import fuse_mount  # noqa: F401 - makes the fixture available here
+from tests.support.fusefs import FreezableMount, is_mounted
 
 MiB = 1 << 20
 BIG_SIZE = 256 * MiB
@@ -41,6 +42,7 @@ BLOCK_PROBE_S = 1.0
 REAP_S = 2.0
 
 Spawn = Callable[..., subprocess.Popen]
+Record = Callable[[str, object], None]
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -56,7 +58,7 @@ def spawn(fuse_mount: FreezableMount) -> Iterator[Spawn]:
     children: list[subprocess.Popen] = []
 
     def _spawn(code: str, **kwargs: object) -> subprocess.Popen:
-        proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], **kwargs)  # type: ignore[call-overload]
+        proc = subprocess.Popen(python(code), **kwargs)  # type: ignore[call-overload]
         children.append(proc)
         return proc
 
@@ -72,6 +74,11 @@ def spawn(fuse_mount: FreezableMount) -> Iterator[Spawn]:
         except subprocess.TimeoutExpired:
             stuck.append(proc.pid)
     assert not stuck, f"children {stuck} still unreapable 10 s after thaw"
+
+
+def python(code: str) -> list[str]:
+    """argv running ``code`` in a fresh interpreter (a child that may block on the mount)."""
+    return [sys.executable, "-c", textwrap.dedent(code)]
 
 
 def reaped_within(proc: subprocess.Popen, seconds: float) -> float | None:
@@ -118,7 +125,7 @@ def nfs_layout(mount: FreezableMount) -> None:
     (mount.backing / ".processing").mkdir()
 
 
-def report(record_property: Callable[[str, object], None], name: str, value: object) -> None:
+def report(record_property: Record, name: str, value: object) -> None:
     record_property(name, value)
     print(f"[fusefs] {name} = {value}")
 
@@ -137,35 +144,44 @@ def test_round_trip_preserves_content_and_metadata(fuse_mount: FreezableMount) -
         os.fsync(fh.fileno())
     expected = hashlib.md5(data).hexdigest()
 
-    assert md5_file(mount.backing_path("incoming", "a.bin")) == expected, "bytes did not reach the backing folder"
-    assert md5_file(mount.path("incoming", "a.bin")) == expected, "bytes read back through the mount differ"
+    assert md5_file(mount.backing_path("incoming", "a.bin")) == expected, "backing copy differs"
+    assert md5_file(mount.path("incoming", "a.bin")) == expected, "read back through mount differs"
     st = os.stat(mount.path("incoming", "a.bin"))
     assert st.st_size == len(data)
     assert st.st_ino == os.stat(mount.backing_path("incoming", "a.bin")).st_ino
-    os.utime(mount.path("incoming", "a.bin"), ns=(1_600_000_000_123_456_789, 1_700_000_000_987_654_321))
-    assert os.stat(mount.backing_path("incoming", "a.bin")).st_mtime_ns == 1_700_000_000_987_654_321
+    mtime_ns = 1_700_000_000_987_654_321
+    os.utime(mount.path("incoming", "a.bin"), ns=(1_600_000_000_123_456_789, mtime_ns))
+    assert os.stat(mount.backing_path("incoming", "a.bin")).st_mtime_ns == mtime_ns
     os.truncate(mount.path("incoming", "a.bin"), 10)
     assert mount.backing_path("incoming", "a.bin").read_bytes() == data[:10]
     assert sorted(os.listdir(mount.path())) == [".processing", "incoming"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120, method="thread")
 def test_256_mib_throughput(
-    fuse_mount: FreezableMount, tmp_path: Path, record_property: Callable[[str, object], None]
+    fuse_mount: FreezableMount, tmp_path: Path, record_property: Record
 ) -> None:
-    """Copy 256 MiB in and out through the mount, as the uploader will, and time it."""
+    """Copy 256 MiB in and out through the mount, as the uploader will, and time it.
+
+    The write includes fsync (the data reaches the backing disk); os.sync() before
+    each phase keeps the writeback of earlier data out of the measurement.
+    """
     src = tmp_path / "src.bin"
     expected = write_random(src, BIG_SIZE)
     buf = bytearray(8 * MiB)
     view = memoryview(buf)
+    target = fuse_mount.path("big.bin")
 
+    os.sync()
     start = time.monotonic()
-    with open(src, "rb", buffering=0) as fin, open(fuse_mount.path("big.bin"), "wb", buffering=0) as fout:
+    with open(src, "rb", buffering=0) as fin, open(target, "wb", buffering=0) as fout:
         while n := fin.readinto(buf):
             fout.write(view[:n])
         os.fsync(fout.fileno())
     write_mb_s = BIG_SIZE / (time.monotonic() - start) / 1e6
 
+    os.sync()
     start = time.monotonic()
     total = 0
     with open(fuse_mount.path("big.bin"), "rb", buffering=0) as fin:
@@ -178,6 +194,8 @@ def test_256_mib_throughput(
     assert total == BIG_SIZE
     assert md5_file(fuse_mount.path("big.bin")) == expected
     assert write_mb_s > MIN_THROUGHPUT_MB_S and read_mb_s > MIN_THROUGHPUT_MB_S
+    src.unlink()  # pytest keeps the last runs' tmp_path: do not keep 512 MiB in it
+    fuse_mount.backing_path("big.bin").unlink()
 
 
 # ------------------------------------------------------------------------------- rename
@@ -197,7 +215,8 @@ def test_rename_moves_the_same_inode(fuse_mount: FreezableMount) -> None:
 
     assert not os.path.exists(src)
     assert os.stat(dst).st_ino == ino
-    assert os.stat(fuse_mount.backing_path(".processing", "2024-05-01", "session-1", "a.bin")).st_ino == ino
+    backing = fuse_mount.backing_path(".processing", "2024-05-01", "session-1", "a.bin")
+    assert os.stat(backing).st_ino == ino
     assert os.listdir(fuse_mount.path("incoming")) == []
 
 
@@ -284,9 +303,12 @@ def test_rename_noreplace_is_honoured(fuse_mount: FreezableMount) -> None:
 def test_freeze_blocks_stat_until_thaw(fuse_mount: FreezableMount, spawn: Spawn) -> None:
     nfs_layout(fuse_mount)
     fuse_mount.backing_path("incoming", "a.bin").write_bytes(b"x" * 1234)
+    probe = str(fuse_mount.path("incoming", "a.bin"))
+    os.stat(probe)  # warm every kernel cache: a cached answer must not mask the freeze
     fuse_mount.freeze()
-    child = spawn(f"import os; print(os.stat({str(fuse_mount.path('incoming', 'a.bin'))!r}).st_size)",
-                  stdout=subprocess.PIPE, text=True)
+    child = spawn(
+        f"import os; print(os.stat({probe!r}).st_size)", stdout=subprocess.PIPE, text=True
+    )
 
     fuse_mount.wait_blocked(1, pid=child.pid)
     assert reaped_within(child, BLOCK_PROBE_S) is None, "stat returned although the mount is frozen"
@@ -317,7 +339,7 @@ def test_freeze_blocks_writes_no_writeback_cache(fuse_mount: FreezableMount, spa
 
 @pytest.mark.timeout(30, method="thread")
 def test_sigkill_ends_child_blocked_in_stat(
-    fuse_mount: FreezableMount, spawn: Spawn, record_property: Callable[[str, object], None]
+    fuse_mount: FreezableMount, spawn: Spawn, record_property: Record
 ) -> None:
     """Default (killable) freeze = hard NFS mount: SIGKILL ends the waiting caller."""
     nfs_layout(fuse_mount)
@@ -341,7 +363,7 @@ def test_sigkill_ends_child_blocked_in_stat(
 @pytest.mark.timeout(30, method="thread")
 @pytest.mark.parametrize("killable", [True, False], ids=["killable", "unkillable"])
 def test_sigkill_child_blocked_in_listdir(
-    fuse_mount: FreezableMount, spawn: Spawn, killable: bool, record_property: Callable[[str, object], None]
+    fuse_mount: FreezableMount, spawn: Spawn, killable: bool, record_property: Record
 ) -> None:
     """Measure whether a listdir child killed on a frozen mount can be reaped.
 
@@ -358,7 +380,7 @@ def test_sigkill_child_blocked_in_listdir(
     seconds = reaped_within(child, REAP_S)
 
     if killable:
-        assert seconds is not None, f"killable freeze: listdir child survived SIGKILL ({status(child)})"
+        assert seconds is not None, f"killable freeze: child survived SIGKILL ({status(child)})"
         report(record_property, "listdir_killable_reaped_s", round(seconds, 3))
         return
     assert seconds is None, "unkillable freeze: child was reaped while frozen"
@@ -371,7 +393,7 @@ def test_sigkill_child_blocked_in_listdir(
 
 @pytest.mark.timeout(30, method="thread")
 def test_killed_child_blocked_in_close_stays_unreapable_until_thaw(
-    fuse_mount: FreezableMount, spawn: Spawn, record_property: Callable[[str, object], None]
+    fuse_mount: FreezableMount, spawn: Spawn, record_property: Record
 ) -> None:
     """close() waits for FLUSH like NFS waits for writeback: SIGKILL does not end it."""
     nfs_layout(fuse_mount)
@@ -403,7 +425,9 @@ def test_killed_child_blocked_in_close_stays_unreapable_until_thaw(
 
 
 @pytest.mark.timeout(30, method="thread")
-def test_killed_writer_hangs_in_exit_flush_until_thaw(fuse_mount: FreezableMount, spawn: Spawn) -> None:
+def test_killed_writer_hangs_in_exit_flush_until_thaw(
+    fuse_mount: FreezableMount, spawn: Spawn
+) -> None:
     """SIGKILL interrupts the frozen write, but the dying process then closes its file.
 
     That FLUSH is sent from the exit path with SIGKILL already consumed, so it waits
@@ -434,6 +458,7 @@ def test_killed_writer_hangs_in_exit_flush_until_thaw(fuse_mount: FreezableMount
     assert reaped_within(child, REAP_S) is not None
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120, method="thread")
 def test_read_freeze_stalls_copy_mid_file_while_listing_answers(
     fuse_mount: FreezableMount, spawn: Spawn, tmp_path: Path
@@ -443,9 +468,10 @@ def test_read_freeze_stalls_copy_mid_file_while_listing_answers(
     dest = tmp_path / "copy.bin"  # local disk: safe to stat from the test process
     stall_at = 64 * MiB
     fuse_mount.freeze(["read"], glob="/incoming/big.bin", from_offset=stall_at)
+    source = str(fuse_mount.path("incoming", "big.bin"))
     copier = spawn(
         f"""
-        with open({str(fuse_mount.path('incoming', 'big.bin'))!r}, "rb") as src, open({str(dest)!r}, "wb") as dst:
+        with open({source!r}, "rb") as src, open({str(dest)!r}, "wb") as dst:
             while chunk := src.read({COPY_CHUNK}):
                 dst.write(chunk)
                 dst.flush()
@@ -460,7 +486,7 @@ def test_read_freeze_stalls_copy_mid_file_while_listing_answers(
 
     lister = spawn(
         f"import os; print(os.listdir({str(fuse_mount.path('incoming'))!r}),"
-        f" os.stat({str(fuse_mount.path('incoming', 'big.bin'))!r}).st_size)",
+        f" os.stat({source!r}).st_size)",
         stdout=subprocess.PIPE, text=True,
     )
     out, _ = lister.communicate(timeout=5)
@@ -469,17 +495,22 @@ def test_read_freeze_stalls_copy_mid_file_while_listing_answers(
     fuse_mount.thaw()
     assert copier.wait(60) == 0
     assert md5_file(dest) == expected
+    dest.unlink()  # pytest keeps the last runs' tmp_path: do not keep 512 MiB in it
+    fuse_mount.backing_path("incoming", "big.bin").unlink()
 
 
 @pytest.mark.timeout(60, method="thread")
-def test_many_frozen_readers_do_not_starve_other_calls(fuse_mount: FreezableMount, spawn: Spawn) -> None:
+def test_many_frozen_readers_do_not_starve_other_calls(
+    fuse_mount: FreezableMount, spawn: Spawn
+) -> None:
     """More frozen readers than libfuse's default 10 threads / kernel's 12 background slots."""
     nfs_layout(fuse_mount)
     readers = 40
     for i in range(readers):
         fuse_mount.backing_path("incoming", f"f{i}").write_bytes(os.urandom(256 * 1024))
     fuse_mount.freeze(["read"])
-    children = [spawn(f"open({str(fuse_mount.path('incoming', f'f{i}'))!r}, 'rb').read()") for i in range(readers)]
+    paths = [str(fuse_mount.path("incoming", f"f{i}")) for i in range(readers)]
+    children = [spawn(f"open({path!r}, 'rb').read()") for path in paths]
     blocked = fuse_mount.wait_blocked(readers, op="read", timeout=20)
     assert {b["pid"] for b in blocked} >= {c.pid for c in children}
 
@@ -552,7 +583,7 @@ def test_unmount_while_frozen_leaves_no_mount(tmp_path: Path) -> None:
     mount = FreezableMount.start(backing)
     try:
         mount.freeze(killable=False)
-        child = subprocess.Popen([sys.executable, "-c", f"import os; os.stat({str(mount.path())!r})"])
+        child = subprocess.Popen(python(f"import os; os.stat({str(mount.path())!r})"))
         mount.wait_blocked(1, pid=child.pid)
     finally:
         mount.unmount()
@@ -570,7 +601,7 @@ def test_lifeline_unmounts_when_test_process_disappears(tmp_path: Path) -> None:
     mount = FreezableMount.start(backing)
     try:
         mount.freeze(killable=False)
-        child = subprocess.Popen([sys.executable, "-c", f"import os; os.listdir({str(mount.path())!r})"])
+        child = subprocess.Popen(python(f"import os; os.listdir({str(mount.path())!r})"))
         mount.wait_blocked(1, pid=child.pid)
         assert mount.process.stdin is not None
         mount.process.stdin.close()
@@ -599,7 +630,8 @@ def test_fixture_fails_instead_of_skipping_without_fuse(tmp_path: Path) -> None:
             """
         )
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    pythonpath = os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": pythonpath}
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", str(test_file)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=50,

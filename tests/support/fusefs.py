@@ -37,11 +37,16 @@ libfuse 3.14.0, see tests/test_fusefs.py):
 * flush/fsync/release stay frozen even for killed callers: on NFS the close-time
   writeback wait is uninterruptible too, and a killed process closes its files
   while exiting (SIGKILL is no longer pending then), so it hangs in exit.
-* libfuse 3.14 never passes FUSE_PARALLEL_DIROPS to the kernel, so LOOKUP and
-  READDIR in one directory are serialised by a per-directory kernel mutex
-  (``fuse_lock_inode``): while one lookup in ``incoming/`` is frozen in the daemon,
-  every other lookup/listdir in ``incoming/`` waits on that mutex in D state and
-  SIGKILL cannot end it until the head request is answered.
+* libfuse 3.14 never passes FUSE_PARALLEL_DIROPS to the kernel, so READDIR and the
+  LOOKUP of a name without a cached dentry are serialised per directory by a
+  kernel mutex (``fuse_lock_inode``). While one such call in ``incoming/`` is
+  frozen in the daemon, every other listdir of ``incoming/`` and first lookup of a
+  new name in it waits on that mutex in D state, and SIGKILL cannot end it until
+  the head call is answered (stat of an already-looked-up name is not affected).
+* Opens racing with a rename over the same name can fail with ESTALE (as on NFS);
+  renaming over a name that some process holds open is done by libfuse as
+  "rename target to .fuse_hiddenNNNN, then rename", like an NFS client's silly
+  rename, so that one case is not atomic.
 """
 
 from __future__ import annotations
@@ -251,8 +256,10 @@ class ControlState:
                 self._wait_frozen(op, paths, offset, pid)
             self._apply_fault(op, paths)
 
-    def _wait_frozen(self, op: str, paths: Sequence[Optional[str]], offset: Optional[int], pid: int) -> None:
-        """Block (lock held by caller, released while waiting) until thaw or the caller is killed."""
+    def _wait_frozen(
+        self, op: str, paths: Sequence[Optional[str]], offset: Optional[int], pid: int
+    ) -> None:
+        """Wait (lock held by the caller, released while waiting) for thaw or a killed caller."""
         call_id = self._next_id
         self._next_id += 1
         self._blocked[call_id] = BlockedCall(op, paths[0] if paths else None, pid, time.monotonic())
@@ -361,7 +368,7 @@ class ControlState:
 
 
 def _validate_ops(ops: Iterable[str]) -> frozenset[str]:
-    """Reject unknown op names: a typo would otherwise never match and a test would pass vacuously."""
+    """Reject unknown op names: a typo would never match and a test would pass vacuously."""
     result = frozenset(ops)
     unknown = result - OPS
     if unknown:
@@ -450,6 +457,8 @@ class PassthroughFS(_OperationsBase):
         daemon (a cached answer would mask a freeze). Page-cache reuse across opens is
         off by default in libfuse 3 (no kernel_cache/auto_cache), and writes are
         write-through (no writeback_cache), so a frozen write blocks the writer.
+        Within one open file the kernel still serves pages it has already read
+        ahead (max_readahead 128 KiB here), as an NFS client serves its page cache.
         """
         if conn_info is not None:
             # The kernel lets only max_background (default 12) async requests, such as
@@ -514,7 +523,8 @@ class PassthroughFS(_OperationsBase):
         Passed to utimensat(2) unchanged so UTIME_NOW/UTIME_OMIT keep their meaning.
         """
         self.state.gate("utimens", path)
-        _check_libc(_libc.utimensat(_AT_FDCWD, os.fsencode(self._full(path)), times, _AT_SYMLINK_NOFOLLOW))
+        full = os.fsencode(self._full(path))
+        _check_libc(_libc.utimensat(_AT_FDCWD, full, times, _AT_SYMLINK_NOFOLLOW))
         return 0
 
     def readlink(self, path: str) -> str:
@@ -574,11 +584,8 @@ class PassthroughFS(_OperationsBase):
         """
         self.state.gate("rename", old, new)
         if flags:
-            _check_libc(
-                _libc.renameat2(
-                    _AT_FDCWD, os.fsencode(self._full(old)), _AT_FDCWD, os.fsencode(self._full(new)), flags
-                )
-            )
+            src, dst = os.fsencode(self._full(old)), os.fsencode(self._full(new))
+            _check_libc(_libc.renameat2(_AT_FDCWD, src, _AT_FDCWD, dst, flags))
         else:
             os.rename(self._full(old), self._full(new))
         return 0
@@ -603,7 +610,8 @@ class PassthroughFS(_OperationsBase):
         entries.append(("..", {"st_ino": parent.st_ino, "st_mode": stat.S_IFDIR}, 0))
         with os.scandir(fh) as it:
             for entry in it:
-                entries.append((entry.name, {"st_ino": entry.inode(), "st_mode": _dirent_type(entry)}, 0))
+                attrs = {"st_ino": entry.inode(), "st_mode": _dirent_type(entry)}
+                entries.append((entry.name, attrs, 0))
         return entries
 
     def releasedir(self, path: Optional[str], fh: int) -> int:
@@ -684,29 +692,25 @@ class _FUSE(_FUSEBase):
 
     def read(self, path: Optional[bytes], buf: Any, size: int, offset: int, fip: Any) -> int:
         dest = (ctypes.c_char * size).from_address(ctypes.addressof(buf.contents))
-        return self.operations.read_into(
-            None if path is None else path.decode(self.encoding, self.errors), memoryview(dest), offset, fip.contents.fh
-        )
+        fh = fip.contents.fh
+        return self.operations.read_into(self._path(path), memoryview(dest), offset, fh)
 
     def write(self, path: Optional[bytes], buf: Any, size: int, offset: int, fip: Any) -> int:
         src = (ctypes.c_char * size).from_address(ctypes.addressof(buf.contents))
-        return self.operations.write(
-            None if path is None else path.decode(self.encoding, self.errors), memoryview(src), offset, fip.contents.fh
-        )
+        return self.operations.write(self._path(path), memoryview(src), offset, fip.contents.fh)
+
+    def _path(self, path: Optional[bytes]) -> Optional[str]:
+        return None if path is None else path.decode(self.encoding, self.errors)
 
     def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
-        return self.operations.rename(
-            old.decode(self.encoding, self.errors), new.decode(self.encoding, self.errors), flags
-        )
+        return self.operations.rename(self._path(old), self._path(new), flags)
 
     def utimens_fuse_3(self, path: Optional[bytes], buf: Any, fip: Any) -> int:
-        return self.operations.utimens(None if path is None else path.decode(self.encoding, self.errors), buf)
+        return self.operations.utimens(self._path(path), buf)
 
     def truncate_fuse_3(self, path: Optional[bytes], length: int, fip: Any) -> int:
         fh = fip.contents.fh if fip else None
-        return self.operations.truncate(
-            None if path is None else path.decode(self.encoding, self.errors), length, fh
-        )
+        return self.operations.truncate(self._path(path), length, fh)
 
 
 def _watch_lifeline(state: ControlState, mountpoint: str) -> None:
@@ -723,13 +727,15 @@ def _watch_lifeline(state: ControlState, mountpoint: str) -> None:
     log.warning("lifeline closed: thawing and unmounting %s", mountpoint)
     state.thaw()
     state.clear_faults()
-    subprocess.run([FUSERMOUNT, "-u", "-z", mountpoint], check=False, capture_output=True, timeout=30)
+    _fusermount("-u", "-z", mountpoint)
     time.sleep(5)
     log.error("FUSE loop did not end after lazy unmount; exiting hard")
     os._exit(3)
 
 
-def serve(backing: str, mountpoint: str, control: str, *, lifeline: bool = False, debug: bool = False) -> None:
+def serve(
+    backing: str, mountpoint: str, control: str, *, lifeline: bool = False, debug: bool = False
+) -> None:
     """Run the daemon in the foreground until the mount goes away."""
     if _fuse is None:
         raise SystemExit(f"mfusepy/libfuse unavailable: {_MFUSEPY_ERROR}")
@@ -742,7 +748,9 @@ def serve(backing: str, mountpoint: str, control: str, *, lifeline: bool = False
     server = _ControlServer(control, state)
     threading.Thread(target=server.serve_forever, name="control", daemon=True).start()
     if lifeline:
-        threading.Thread(target=_watch_lifeline, args=(state, mountpoint), name="lifeline", daemon=True).start()
+        threading.Thread(
+            target=_watch_lifeline, args=(state, mountpoint), name="lifeline", daemon=True
+        ).start()
     options: dict[str, Any] = {
         "foreground": True,
         "fsname": "ingestd-fusefs",
@@ -783,14 +791,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="Freezable passthrough FUSE filesystem for tests")
     parser.add_argument("backing", help="absolute path of the folder to serve")
     parser.add_argument("mountpoint", help="absolute path of the (empty) mount point")
-    parser.add_argument("control", help="absolute path of the control unix socket (outside the mount)")
+    parser.add_argument("control", help="absolute path of the control socket (outside the mount)")
     parser.add_argument(
-        "--lifeline", action="store_true", help="thaw and unmount when stdin reaches EOF (the parent is gone)"
+        "--lifeline",
+        action="store_true",
+        help="thaw and unmount when stdin reaches EOF (the parent is gone)",
     )
     parser.add_argument("--debug", action="store_true", help="libfuse request tracing on stderr")
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr, format="%(asctime)s fusefs[%(process)d] %(levelname)s %(message)s"
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s fusefs[%(process)d] %(levelname)s %(message)s",
     )
     for name in ("backing", "mountpoint", "control"):
         if not os.path.isabs(getattr(args, name)):
@@ -827,7 +839,10 @@ def check_fuse_available() -> None:
     if shutil.which(FUSERMOUNT) is None:
         problems.append(f"{FUSERMOUNT} not on PATH (apt-get install fuse3)")
     if _fuse is None:
-        problems.append(f"mfusepy/libfuse3 not loadable: {_MFUSEPY_ERROR} (apt-get install libfuse3-3; pip install mfusepy)")
+        problems.append(
+            f"mfusepy/libfuse3 not loadable: {_MFUSEPY_ERROR}"
+            " (apt-get install libfuse3-3; pip install mfusepy)"
+        )
     if problems:
         raise FuseUnavailable("FUSE is required for the hung-NFS tests: " + "; ".join(problems))
 
@@ -905,7 +920,9 @@ class FreezableMount:
             raise RuntimeError(f"{mount_path} is already a mount point")
         control = workdir / "ctl.sock"
         log_path = workdir / "daemon.log"
-        cmd = [sys.executable, "-u", str(Path(__file__).resolve()), str(backing_path), str(mount_path), str(control), "--lifeline"]
+        script = str(Path(__file__).resolve())
+        cmd = [sys.executable, "-u", script, str(backing_path), str(mount_path), str(control)]
+        cmd.append("--lifeline")
         if debug:
             cmd.append("--debug")
         with open(log_path, "wb") as log_fh:
@@ -933,14 +950,18 @@ class FreezableMount:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(
-                    f"FUSE daemon exited with {self.process.returncode} during start:\n{self.log_tail()}"
+                    f"FUSE daemon exited with {self.process.returncode} during start:\n"
+                    + self.log_tail()
                 )
             if self.control.exists():
                 with contextlib.suppress(ControlError, OSError):
-                    if self._request({"cmd": "ping"}, timeout=1.0).get("ready") and is_mounted(self.mountpoint):
+                    ready = self._request({"cmd": "ping"}, timeout=1.0).get("ready")
+                    if ready and is_mounted(self.mountpoint):
                         return
             time.sleep(0.02)
-        raise RuntimeError(f"FUSE mount {self.mountpoint} not ready after {timeout} s:\n{self.log_tail()}")
+        raise RuntimeError(
+            f"FUSE mount {self.mountpoint} not ready after {timeout} s:\n" + self.log_tail()
+        )
 
     def unmount(self, timeout: float = 10.0) -> None:
         """Tear everything down; idempotent, safe on a frozen mount and after failures.
@@ -1048,7 +1069,7 @@ class FreezableMount:
         self._request(
             {
                 "cmd": "freeze",
-                "ops": None if ops is None else sorted(_validate_ops([ops] if isinstance(ops, str) else ops)),
+                "ops": None if ops is None else _op_list(ops),
                 "glob": glob,
                 "from_offset": from_offset,
                 "killable": killable,
@@ -1073,8 +1094,9 @@ class FreezableMount:
         Beware: a failed READ may be a readahead the kernel silently retries, so for
         ``read`` prefer count=None.
         """
-        ops = sorted(_validate_ops([op] if isinstance(op, str) else op))
-        self._request({"cmd": "fail", "ops": ops, "errno": int(errno), "glob": glob, "count": count})
+        self._request(
+            {"cmd": "fail", "ops": _op_list(op), "errno": int(errno), "glob": glob, "count": count}
+        )
 
     def clear_faults(self) -> None:
         self._request({"cmd": "clear_faults"})
@@ -1088,7 +1110,12 @@ class FreezableMount:
         return [b for b in self.stats()["blocked"] if op is None or b["op"] == op]
 
     def wait_blocked(
-        self, count: int = 1, *, op: Optional[str] = None, pid: Optional[int] = None, timeout: float = 10.0
+        self,
+        count: int = 1,
+        *,
+        op: Optional[str] = None,
+        pid: Optional[int] = None,
+        timeout: float = 10.0,
     ) -> list[dict[str, Any]]:
         """Wait until at least ``count`` matching calls are blocked; raise TimeoutError otherwise.
 
@@ -1097,11 +1124,16 @@ class FreezableMount:
         """
         deadline = time.monotonic() + timeout
         while True:
-            found = [b for b in self.blocked(op) if pid is None or b["pid"] == pid or _tgid(b["pid"]) == pid]
+            found = [
+                b for b in self.blocked(op) if pid is None or pid in (b["pid"], _tgid(b["pid"]))
+            ]
             if len(found) >= count:
                 return found
             if time.monotonic() >= deadline:
-                raise TimeoutError(f"only {len(found)} of {count} blocked call(s) (op={op}, pid={pid}) after {timeout} s")
+                raise TimeoutError(
+                    f"only {len(found)} of {count} blocked call(s) (op={op}, pid={pid})"
+                    f" after {timeout} s"
+                )
             time.sleep(0.02)
 
     def is_mounted(self) -> bool:
@@ -1129,6 +1161,11 @@ class FreezableMount:
         if not reply.get("ok"):
             raise ControlError(reply.get("error", "unknown error"))
         return reply
+
+
+def _op_list(ops: str | Iterable[str]) -> list[str]:
+    """Validate on the test side too, so a typo fails right where it was written."""
+    return sorted(_validate_ops([ops] if isinstance(ops, str) else ops))
 
 
 def _tgid(tid: int) -> Optional[int]:
