@@ -93,6 +93,15 @@ class Result:
         }
 
 
+def machine_extra(usage, nbytes: int) -> dict[str, Any]:
+    """Where the machine's time went during the section (Azurite, all cores)."""
+    out: dict[str, Any] = {"machine_busy": round(usage.machine_busy, 3),
+                           "machine_iowait": round(usage.machine_iowait, 3)}
+    for name, cpu in usage.watched_cpu_s.items():
+        out[f"{name}_cpu_s_per_gib"] = round(cpu / (nbytes / GiB), 2)
+    return out
+
+
 def _round(value: float | None, digits: int = 2) -> float | None:
     return None if value is None else round(value, digits)
 
@@ -159,7 +168,8 @@ def run_sdk(corpus: Corpus, names: list[str], src: Path, connection_string: str,
                   if not usage.peak_rss_hwm_sum else usage.peak_rss,
                   peak_rss_sampled=usage.peak_rss_sampled, timeline=timeline,
                   extra={"validate_content": validate_content,
-                         "worker_seconds": round(report["seconds"], 3)})
+                         "worker_seconds": round(report["seconds"], 3),
+                         **machine_extra(usage, corpus.total(names))})
 
 
 # The peer: rclone move
@@ -236,7 +246,8 @@ def run_rclone(corpus: Corpus, names: list[str], src: Path, account_url: str, co
                   cpu_s=rusage.ru_utime + rusage.ru_stime,
                   peak_rss=max(rusage.ru_maxrss * 1024, usage.peak_rss_sampled),
                   peak_rss_sampled=usage.peak_rss_sampled, timeline=timeline,
-                  sources_gone=not left, extra={"errors": errors[-5:]})
+                  sources_gone=not left,
+                  extra={"errors": errors[-5:], **machine_extra(usage, corpus.total(names))})
 
 
 # ingestd, the real service
@@ -473,6 +484,7 @@ def run_ingestd(service: Ingestd, corpus: Corpus, names: list[str], scenario: st
                   timeline=[p for p in status.timeline if p[0] <= seconds],
                   latencies=status.latencies, sources_gone=not left,
                   extra={"errors": status.errors[-5:],
+                         **machine_extra(usage, corpus.total(names)),
                          "per_process_peak_mib": {k: round(v / MiB, 1) for k, v in
                                                   usage.per_process_peak.items()},
                          "polls": (status.scans[-1].get("polls", 0) -

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import report, scancost
+from bench import report, sampler, scancost
 from bench.azurite import Azurite
 from bench.contenders import (
     Folders,
@@ -184,6 +184,7 @@ def run_scenario(name: str, corpus: Corpus, rounds: int, plan: Plan, az: Azurite
             log(f"  {name} round {round_} {contender:8s} {s['mb_s']:8.1f} MB/s "
                 f"{s['files_s']:7.1f} files/s  cpu {s['cpu_s_per_gib']:5.2f} s/GiB  "
                 f"rss {s['peak_rss_mib']:6.1f} MiB  p99 {s['status_p99_ms']} ms  "
+                f"azurite {s.get('azurite_cpu_s_per_gib')} s/GiB  busy {s.get('machine_busy')}  "
                 f"md5 {'ok' if result.md5_ok else 'MISMATCH'} ({result.md5_checked})")
         order = order[1:] + order[:1]  # rotate, so no contender always goes first
     return results
@@ -220,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with Azurite(work / "azurite") as az:
             az.create_container(CONTAINER)
+            assert az.proc is not None
+            sampler.WATCHED["azurite"] = az.proc.pid
             folders = Folders(work / "ingestd").make()
             service = None
             if "ingestd" in plan.contenders:

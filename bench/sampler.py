@@ -20,6 +20,10 @@ import psutil
 
 MiB = 1024 * 1024
 
+WATCHED: dict[str, int] = {}
+"""Other processes whose CPU each section also reports (the bench puts Azurite here),
+to show where the machine's time goes."""
+
 
 def _reset_peak(pid: int) -> bool:
     try:
@@ -48,6 +52,9 @@ class TreeUsage:
     peak_rss_hwm_sum: int | None = None
     per_process_peak: dict[str, int] = field(default_factory=dict)
     samples: list[tuple[float, int]] = field(default_factory=list)  # (t, rss sum)
+    watched_cpu_s: dict[str, float] = field(default_factory=dict)
+    machine_busy: float = 0.0  # share of all cores busy (any process), 0..1
+    machine_iowait: float = 0.0
 
     @property
     def peak_rss(self) -> int:
@@ -95,6 +102,14 @@ class TreeSampler:
             return None
 
     def start(self) -> TreeSampler:
+        self._watched = {}
+        for name, pid in WATCHED.items():
+            try:
+                self._watched[name] = psutil.Process(pid)
+            except psutil.Error:
+                continue
+        self._watched_start = {n: self._cpu(p) or 0.0 for n, p in self._watched.items()}
+        self._machine_start = psutil.cpu_times()
         self._refresh()
         for pid, proc in self.procs.items():
             cpu = self._cpu(proc)
@@ -142,6 +157,14 @@ class TreeSampler:
             self.usage.per_process_peak[f"{pid} {self._names.get(pid, '')}"] = hwm
         if self.reset_ok and hwm_total:
             self.usage.peak_rss_hwm_sum = hwm_total
+        for name, proc in self._watched.items():
+            self.usage.watched_cpu_s[name] = (self._cpu(proc) or 0.0) - self._watched_start[name]
+        end = psutil.cpu_times()
+        total = sum(end) - sum(self._machine_start)
+        if total > 0:
+            self.usage.machine_busy = 1 - (end.idle - self._machine_start.idle + end.iowait -
+                                           self._machine_start.iowait) / total
+            self.usage.machine_iowait = (end.iowait - self._machine_start.iowait) / total
         self.usage.cpu_s = sum(self.cpu_last[pid] - self.cpu_start.get(pid, 0.0)
                                for pid in self.cpu_last)
         return self.usage

@@ -124,7 +124,7 @@ def stage(paths: Paths, channel: Channel, file: str, block_size: int,
                 data = _read_small(src, total)
                 md5.update(data)
                 _write_all(dst, memoryview(data))
-                os.fsync(dst.fileno())
+                _fsync_staged(dst)
                 _fsync_folder(paths.staged.parent)
                 return Staged(len(data), md5.digest(), (), data)
             buffer = bytearray(COPY_CHUNK)
@@ -146,7 +146,7 @@ def stage(paths: Paths, channel: Channel, file: str, block_size: int,
                 channel.beat("copying", file, done, total)
             if block_left != block_size or not block_md5s:
                 block_md5s.append(block.digest())
-            os.fsync(dst.fileno())
+            _fsync_staged(dst)
         _fsync_folder(paths.staged.parent)
     except BaseException:
         paths.staged.unlink(missing_ok=True)
@@ -164,9 +164,31 @@ def _read_small(src, size_hint: int) -> bytes:
 
 def _write_all(dst, data: memoryview) -> None:
     """Unbuffered writes may be short; loop until every byte is written."""
-    while data:
-        written = dst.write(data)
-        data = data[written:]
+    try:
+        while data:
+            written = dst.write(data)
+            data = data[written:]
+    except OSError as exc:
+        _name_file(exc, dst.name)
+        raise
+
+
+def _fsync_staged(dst) -> None:
+    try:
+        os.fsync(dst.fileno())
+    except OSError as exc:
+        _name_file(exc, dst.name)
+        raise
+
+
+def _name_file(exc: OSError, path: str) -> None:
+    """A failed write or fsync names no file; name the staging copy.
+
+    That is how the error tells which disk failed: a full staging disk
+    (ENOSPC) must not read as an NFS fault.
+    """
+    if exc.filename is None:
+        exc.filename = path
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -307,10 +329,30 @@ class Uploader:
                 raise Vanished() from exc
             raise StepError("copy", f"copy failed: {describe_os_error(exc)}", True) from exc
         except OSError as exc:
-            where = "staging" if exc.filename and str(exc.filename).startswith(
-                str(self.settings.local_staging_root)) else "nfs"
-            message = f"copy failed ({where}): {describe_os_error(exc)}"
-            raise StepError("copy", message, True) from exc
+            if exc.filename and str(exc.filename).startswith(
+                    str(self.settings.local_staging_root)):
+                raise self._staging_failure(exc, paths) from exc
+            raise StepError("copy", f"copy failed (nfs): {describe_os_error(exc)}",
+                            True) from exc
+
+    def _staging_failure(self, exc: OSError, paths: Paths) -> StepError:
+        """A full staging disk counts against a file only if the file can never fit.
+
+        Staging is usually full because of the other uploads in flight (or
+        something an operator left there): that says nothing about this file,
+        so it is retried with the outage backoff and never quarantined. A file
+        larger than the whole staging filesystem would fail forever, so those
+        failures count and the file ends in ``.failed`` with the sizes said.
+        """
+        message = f"copy failed (staging): {describe_os_error(exc)}"
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            return StepError("copy", message, True)
+        size, capacity = file_size(paths.claimed), staging_capacity(paths.staged.parent)
+        if size > capacity:
+            return StepError("copy", f"{message}: the file ({size} bytes) is larger than "
+                             f"the whole staging filesystem ({capacity} bytes)", True)
+        return StepError("copy", f"{message}: staging is full ({size} bytes needed, "
+                         f"{capacity} in all); retried, not counted against the file", False)
 
     def _upload(self, paths: Paths, job: Job, staged: Staged) -> float:
         size = staged.size
@@ -373,6 +415,19 @@ class Uploader:
         log.error("%s moved to %s after %d failed attempts", job.blob_name, paths.failed,
                   attempts, extra=context)
         return Quarantined(job, str(paths.failed), error)
+
+
+def file_size(path: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
+def staging_capacity(folder: Path) -> int:
+    """Bytes the staging filesystem holds when empty (its whole size)."""
+    st = os.statvfs(folder)
+    return st.f_blocks * st.f_frsize
 
 
 def read_attempts_quietly(paths: Paths) -> int:

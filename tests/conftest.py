@@ -18,7 +18,7 @@ from tests.support.service import Layout, Service, base_env
 if TYPE_CHECKING:
     from tests.support.azurite import Azurite
 
-pytest_plugins = ["tests.support.azurite", "tests.support.netguard"]
+pytest_plugins = ["tests.support.azurite", "tests.support.netguard", "tests.support.fusefs"]
 
 
 @pytest.fixture

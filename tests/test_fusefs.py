@@ -32,9 +32,9 @@ from tests.support.fusefs import FreezableMount, is_mounted
 MiB = 1 << 20
 BIG_SIZE = 256 * MiB
 COPY_CHUNK = 1 * MiB
-#: "Reasonably fast" floor for 256 MiB through the mount. Measured here 340-770 MB/s
-#: write and about 1200 MB/s read; the floor only catches a pathological regression
-#: (e.g. losing big requests or the zero-copy read/write path).
+#: "Reasonably fast" floor for 256 MiB through the mount. Measured here 460-780 MB/s
+#: write (fsync included) and 590-1250 MB/s read; the floor only catches a
+#: pathological regression (e.g. losing big requests or the zero-copy read/write path).
 MIN_THROUGHPUT_MB_S = 50.0
 #: How long a frozen call must stay blocked to count as "does not return".
 BLOCK_PROBE_S = 1.0

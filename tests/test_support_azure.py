@@ -18,17 +18,22 @@ import textwrap
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.blob import BlobServiceClient, ContentSettings
 
 from tests.support import netguard as ng
-from tests.support.azurite import Azurite, AzuriteFactory
-from tests.support.tokens import STORAGE_RESOURCE, TokenServer
 
+if TYPE_CHECKING:
+    from tests.support.azurite import Azurite, AzuriteFactory
+    from tests.support.tokens import TokenServer
+
+# The lead's conftest may list it too; registering twice is harmless.
 pytest_plugins = ["tests.support.tokens"]
+
+STORAGE_RESOURCE = "https://storage.azure.com"
 
 SCOPE = "https://storage.azure.com/.default"
 REPO = Path(__file__).resolve().parents[1]
@@ -98,7 +103,8 @@ def test_upload_then_blob_md5_hashes_real_bytes(azurite: Azurite, azurite_contai
     name = f"selftest/{uuid.uuid4().hex}.bin"
     lie = hashlib.md5(other).digest()  # a wrong whole-file MD5, stored as a property
     client = azurite.container_client(azurite_container)
-    client.upload_blob(name, data, content_settings=ContentSettings(content_md5=lie))
+    client.upload_blob(name, data)
+    client.get_blob_client(name).set_http_headers(ContentSettings(content_md5=lie))
     client.upload_blob(name + ".other", other)
 
     assert azurite.blob_md5(azurite_container, name) == hashlib.md5(data).hexdigest()
@@ -264,7 +270,8 @@ OFF_BOX = [("169.254.169.254", 80), ("10.255.255.1", 80)]
 
 @pytest.mark.timeout(30)
 def test_guard_refuses_off_box_connects_before_sending(netguard: ng.NetGuard) -> None:
-    with netguard.expect_violations() as caught:
+    # tripwire: should the guard let a call through, the real socket refuses it too.
+    with netguard.tripwire(), netguard.expect_violations() as caught:
         for address in OFF_BOX:
             started = time.monotonic()
             with pytest.raises(ng.NetworkGuardViolation):
@@ -310,6 +317,15 @@ def test_guard_allows_loopback_and_unix_sockets(tmp_path: Path) -> None:
     assert ng.GUARD.installed
 
 
+@pytest.mark.timeout(10)
+def test_guard_survives_pytest_socket_restoring_connect() -> None:
+    """pytest-socket (auto-loaded) resets socket.socket.connect after each test."""
+    pytest_socket = pytest.importorskip("pytest_socket")
+    pytest_socket._remove_restrictions()
+    assert ng.GUARD.installed
+    assert socket.socket.connect.__doc__ and "netguard" in socket.socket.connect.__doc__
+
+
 @pytest.mark.timeout(60)
 def test_guard_fails_a_test_that_swallows_the_violation(tmp_path: Path) -> None:
     """The plugin must turn a caught NetworkGuardViolation into a failed test."""
@@ -317,11 +333,13 @@ def test_guard_fails_a_test_that_swallows_the_violation(tmp_path: Path) -> None:
         textwrap.dedent(
             """
             import socket
+            from tests.support.netguard import GUARD
             def test_swallows():
-                try:
-                    socket.create_connection(("169.254.169.254", 80), timeout=0.2)
-                except Exception:
-                    pass
+                with GUARD.tripwire():  # nothing leaves even if the plugin is broken
+                    try:
+                        socket.create_connection(("169.254.169.254", 80), timeout=0.2)
+                    except Exception:
+                        pass
             def test_loopback_ok():
                 with socket.create_server(("127.0.0.1", 0)) as s:
                     socket.create_connection(s.getsockname(), timeout=1).close()
@@ -343,11 +361,19 @@ def test_guard_fails_a_test_that_swallows_the_violation(tmp_path: Path) -> None:
 def test_child_guard_refuses_and_logs(tmp_path: Path, token_server: TokenServer) -> None:
     guard_dir = tmp_path / "guard"
     env = ng.child_env(token_server.env(), guard_dir=guard_dir)
-    code = (
-        "import socket, sys\n"
-        "try:\n    socket.create_connection(('169.254.169.254', 80), timeout=0.5)\n"
-        "except Exception as e:\n    print(type(e).__name__)\n"
-        "print('pytest' in sys.modules)\n"
+    code = textwrap.dedent(
+        """
+        import socket, sys
+        guard = sys.modules.get("_ingestd_netguard")  # loaded by the sitecustomize
+        if guard is None or not guard.GUARD.installed:
+            sys.exit("guard not installed in the child")  # never try the connect unguarded
+        with guard.GUARD.tripwire():
+            try:
+                socket.create_connection(("169.254.169.254", 80), timeout=0.5)
+            except Exception as e:
+                print(type(e).__name__)
+        print("pytest" in sys.modules)
+        """
     )
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=30)
     assert proc.stdout.split() == ["NetworkGuardViolation", "False"], proc.stderr

@@ -339,21 +339,26 @@ class Azurite:
         self.stop()
 
     # --------------------------------------------------------------- clients
+    @property
+    def shared_key(self) -> dict[str, str]:
+        """The SDK's dict form of the dev account's shared key credential."""
+        return {"account_name": self.account_name, "account_key": self.account_key}
+
     def service_client(self, **kwargs: Any) -> Any:
-        """BlobServiceClient with the shared key (and the CA for HTTPS)."""
+        """BlobServiceClient; shared key unless ``credential=`` is given, CA trusted for HTTPS."""
         from azure.storage.blob import BlobServiceClient
 
         kwargs.setdefault("connection_verify", self.connection_verify)
-        credential = {"account_name": self.account_name, "account_key": self.account_key}
-        return BlobServiceClient(self.account_url, credential=credential, **kwargs)
+        kwargs.setdefault("credential", self.shared_key)
+        return BlobServiceClient(self.account_url, **kwargs)
 
     def container_client(self, name: str, **kwargs: Any) -> Any:
-        """ContainerClient with the shared key (and the CA for HTTPS)."""
+        """ContainerClient; shared key unless ``credential=`` is given, CA trusted for HTTPS."""
         from azure.storage.blob import ContainerClient
 
         kwargs.setdefault("connection_verify", self.connection_verify)
-        credential = {"account_name": self.account_name, "account_key": self.account_key}
-        return ContainerClient(self.account_url, name, credential=credential, **kwargs)
+        kwargs.setdefault("credential", self.shared_key)
+        return ContainerClient(self.account_url, name, **kwargs)
 
     def create_container(self, name: str, exist_ok: bool = True) -> Any:
         """Create ``name`` (3-63 chars, lowercase) and return its ContainerClient."""

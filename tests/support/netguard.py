@@ -47,6 +47,7 @@ import ipaddress
 import json
 import os
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -112,6 +113,22 @@ def _is_allowed(sock: socket.socket, address: Any) -> bool:
     return is_loopback_host(address[0])
 
 
+class TripwireError(AssertionError):
+    """The guard let a non-loopback call reach the real socket (caught by ``tripwire``)."""
+
+
+_GUARDED = ("connect", "connect_ex", "sendto", "sendmsg")
+
+
+def _destination(operation: str, args: tuple[Any, ...]) -> Any:
+    """The address argument of a guarded call, or None for a connected-socket send."""
+    if operation in ("connect", "connect_ex"):
+        return args[0] if args else None
+    if operation == "sendto":
+        return args[-1] if len(args) >= 2 else None
+    return args[3] if len(args) >= 4 else None  # sendmsg(buffers, ancdata, flags, address)
+
+
 class NetGuard:
     """Process-wide socket patch; one instance per process (``GUARD``)."""
 
@@ -121,11 +138,15 @@ class NetGuard:
         self._expecting = 0
         self._expected: list[Violation] = []
         self._originals: dict[str, Callable[..., Any]] = {}
+        self._wrappers: dict[str, Callable[..., Any]] = {}
         self.log_path = log_path
 
     @property
     def installed(self) -> bool:
-        return bool(self._originals)
+        """True while *our* wrappers are the methods on ``socket.socket``."""
+        return bool(self._wrappers) and all(
+            getattr(socket.socket, name) is func for name, func in self._wrappers.items()
+        )
 
     @property
     def violations(self) -> list[Violation]:
@@ -159,6 +180,35 @@ class NetGuard:
                 caught.extend(self._expected[start:])
                 del self._expected[start:]
 
+    @contextlib.contextmanager
+    def tripwire(self) -> Iterator[None]:
+        """Make the *real* socket calls refuse non-loopback too, for testing the guard safely.
+
+        Why: a test that proves the guard refuses 169.254.169.254 must not
+        send a packet if the guard is broken. Inside this block a call that
+        slips past the guard raises TripwireError instead of reaching the
+        network.
+        """
+        self.install()
+        saved = dict(self._originals)
+
+        def wrap(name: str, real: Callable[..., Any]) -> Callable[..., Any]:
+            def checked(sock: socket.socket, *args: Any) -> Any:
+                address = _destination(name, args)
+                if address is not None and not _is_allowed(sock, address):
+                    with contextlib.suppress(OSError):
+                        sock.close()
+                    raise TripwireError(f"guard let {name} to {address!r} through")
+                return real(sock, *args)
+
+            return checked
+
+        self._originals = {name: wrap(name, real) for name, real in saved.items()}
+        try:
+            yield
+        finally:
+            self._originals = saved
+
     def _refuse(self, sock: socket.socket, operation: str, address: Any) -> None:
         violation = Violation(
             operation=operation,
@@ -166,7 +216,7 @@ class NetGuard:
             address=repr(address),
             thread=threading.current_thread().name,
             at=time.time(),
-            stack="".join(traceback.format_stack(limit=25)[:-2]),
+            stack="".join(traceback.format_stack(limit=25)[:-3]),
             pid=os.getpid(),
         )
         with self._lock:
@@ -184,43 +234,46 @@ class NetGuard:
         with contextlib.suppress(OSError), open(self.log_path, "a", encoding="utf-8") as log:
             log.write(json.dumps(violation.__dict__) + "\n")
 
+    def _make_wrapper(self, name: str) -> Callable[..., Any]:
+        guard = self
+
+        def guarded(sock: socket.socket, *args: Any) -> Any:
+            address = _destination(name, args)
+            if not (address is None and name in ("sendto", "sendmsg")) and not _is_allowed(sock, address):
+                guard._refuse(sock, name, address)
+            return guard._originals[name](sock, *args)
+
+        guarded.__name__ = guarded.__qualname__ = name
+        guarded.__doc__ = f"socket.{name} guarded by tests/support/netguard.py (loopback only)"
+        return guarded
+
     def install(self) -> None:
-        """Patch ``socket.socket``; idempotent."""
+        """Patch ``socket.socket`` (again, if something restored the originals); idempotent.
+
+        pytest-socket (installed in this venv, auto-loaded) restores
+        ``socket.socket.connect`` to its import-time original after every
+        test; pointing its saved original at our wrapper keeps us in place.
+        """
         if self.installed:
             return
-        guard = self
-        cls = socket.socket
-        originals = {name: getattr(cls, name) for name in ("connect", "connect_ex", "sendto", "sendmsg")}
-
-        def connect(sock: socket.socket, address: Any) -> None:
-            if not _is_allowed(sock, address):
-                guard._refuse(sock, "connect", address)
-            return originals["connect"](sock, address)
-
-        def connect_ex(sock: socket.socket, address: Any) -> int:
-            if not _is_allowed(sock, address):
-                guard._refuse(sock, "connect_ex", address)
-            return int(originals["connect_ex"](sock, address))
-
-        def sendto(sock: socket.socket, data: Any, *args: Any) -> int:
-            address = args[-1] if args else None
-            if not _is_allowed(sock, address):
-                guard._refuse(sock, "sendto", address)
-            return int(originals["sendto"](sock, data, *args))
-
-        def sendmsg(sock: socket.socket, buffers: Any, *args: Any) -> int:
-            # sendmsg(buffers[, ancdata[, flags[, address]]]); no address = connected socket
-            if len(args) >= 3 and args[2] is not None and not _is_allowed(sock, args[2]):
-                guard._refuse(sock, "sendmsg", args[2])
-            return int(originals["sendmsg"](sock, buffers, *args))
-
-        for name, func in (("connect", connect), ("connect_ex", connect_ex), ("sendto", sendto), ("sendmsg", sendmsg)):
-            setattr(cls, name, func)
-        self._originals = originals
+        if not self._originals:
+            self._originals = {name: getattr(socket.socket, name) for name in _GUARDED}
+            self._wrappers = {name: self._make_wrapper(name) for name in _GUARDED}
+        for name, func in self._wrappers.items():
+            setattr(socket.socket, name, func)
+        pytest_socket = sys.modules.get("pytest_socket")
+        if pytest_socket is not None and hasattr(pytest_socket, "_true_connect"):
+            pytest_socket._true_connect = self._wrappers["connect"]
 
     def uninstall(self) -> None:
+        if not self._wrappers:
+            return
         for name, func in self._originals.items():
             setattr(socket.socket, name, func)
+        pytest_socket = sys.modules.get("pytest_socket")
+        if pytest_socket is not None and getattr(pytest_socket, "_true_connect", None) is self._wrappers["connect"]:
+            pytest_socket._true_connect = self._originals["connect"]
+        self._wrappers = {}
         self._originals = {}
 
 
@@ -381,9 +434,21 @@ if os.environ.get(_CHILD_FLAG) != "1":
         install()
 
 
-    @pytest.hookimpl(wrapper=True)
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_runtest_setup(item: pytest.Item) -> Generator[None, object, object]:
+        """Re-install if anything (a plugin, a monkeypatch) restored the real socket methods."""
+        install()
+        return (yield)
+
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, object, object]:
+        install()
+        return (yield)
+
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
     def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
         """Fail the test if its body made an unexpected off-loopback attempt, even a caught one."""
+        install()
         before = len(GUARD.violations)
         result = yield
         new = GUARD.take_violations(since=before)
