@@ -124,51 +124,83 @@ def median(values: list[float]) -> float:
 
 def run_sdk(corpus: Corpus, names: list[str], src: Path, connection_string: str,
             container: str, prefix: str, shape: Shape, scenario: str, round_: int,
-            validate_content: bool = True) -> Result:
+            mode: str = "processes", validate_content: bool = True) -> Result:
+    """``mode="processes"``: ``workers`` processes, each uploading its share of the files
+    one at a time (ingestd's shape, minus staging); ``"threads"``: one process with
+    ``workers`` threads."""
     paths = corpus.link_into(src, names)
-    cmd = [sys.executable, "-m", "bench.sdk_worker", "--connection-string", connection_string,
-           "--container", container, "--prefix", prefix, "--block-size", str(shape.block_size),
-           "--single-put-size", str(shape.single_put_size),
-           "--concurrency", str(shape.concurrency), "--workers", str(shape.workers),
-           *([] if validate_content else ["--no-validate-content"]), *map(str, paths)]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True, bufsize=1)
-    assert proc.stdin and proc.stdout
+    groups = ([paths[i::shape.workers] for i in range(shape.workers)]
+              if mode == "processes" else [paths])
+    per_process_workers = 1 if mode == "processes" else shape.workers
+    procs = []
+    for group in groups:
+        if not group:
+            continue
+        cmd = [sys.executable, "-m", "bench.sdk_worker", "--connection-string",
+               connection_string, "--container", container, "--prefix", prefix,
+               "--block-size", str(shape.block_size),
+               "--single-put-size", str(shape.single_put_size),
+               "--concurrency", str(shape.concurrency), "--workers", str(per_process_workers),
+               *([] if validate_content else ["--no-validate-content"]), *map(str, group)]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, text=True, bufsize=1))
+    reports: list[dict[str, Any]] = [{} for _ in procs]
+    progress = [0] * len(procs)
+    timeline: list[tuple[float, int]] = [(0.0, 0)]
+    lock = threading.Lock()
     try:
-        if proc.stdout.readline().strip() != "ready":
-            raise RuntimeError("sdk worker did not start")
-        sampler = TreeSampler(proc.pid).start()
+        for proc in procs:
+            assert proc.stdout
+            if proc.stdout.readline().strip() != "ready":
+                raise RuntimeError("sdk worker did not start")
+        sampler = TreeSampler([p.pid for p in procs]).start()
         started = time.monotonic()
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
-        timeline: list[tuple[float, int]] = [(0.0, 0)]
-        report: dict[str, Any] = {}
-        for line in proc.stdout:
-            if line.startswith("P "):
-                _, t, done = line.split()
-                timeline.append((time.monotonic() - started, int(done)))
-            elif line.startswith("done "):
-                seconds = time.monotonic() - started
-                report = json.loads(line[5:])
-                break
-        else:
-            raise RuntimeError(f"sdk worker failed (exit {proc.wait()})")
+        for proc in procs:
+            assert proc.stdin
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+
+        def follow(index: int, proc: subprocess.Popen) -> None:
+            assert proc.stdout
+            for line in proc.stdout:
+                if line.startswith("P "):
+                    with lock:
+                        progress[index] = int(line.split()[2])
+                        timeline.append((time.monotonic() - started, sum(progress)))
+                elif line.startswith("done "):
+                    reports[index] = json.loads(line[5:])
+                    reports[index]["finished"] = time.monotonic() - started
+                    return
+
+        readers = [threading.Thread(target=follow, args=(i, p), daemon=True)
+                   for i, p in enumerate(procs)]
+        for reader in readers:
+            reader.start()
+        for reader in readers:
+            reader.join()
+        if not all(reports):
+            raise RuntimeError("an sdk worker failed: " +
+                               ", ".join(str(p.poll()) for p in procs))
+        seconds = max(r["finished"] for r in reports)
         usage = sampler.stop()
-        proc.stdin.close()
-        proc.wait(timeout=30)
+        for proc in procs:
+            assert proc.stdin
+            proc.stdin.close()
+            proc.wait(timeout=30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     for path in paths:  # the floor does not delete its sources; do it off the clock
         path.unlink(missing_ok=True)
+    maxrss = sum(r["maxrss_kib"] for r in reports) * 1024
     return Result(scenario, "sdk", round_, len(names), corpus.total(names), seconds,
-                  cpu_s=report["cpu_s"],
-                  peak_rss=max(usage.peak_rss, report["maxrss_kib"] * 1024)
-                  if not usage.peak_rss_hwm_sum else usage.peak_rss,
-                  peak_rss_sampled=usage.peak_rss_sampled, timeline=timeline,
-                  extra={"validate_content": validate_content,
-                         "worker_seconds": round(report["seconds"], 3),
+                  cpu_s=sum(r["cpu_s"] for r in reports),
+                  peak_rss=usage.peak_rss if usage.peak_rss_hwm_sum else
+                  max(maxrss, usage.peak_rss_sampled),
+                  peak_rss_sampled=usage.peak_rss_sampled, timeline=sorted(timeline),
+                  extra={"sdk_mode": mode, "validate_content": validate_content,
                          **machine_extra(usage, corpus.total(names))})
 
 
@@ -487,5 +519,6 @@ def run_ingestd(service: Ingestd, corpus: Corpus, names: list[str], scenario: st
                          **machine_extra(usage, corpus.total(names)),
                          "per_process_peak_mib": {k: round(v / MiB, 1) for k, v in
                                                   usage.per_process_peak.items()},
+                         "per_process_cpu_s": usage.per_process_cpu,
                          "polls": (status.scans[-1].get("polls", 0) -
                                    base.get("scan", {}).get("polls", 0)) if status.scans else 0})

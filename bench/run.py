@@ -79,6 +79,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--single-put-mib", type=float, default=d["single_put_size"] / MiB)
     p.add_argument("--poll-interval", type=float, default=0.25,
                    help="ingestd APP_POLL_INTERVAL_S (its default is 2.0)")
+    p.add_argument("--sdk-mode", choices=("processes", "threads"), default="processes",
+                   help="the floor as --workers processes (ingestd's shape) or threads")
     p.add_argument("--only", choices=CONTENDERS, action="append",
                    help="run only these contenders (repeatable)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
@@ -103,6 +105,7 @@ class Plan:
     shape: Shape
     poll_interval_s: float
     contenders: tuple[str, ...]
+    sdk_mode: str = "processes"
 
 
 def machine() -> dict[str, Any]:
@@ -167,7 +170,8 @@ def run_scenario(name: str, corpus: Corpus, rounds: int, plan: Plan, az: Azurite
             prefix = f"{contender}/{name}/"
             if contender == "sdk":
                 result = run_sdk(corpus, names, work / "sdk-src", az.connection_string,
-                                 CONTAINER, prefix, plan.shape, name, round_)
+                                 CONTAINER, prefix, plan.shape, name, round_,
+                                 mode=plan.sdk_mode)
             elif contender == "rclone":
                 result = run_rclone(corpus, names, work / "rclone-src", az.account_url,
                                     CONTAINER, prefix, plan.shape, name, round_,
@@ -202,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                     single_put_size=int(args.single_put_mib * MiB)),
         poll_interval_s=args.poll_interval,
         contenders=tuple(c for c in CONTENDERS if not args.only or c in args.only),
+        sdk_mode=args.sdk_mode,
     )
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)

@@ -51,6 +51,7 @@ class TreeUsage:
     peak_rss_sampled: int = 0
     peak_rss_hwm_sum: int | None = None
     per_process_peak: dict[str, int] = field(default_factory=dict)
+    per_process_cpu: dict[str, float] = field(default_factory=dict)
     samples: list[tuple[float, int]] = field(default_factory=list)  # (t, rss sum)
     watched_cpu_s: dict[str, float] = field(default_factory=dict)
     machine_busy: float = 0.0  # share of all cores busy (any process), 0..1
@@ -64,8 +65,10 @@ class TreeUsage:
 class TreeSampler:
     """``start()`` at the start of the timed section, ``stop()`` at its end."""
 
-    def __init__(self, root_pid: int, interval: float = 0.05, refresh_s: float = 0.5) -> None:
-        self.root = psutil.Process(root_pid)
+    def __init__(self, root_pid: int | list[int], interval: float = 0.05,
+                 refresh_s: float = 0.5) -> None:
+        pids = root_pid if isinstance(root_pid, list) else [root_pid]
+        self.roots = [psutil.Process(pid) for pid in pids]
         self.interval = interval
         self.refresh_s = refresh_s
         self.procs: dict[int, psutil.Process] = {}
@@ -79,10 +82,12 @@ class TreeSampler:
         self._names: dict[int, str] = {}
 
     def _refresh(self) -> None:
-        try:
-            found = [self.root] + self.root.children(recursive=True)
-        except psutil.NoSuchProcess:
-            found = []
+        found = []
+        for root in self.roots:
+            try:
+                found += [root] + root.children(recursive=True)
+            except psutil.NoSuchProcess:
+                continue
         for proc in found:
             if proc.pid not in self.procs:
                 self.procs[proc.pid] = proc
@@ -165,6 +170,10 @@ class TreeSampler:
             self.usage.machine_busy = 1 - (end.idle - self._machine_start.idle + end.iowait -
                                            self._machine_start.iowait) / total
             self.usage.machine_iowait = (end.iowait - self._machine_start.iowait) / total
+        self.usage.per_process_cpu = {
+            f"{pid} {self._names.get(pid, '')}": round(self.cpu_last[pid] -
+                                                     self.cpu_start.get(pid, 0.0), 3)
+            for pid in self.cpu_last}
         self.usage.cpu_s = sum(self.cpu_last[pid] - self.cpu_start.get(pid, 0.0)
                                for pid in self.cpu_last)
         return self.usage

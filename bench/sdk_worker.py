@@ -87,6 +87,7 @@ def main() -> int:
     print(f"P {seconds:.3f} {sum(done_bytes)}", flush=True)
     print("done " + json.dumps({"seconds": seconds, "cpu_s": cpu_seconds() - cpu_started,
                                 "maxrss_kib": maxrss}), flush=True)
+    sys.stdin.read()  # stay alive until the parent has read our peak memory
     return 0
 
 

@@ -7,12 +7,14 @@ while every child is stuck on a frozen mount.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ingestd import __version__, metrics
@@ -31,6 +33,21 @@ class StartRequest(BaseModel):
     session_name: str | None = Field(
         None, description="Blob folder name; blank or missing means a generated one."
     )
+
+
+class AsciiJSONResponse(JSONResponse):
+    """JSON with every non-ASCII character escaped (``\\u00e9``), so any text renders.
+
+    A file name that is not valid UTF-8 reaches Python as lone surrogates
+    (``\\udcff``), which UTF-8 cannot encode: the default response would fail
+    with a 500 on every ``/v1/status`` for as long as that name is in
+    ``last_error`` or in flight. Escaped, it is valid JSON that clients decode
+    to the same strings.
+    """
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False,
+                          separators=(",", ":")).encode("ascii")
 
 
 class StartResponse(BaseModel):
@@ -57,21 +74,19 @@ class BodyLimit:
         received = 0
 
         async def limited_receive() -> Message:
+            """Count a body sent without Content-Length (chunked) as it arrives.
+
+            An HTTPException is what FastAPI passes through from body reading;
+            anything else it turns into a bare 400.
+            """
             nonlocal received
             message = await receive()
             received += len(message.get("body", b""))
             if received > self.limit:
-                raise _BodyTooLarge()
+                raise HTTPException(413, f"request body over {self.limit} bytes")
             return message
 
-        try:
-            await self.app(scope, limited_receive, send)
-        except _BodyTooLarge:
-            await _too_large(self.limit, send)
-
-
-class _BodyTooLarge(Exception):
-    pass
+        await self.app(scope, limited_receive, send)
 
 
 async def _too_large(limit: int, send: Send) -> None:
@@ -90,7 +105,7 @@ def create_app(supervisor: Supervisor, ready: dict[str, Any] | None = None) -> F
     startup has finished.
     """
     readiness = ready if ready is not None else {"ready": True}
-    app = FastAPI(title="ingestd", version=__version__)
+    app = FastAPI(title="ingestd", version=__version__, default_response_class=AsciiJSONResponse)
     app.add_middleware(BodyLimit)
 
     @app.exception_handler(SessionNameError)

@@ -352,6 +352,89 @@ def block_count(size: int, block_size: int) -> int:
     return max(1, -(-size // block_size))
 
 
+MAX_BLOCKS_AHEAD = 256
+"""Blocks queued for upload at most (each is a few small objects, no data):
+the staging copy may run this far ahead of the upload."""
+
+
+class BlockUpload:
+    """The blocks of one blob, staged in parallel as soon as each is on local disk.
+
+    :meth:`add` is called for each block, in order, once its bytes are in
+    the staging file (which may still be growing) and its MD5 is known; the
+    block goes out on one of the pool's threads, at most
+    ``APP_AZURE_MAX_CONCURRENCY`` at a time, streamed from the staging file
+    with that MD5 as its Content-MD5. :meth:`commit` waits for every block
+    and commits exactly this attempt's list. IDs are fresh per attempt (and
+    all the same length), so a retry never commits blocks staged by an
+    earlier, interrupted attempt.
+    """
+
+    def __init__(self, client: ContainerClient, settings: Settings, blob_name: str, path: str,
+                 pool: ThreadPoolExecutor, progress: Callable[[int, int | None], None]) -> None:
+        self.blob = client.get_blob_client(blob_name)
+        self.path = path
+        self.pool = pool
+        self.progress = progress
+        self.window = settings.azure_max_concurrency
+        self.attempt = uuid.uuid4().hex
+        self.block_ids: list[str] = []
+        self.pending: set[Future] = set()
+        self.uploaded = 0
+        self.total: int | None = None
+        self.started: float | None = None
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+
+    def add(self, offset: int, length: int, md5: bytes) -> None:
+        """Queue the next block; raises the error of any block that already failed."""
+        self._collect(block=False)
+        while len(self.pending) >= MAX_BLOCKS_AHEAD:
+            self._collect(block=True)
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+            self.started = time.monotonic()
+        block_id = f"{self.attempt}{len(self.block_ids):08d}"
+        self.block_ids.append(block_id)
+        self.pending.add(self.pool.submit(self._put, block_id, offset, length, md5))
+
+    def _put(self, block_id: str, offset: int, length: int, md5: bytes) -> None:
+        assert self._fd is not None
+        self.blob.stage_block(block_id, FileRange(self._fd, offset, length), length=length,
+                              transactional_content_md5=bytearray(md5))
+        with self._lock:
+            self.uploaded += length
+            done = self.uploaded
+        self.progress(done, self.total)
+
+    def _collect(self, block: bool) -> None:
+        if not self.pending:
+            return
+        finished, self.pending = wait(self.pending, timeout=None if block else 0,
+                                      return_when=FIRST_COMPLETED)
+        for future in finished:
+            future.result()  # raises the block's error
+
+    def commit(self, size: int, md5: bytes) -> None:
+        """Wait for every block, then commit them with the whole file's MD5."""
+        self.total = size
+        while self.pending:
+            self._collect(block=True)
+        self.blob.commit_block_list(self.block_ids,
+                                    content_settings=ContentSettings(content_md5=bytearray(md5)))
+
+    def close(self) -> None:
+        """Cancel what has not started, wait for what has, release the file."""
+        for future in self.pending:
+            future.cancel()
+        if self.pending:
+            wait(self.pending)  # no block thread may outlive the descriptor
+        self.pending = set()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 def upload_file(
     client: ContainerClient,
     settings: Settings,
@@ -361,81 +444,42 @@ def upload_file(
     progress: Callable[[int, int | None], None],
     pool: ThreadPoolExecutor | None = None,
 ) -> None:
-    """Upload ``path`` as a Block Blob named ``blob_name``, replacing any previous one.
+    """Upload an already staged file as a Block Blob named ``blob_name``, replacing any.
 
-    Files up to ``APP_AZURE_MAX_SINGLE_PUT_SIZE`` go in one request from
-    memory. Larger ones go as blocks of ``APP_AZURE_MAX_BLOCK_SIZE``,
-    ``APP_AZURE_MAX_CONCURRENCY`` at a time, each streamed from the staging
-    file with the Content-MD5 computed while staging (the file is not hashed
-    or read whole again, and no block is ever buffered whole). The commit
-    lists exactly this attempt's blocks and stores the whole file's MD5 on
-    the blob so anyone can check it later.
+    A file up to ``APP_AZURE_MAX_SINGLE_PUT_SIZE`` (or whose bytes staging
+    kept) goes in one request from memory; a larger one as blocks of
+    ``APP_AZURE_MAX_BLOCK_SIZE`` (see :class:`BlockUpload`), using the block
+    MD5s computed while staging. The whole file's MD5 is stored on the blob
+    so anyone can check it later.
     """
-    blob = client.get_blob_client(blob_name)
-    content_settings = ContentSettings(content_md5=bytearray(staged.md5))
     if staged.data is not None or staged.size <= settings.azure_max_single_put_size:
-        data = staged.data
-        if data is None:
-            with open(path, "rb") as stream:
-                data = stream.read()
-        blob.upload_blob(data, blob_type=BlobType.BLOCKBLOB, length=staged.size,
-                         overwrite=True, validate_content=True,
-                         content_settings=content_settings)
+        put_whole(client, blob_name, path, staged)
         progress(staged.size, staged.size)
         return
     block_size = settings.azure_max_block_size
     count = block_count(staged.size, block_size)
     if len(staged.block_md5s) != count:
         raise ValueError(f"{len(staged.block_md5s)} block digests for {count} blocks")
-    # Fresh IDs per attempt (all the same length): a retry never commits
-    # blocks staged by an earlier, interrupted attempt.
-    attempt = uuid.uuid4().hex
-    block_ids = [f"{attempt}{index:08d}" for index in range(count)]
-    done = 0
-    lock = threading.Lock()
     own_pool = pool is None
-    if pool is None:
-        pool = ThreadPoolExecutor(settings.azure_max_concurrency, thread_name_prefix="block")
-    fd = os.open(path, os.O_RDONLY)
+    pool = pool or ThreadPoolExecutor(settings.azure_max_concurrency, thread_name_prefix="block")
+    upload = BlockUpload(client, settings, blob_name, path, pool, progress)
     try:
-        def put(index: int) -> None:
-            nonlocal done
+        for index, md5 in enumerate(staged.block_md5s):
             offset = index * block_size
-            length = min(block_size, staged.size - offset)
-            blob.stage_block(block_ids[index], FileRange(fd, offset, length), length=length,
-                             transactional_content_md5=bytearray(staged.block_md5s[index]))
-            with lock:
-                done += length
-                current = done
-            progress(current, staged.size)
-
-        _run_all(pool, put, count, settings.azure_max_concurrency)
-        blob.commit_block_list(block_ids, content_settings=content_settings)
+            upload.add(offset, min(block_size, staged.size - offset), md5)
+        upload.commit(staged.size, staged.md5)
     finally:
-        os.close(fd)
+        upload.close()
         if own_pool:
-            pool.shutdown(wait=False, cancel_futures=True)
+            pool.shutdown(wait=False)
 
 
-def _run_all(pool: ThreadPoolExecutor, task: Callable[[int], None], count: int,
-             window: int) -> None:
-    """Run ``task(0..count-1)`` with at most ``window`` in flight; stop at the first error.
-
-    Submitting only ``window`` at a time keeps a failed upload from queueing
-    hundreds of doomed requests behind the first error.
-    """
-    pending: set[Future] = set()
-    next_index = 0
-    try:
-        while next_index < count or pending:
-            while next_index < count and len(pending) < window:
-                pending.add(pool.submit(task, next_index))
-                next_index += 1
-            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for future in finished:
-                future.result()  # raises the block's error
-    finally:
-        for future in pending:
-            future.cancel()
-        if pending:
-            wait(pending)  # no block thread may outlive the file descriptor
+def put_whole(client: ContainerClient, blob_name: str, path: str, staged: Staged) -> None:
+    """One Put Blob request: the file's bytes (kept by staging, else read), MD5-checked."""
+    data = staged.data
+    if data is None:
+        with open(path, "rb") as stream:
+            data = stream.read()
+    client.get_blob_client(blob_name).upload_blob(
+        data, blob_type=BlobType.BLOCKBLOB, length=len(data), overwrite=True,
+        validate_content=True, content_settings=ContentSettings(content_md5=bytearray(staged.md5)))

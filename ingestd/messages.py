@@ -14,15 +14,18 @@ from dataclasses import dataclass
 class Job:
     """Upload one file. ``name`` is the file name in incoming and in the blob.
 
-    The uploader claims ``incoming/name`` into ``.processing/date/session/``;
-    if it is already there (recovery, retry, a killed uploader) it carries on
-    from that copy, so one message covers every case.
+    The uploader claims ``incoming/name`` into ``.processing/date/session/``.
+    ``claimed`` says this instance already owns the copy there (recovered at
+    start, retried, or its uploader died): the uploader then carries on from
+    it. For a file just seen in incoming the rename is the lock, and losing
+    it to another replica is a benign skip.
     """
 
     name: str
     date: str
     session: str  # the encoded session, a single folder name
     attempt: int = 1
+    claimed: bool = False
 
     @property
     def blob_name(self) -> str:

@@ -41,7 +41,10 @@ def encode_session(name: str) -> str:
     ``quote(name, safe="")`` turns ``/`` into ``%2F``, so the result is always
     one path component; only ``.`` and ``..`` stay dangerous, and are refused.
     """
-    encoded = quote(name, safe="")
+    try:
+        encoded = quote(name, safe="")
+    except UnicodeEncodeError:  # lone surrogates: legal in JSON, not a UTF-8 folder name
+        raise SessionNameError(f"session name {name!r} is not valid Unicode text") from None
     if encoded in (".", ".."):
         raise SessionNameError(f"session name {name!r} is not allowed: it names a folder itself")
     if len(encoded.encode()) > MAX_ENCODED_BYTES:

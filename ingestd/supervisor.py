@@ -21,7 +21,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import wait
 
 from ingestd import scanner, uploader
@@ -70,6 +70,8 @@ class Slot:
     bytes_done: int = 0
     bytes_total: int = 0
     last_beat: float = field(default_factory=time.monotonic)
+    first_beat: float | None = None  # the current child's first message
+    stalled_since: float | None = None  # see Supervisor._on_stall
     restarts: int = 0
     job: Job | None = None
     job_started: float = 0.0
@@ -83,6 +85,10 @@ class Slot:
 
     def beat_age(self, now: float) -> float:
         return now - self.last_beat
+
+    def live_age(self, now: float) -> float:
+        """Heartbeat age for liveness: a replacement does not hide a stall."""
+        return now - (self.stalled_since if self.stalled_since is not None else self.last_beat)
 
 
 class Supervisor:
@@ -221,6 +227,11 @@ class Supervisor:
 
     def _handle(self, slot: Slot, message: object, now: float) -> None:
         slot.last_beat = now
+        if slot.first_beat is None:
+            slot.first_beat = now
+        if slot.stalled_since is not None and \
+                now - slot.first_beat >= self.settings.child_stall_timeout_s:
+            slot.stalled_since = None  # this child kept beating for a whole stall period
         if isinstance(message, Beat):
             slot.state, slot.file = message.state, message.file
             slot.bytes_done, slot.bytes_total = message.bytes_done, message.bytes_total
@@ -249,7 +260,8 @@ class Supervisor:
             self.queue.add_new(job)
 
     def _on_recovered(self, message: Recovered) -> None:
-        job = Job(name=message.name, date=message.date, session=message.session)
+        job = Job(name=message.name, date=message.date, session=message.session,
+                  claimed=True)
         self.queue.add_recovered(job)
 
     def _on_result(self, slot: Slot, message: Done | Failed | Gone | Quarantined,
@@ -270,7 +282,8 @@ class Supervisor:
             self.stats.on_quarantined(counters, f"{job.blob_name}: {message.error}")
         else:
             self.stats.on_failed(counters, f"{job.blob_name}: {message.error}", message.counted)
-            self.queue.retry(job, now + self._retry_delay(message))
+            claimed = job.claimed or message.stage != "claim"  # past the rename: ours
+            self.queue.retry(replace(job, claimed=claimed), now + self._retry_delay(message))
 
     def _retry_delay(self, failed: Failed) -> float:
         """Back off per file for its own failures, globally for outages."""
@@ -290,6 +303,7 @@ class Supervisor:
         slot.child = ChildProcess(slot.role, target, args)
         slot.state, slot.file, slot.last_beat, slot.held_back = "starting", None, \
             time.monotonic(), None
+        slot.first_beat = None
         log.info("started %s (pid %d)", slot.role, slot.child.pid)
 
     def _check_children(self, now: float) -> None:
@@ -317,7 +331,16 @@ class Supervisor:
         self._maybe_respawn(slot, now)
 
     def _on_stall(self, slot: Slot, child: ChildProcess, now: float) -> None:
+        """SIGKILL a silent child and replace it.
+
+        The slot stays ``stalled_since`` the killed child's last beat until a
+        replacement keeps beating for a whole stall period, so a mount that
+        stays frozen fails liveness after ``APP_LIVENESS_TIMEOUT_S`` even
+        though each replacement beats once at its start and then blocks.
+        """
         age = slot.beat_age(now)
+        if slot.stalled_since is None:
+            slot.stalled_since = slot.last_beat
         log.error("%s (pid %d) sent no heartbeat for %.0f s while %s%s: killing it",
                   slot.role, child.pid, age, slot.state,
                   f" {slot.file}" if slot.file else "", extra={"file": slot.file})
@@ -336,9 +359,13 @@ class Supervisor:
             return
         if slot.is_uploader and self.draining:
             return
-        stuck = self.stuck_count(now)
-        if stuck >= self.settings.max_stuck_children:
-            slot.held_back = f"not respawned: {stuck} killed children are stuck in the kernel"
+        # Every killed child not reaped yet counts, even one killed a moment
+        # ago: otherwise children killed within REAP_GRACE_S of each other
+        # would all be replaced and the tree would outgrow the bound. Only
+        # those older than the grace make /healthz fail (see _health).
+        unreaped = len(self.stuck)
+        if unreaped >= self.settings.max_stuck_children:
+            slot.held_back = f"not respawned: {unreaped} killed children are stuck in the kernel"
             slot.state = "held"
             return
         self._spawn(slot)
@@ -351,7 +378,7 @@ class Supervisor:
             return
         self.stats.interrupted += 1
         self.stats.last_error = f"{job.blob_name}: {why}"
-        self.queue.retry(job, now + 1.0)
+        self.queue.retry(replace(job, claimed=True), now + 1.0)  # it may have renamed it
 
     def _reap_stuck(self, now: float) -> None:
         still = []
@@ -424,10 +451,16 @@ class Supervisor:
             return False, f"supervisor loop has not ticked for {now - self.last_tick:.0f} s"
         problems = []
         for slot in self.slots:
-            if slot.held_back:
+            age = slot.live_age(now)
+            if slot.held_back and self.stuck_count(now) >= self.settings.max_stuck_children:
                 problems.append(f"{slot.role} {slot.held_back}")
-            elif slot.beat_age(now) > self.settings.liveness_timeout_s:
-                problems.append(f"{slot.role} heartbeat is {slot.beat_age(now):.0f} s old")
+            elif age <= self.settings.liveness_timeout_s:
+                continue
+            elif slot.stalled_since is not None:
+                problems.append(f"{slot.role} has made no progress for {age:.0f} s: its "
+                                f"children stall (now {slot.state}) and are killed and replaced")
+            else:
+                problems.append(f"{slot.role} heartbeat is {age:.0f} s old")
         return (not problems), "; ".join(problems)
 
     def metrics_view(self) -> dict:

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -81,40 +82,64 @@ class Paths:
 # The steps. Each is a plain function of paths, so tests can call them directly.
 
 
-def claim(paths: Paths) -> bool:
-    """Move the file into ``.processing``; False if it is gone (a benign race).
+def claim(paths: Paths, ours: bool) -> bool:
+    """Move the file into ``.processing``; False if another replica took it (a benign race).
 
-    A file already in ``.processing`` (recovery, retry, a killed uploader) is
-    ours to continue and is never overwritten by a newer file of that name.
+    The rename is the lock (PRD FR-3): for a file seen in incoming, finding it
+    gone means another replica won the rename, and the file is skipped rather
+    than uploaded twice. A file this instance already claimed (``ours``:
+    recovered, retried, its uploader killed) is continued from ``.processing``.
+    A claimed copy is never overwritten by a newer file of that name: that one
+    waits in incoming until the older copy is done.
     """
     if os.path.lexists(paths.claimed):
-        return True
+        return ours or os.path.lexists(paths.incoming)
     paths.claimed.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.rename(paths.incoming, paths.claimed)
     except FileNotFoundError:
-        return os.path.lexists(paths.claimed)
+        return ours and os.path.lexists(paths.claimed)
     return True
 
 
-def stage(paths: Paths, channel: Channel, file: str, block_size: int,
-          single_put_size: int) -> Staged:
+class BlockFailed(Exception):
+    """A block upload failed while the file was still being staged."""
+
+
+def stage(paths: Paths, channel: Channel, file: str, block_size: int, single_put_size: int,
+          on_block: Callable[[int, int, bytes], None] | None = None) -> Staged:
     """Copy the claimed file to staging, hashing it in the same pass; fsync both.
 
     The one read of the NFS file yields everything the upload needs: the
-    whole file's MD5 (stored on the blob), one MD5 per upload block (sent as
-    each block's Content-MD5, so the upload never hashes or reads a file
-    twice), and, for a file small enough to go in one request, its bytes.
-    Memory stays at one copy chunk (plus the file itself when it goes in one
-    request, at most ``single_put_size``). A partial copy is removed on
-    failure so staging never fills with junk.
+    whole file's MD5 (stored on the blob), one MD5 per upload block (each
+    block's Content-MD5, so the upload never hashes or reads a file twice),
+    and, for a file small enough to go in one request, its bytes.
+
+    ``on_block(offset, length, md5)`` is called as soon as each block is in
+    the staging file, so its upload can start while the copy goes on; an
+    error it raises comes out as :class:`BlockFailed`. Memory stays at one
+    copy chunk (plus the file itself when it goes in one request, at most
+    ``single_put_size``). A partial copy is removed on failure so staging
+    never fills with junk.
     """
     paths.staged.parent.mkdir(parents=True, exist_ok=True)
     md5 = hashlib.md5()
     block_md5s: list[bytes] = []
     block = hashlib.md5()
-    block_left = block_size
+    block_start = 0
     done = 0
+
+    def block_done(end: int) -> None:
+        digest = block.digest()
+        block_md5s.append(digest)
+        if on_block is not None:
+            try:
+                on_block(block_start, end - block_start, digest)
+            except (ParentGone, KeyboardInterrupt):
+                raise
+            except Exception as exc:
+                raise BlockFailed(exc) from exc
+
     try:
         with open(paths.claimed, "rb", buffering=0) as src, \
                 open(paths.staged, "wb", buffering=0) as dst:
@@ -132,20 +157,19 @@ def stage(paths: Paths, channel: Channel, file: str, block_size: int,
             while count := src.readinto(buffer):
                 chunk = view[:count]
                 md5.update(chunk)
+                _write_all(dst, chunk)
                 start = 0
                 while start < count:  # a chunk may end a block and start the next
-                    take = min(block_left, count - start)
+                    take = min(block_start + block_size - done, count - start)
                     block.update(chunk[start:start + take])
-                    block_left -= take
                     start += take
-                    if block_left == 0:
-                        block_md5s.append(block.digest())
-                        block, block_left = hashlib.md5(), block_size
-                _write_all(dst, chunk)
-                done += count
+                    done += take
+                    if done - block_start == block_size:
+                        block_done(done)
+                        block, block_start = hashlib.md5(), done
                 channel.beat("copying", file, done, total)
-            if block_left != block_size or not block_md5s:
-                block_md5s.append(block.digest())
+            if done > block_start or not block_md5s:
+                block_done(done)
             _fsync_staged(dst)
         _fsync_folder(paths.staged.parent)
     except BaseException:
@@ -284,7 +308,7 @@ class Uploader:
         started = time.monotonic()
         self.channel.beat("claiming", job.name, force=True)
         try:
-            if not claim(paths):
+            if not claim(paths, job.claimed):
                 log.info("file gone before claim (taken elsewhere)", extra=context)
                 return Gone(job, "not in incoming nor in .processing")
         except OSError as exc:
@@ -293,9 +317,8 @@ class Uploader:
             attempts = read_attempts_quietly(paths)
             if attempts >= self.settings.max_attempts:
                 return self._quarantine(job, paths, attempts, "attempts exhausted before restart")
-            staged = self._stage(paths, job)
+            staged, upload_seconds = self._transfer(paths, job)
             size, md5 = staged.size, staged.md5
-            upload_seconds = self._upload(paths, job, staged)
             self.channel.beat("cleaning", job.name, size, size, force=True)
             self._cleanup(paths)
         except StepError as exc:
@@ -320,57 +343,63 @@ class Uploader:
         )
         return Done(job, size, md5.hex(), seconds, upload_seconds)
 
-    def _stage(self, paths: Paths, job: Job) -> Staged:
+    def _transfer(self, paths: Paths, job: Job) -> tuple[Staged, float]:
+        """Stage the file and upload it, the two overlapped.
+
+        Each block is uploaded (from the staging file) as soon as the copy
+        has written it, so the network is busy from the first block on and
+        a file's copy costs no extra wall time. The blob is committed only
+        once the whole file is staged and fsynced and every block is in.
+        Returns what was staged and the seconds from first block to commit.
+        """
+        copied = False
+        size_hint = [0]
+
+        def progress(current: int, total: int | None) -> None:
+            if copied:  # while copying, the copy's progress is what operators need
+                self.channel.beat("uploading", job.name, current, total or size_hint[0])
+
+        upload = blobstore.BlockUpload(self.client, self.settings, job.blob_name,
+                                       str(paths.staged), self.pool, progress)
+        try:
+            staged = self._stage(paths, job, upload.add)
+            copied, size_hint[0] = True, staged.size
+            self.channel.beat("uploading", job.name, upload.uploaded, staged.size, force=True)
+            started = upload.started or time.monotonic()
+            try:
+                if staged.data is not None:
+                    blobstore.put_whole(self.client, job.blob_name, str(paths.staged), staged)
+                else:
+                    upload.commit(staged.size, staged.md5)
+            except ParentGone:
+                raise
+            except Exception as exc:
+                raise self._upload_error(exc) from exc
+            return staged, time.monotonic() - started
+        finally:
+            upload.close()
+
+    def _stage(self, paths: Paths, job: Job, on_block) -> Staged:
         try:
             return stage(paths, self.channel, job.name, self.settings.azure_max_block_size,
-                         self.settings.azure_max_single_put_size)
+                         self.settings.azure_max_single_put_size, on_block)
+        except BlockFailed as exc:
+            cause = exc.__cause__ or exc
+            raise self._upload_error(cause) from cause
         except FileNotFoundError as exc:
             if not os.path.lexists(paths.claimed):
                 raise Vanished() from exc
             raise StepError("copy", f"copy failed: {describe_os_error(exc)}", True) from exc
         except OSError as exc:
-            if exc.filename and str(exc.filename).startswith(
-                    str(self.settings.local_staging_root)):
-                raise self._staging_failure(exc, paths) from exc
-            raise StepError("copy", f"copy failed (nfs): {describe_os_error(exc)}",
-                            True) from exc
+            where = "staging" if exc.filename and str(exc.filename).startswith(
+                str(self.settings.local_staging_root)) else "nfs"
+            message = f"copy failed ({where}): {describe_os_error(exc)}"
+            raise StepError("copy", message, True) from exc
 
-    def _staging_failure(self, exc: OSError, paths: Paths) -> StepError:
-        """A full staging disk counts against a file only if the file can never fit.
-
-        Staging is usually full because of the other uploads in flight (or
-        something an operator left there): that says nothing about this file,
-        so it is retried with the outage backoff and never quarantined. A file
-        larger than the whole staging filesystem would fail forever, so those
-        failures count and the file ends in ``.failed`` with the sizes said.
-        """
-        message = f"copy failed (staging): {describe_os_error(exc)}"
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-            return StepError("copy", message, True)
-        size, capacity = file_size(paths.claimed), staging_capacity(paths.staged.parent)
-        if size > capacity:
-            return StepError("copy", f"{message}: the file ({size} bytes) is larger than "
-                             f"the whole staging filesystem ({capacity} bytes)", True)
-        return StepError("copy", f"{message}: staging is full ({size} bytes needed, "
-                         f"{capacity} in all); retried, not counted against the file", False)
-
-    def _upload(self, paths: Paths, job: Job, staged: Staged) -> float:
-        size = staged.size
-
-        def progress(current: int, total: int | None) -> None:
-            self.channel.beat("uploading", job.name, current, total or size)
-
-        self.channel.beat("uploading", job.name, 0, size, force=True)
-        started = time.monotonic()
-        try:
-            blobstore.upload_file(self.client, self.settings, job.blob_name,
-                                  str(paths.staged), staged, progress, self.pool)
-        except ParentGone:
-            raise
-        except Exception as exc:
-            message = f"upload failed: {blobstore.describe_error(exc)}"
-            raise StepError("upload", message, not blobstore.is_outage(exc)) from exc
-        return time.monotonic() - started
+    @staticmethod
+    def _upload_error(exc: BaseException) -> StepError:
+        message = f"upload failed: {blobstore.describe_error(exc)}"
+        return StepError("upload", message, not blobstore.is_outage(exc))
 
     def _cleanup(self, paths: Paths) -> None:
         try:

@@ -60,3 +60,26 @@ install_checkov() {
             || { cat "$REPO/.venv-tools/pip.log" >&2; return 1; }
     fi
 }
+
+# A venv built the way the Dockerfile's builder stage builds /opt/venv: the
+# system interpreter (readable by the image's non-root user), the hash-locked
+# dependencies, then the app as a wheel. The container-entrypoint test runs it
+# as UID 10001, which also proves requirements.lock installs cleanly.
+install_image_venv() {
+    local venv="$REPO/.venv-image" stamp digest
+    stamp="$venv/.built"
+    digest="$(cat "$REPO/requirements.lock" "$REPO/pyproject.toml" "$REPO"/ingestd/*.py | sha256sum | cut -d' ' -f1)"
+    if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$digest" ]; then return 0; fi
+    say "building .venv-image from requirements.lock (as the Dockerfile does)"
+    rm -rf "$venv"
+    /usr/bin/python3 -m venv "$venv"
+    local wheels; wheels="$(mktemp -d)"
+    {
+        "$venv/bin/pip" install --require-hashes --no-deps --only-binary=:all: -r "$REPO/requirements.lock" \
+        && "$venv/bin/pip" wheel --no-deps --wheel-dir "$wheels" "$REPO" \
+        && "$venv/bin/pip" install --no-deps --no-index "$wheels"/ingestd-*.whl \
+        && "$venv/bin/pip" check
+    } > "$REPO/.venv-image.log" 2>&1 || { cat "$REPO/.venv-image.log" >&2; return 1; }
+    rm -rf "$wheels"
+    echo "$digest" > "$stamp"
+}

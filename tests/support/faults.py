@@ -10,10 +10,12 @@ or staging.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -119,3 +121,15 @@ def metric(text: str, name: str) -> float:
         if line.startswith(name + " ") or line.startswith(name + "{}"):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"metric {name} not found")
+
+
+def drop(path: Path, data: bytes) -> str:
+    """Write ``data`` as a writer would (short temp dotfile, then rename); return its MD5.
+
+    ``write_random`` derives its temp name from the file name by characters,
+    which overflows 255 bytes for long names in multi-byte UTF-8.
+    """
+    temp = path.with_name(f".drop-{uuid.uuid4().hex}.part")
+    temp.write_bytes(data)
+    os.rename(temp, path)
+    return hashlib.md5(data).hexdigest()
