@@ -433,17 +433,20 @@ if os.environ.get(_CHILD_FLAG) != "1":
     def pytest_configure(config: pytest.Config) -> None:
         install()
 
+    def _fail_on_new(before: int, phase: str) -> None:
+        new = GUARD.take_violations(since=before)
+        if new:
+            details = "\n".join(f"- {v}\n{v.stack}" for v in new)
+            raise NetworkGuardViolation(f"non-loopback network access during test {phase}:\n{details}")
 
     @pytest.hookimpl(wrapper=True, tryfirst=True)
     def pytest_runtest_setup(item: pytest.Item) -> Generator[None, object, object]:
         """Re-install if anything (a plugin, a monkeypatch) restored the real socket methods."""
         install()
-        return (yield)
-
-    @pytest.hookimpl(wrapper=True, tryfirst=True)
-    def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, object, object]:
-        install()
-        return (yield)
+        before = len(GUARD.violations)
+        result = yield
+        _fail_on_new(before, "setup")
+        return result
 
     @pytest.hookimpl(wrapper=True, tryfirst=True)
     def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
@@ -451,12 +454,16 @@ if os.environ.get(_CHILD_FLAG) != "1":
         install()
         before = len(GUARD.violations)
         result = yield
-        new = GUARD.take_violations(since=before)
-        if new:
-            details = "\n".join(f"- {v}\n{v.stack}" for v in new)
-            raise NetworkGuardViolation(f"test attempted non-loopback network access:\n{details}")
+        _fail_on_new(before, "call")
         return result
 
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, object, object]:
+        install()
+        before = len(GUARD.violations)
+        result = yield
+        _fail_on_new(before, "teardown")
+        return result
 
     def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         """Violations outside test bodies (fixtures, collection) fail the run."""
