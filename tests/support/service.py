@@ -218,9 +218,6 @@ class Service:
         except ProcessLookupError:
             pass
         self.proc.wait(timeout=30)
-        # The children are re-parented to init and take a moment to die.
-        wait_until(lambda: not self.survivors(), 30, interval=0.05,
-                   what="every process of the tree to die")
         # SIGKILL is delivered at once but each process still has to run its
         # exit; on a busy machine (uploaders run at nice 10) that takes some
         # milliseconds, so "all dead" is awaited, briefly, not assumed.
