@@ -16,7 +16,6 @@ import logging
 import os
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -80,8 +79,29 @@ def _transport_options(settings: Settings, startup: bool) -> dict:
     }
 
 
+def _credential_options(startup: bool) -> dict:
+    """Timeouts and retries for DefaultAzureCredential's own token requests.
+
+    The credential fetches tokens through its own HTTP pipeline, which the
+    storage client's timeouts do not bound: with the defaults a token
+    endpoint that accepts and never answers holds a request for 4 x 300 s.
+    At startup one short try (a crash-looping pod is the retry). In the
+    uploaders a few tries whose worst case (3 x 15 s) stays under the
+    default ``APP_CHILD_STALL_TIMEOUT_S`` (60 s), so a hung token endpoint
+    surfaces as an upload error (an outage) instead of a stalled child.
+    """
+    if startup:
+        return {"connection_timeout": 5, "read_timeout": 10, "retry_total": 0}
+    return {"connection_timeout": 5, "read_timeout": 15, "retry_total": 2}
+
+
 def container_client(settings: Settings, method: str, startup: bool = False) -> ContainerClient:
-    """A client for the configured container using ``method``'s credential."""
+    """A client for the configured container using ``method``'s credential.
+
+    For DefaultAzureCredential the SDK asks for a token whenever the one it
+    holds has less than about five minutes left, so long uploads carry on
+    across token expiry (tests/test_auth.py shows it with 3 s tokens).
+    """
     options = _transport_options(settings, startup)
     if method == DEFAULT_CREDENTIAL:
         from azure.identity import DefaultAzureCredential
@@ -89,7 +109,7 @@ def container_client(settings: Settings, method: str, startup: bool = False) -> 
         return ContainerClient(
             settings.azure_account_url,
             settings.azure_container,
-            credential=DefaultAzureCredential(),
+            credential=DefaultAzureCredential(**_credential_options(startup)),
             **options,
         )
     if method == CONNECTION_STRING:
@@ -149,7 +169,7 @@ def choose_auth(settings: Settings) -> str:
             continue
         budget = max(1.0, (deadline - time.monotonic()) / remaining_attempts)
         remaining_attempts -= 1
-        outcome = _bounded(lambda m=method: check(settings, m), budget, method)
+        outcome = _bounded(settings, method, budget)
         if outcome.ok:
             fallback_note = f" after {'; '.join(report)}" if report else ""
             log.info("Azure auth: using %s%s", method, fallback_note)
@@ -167,25 +187,53 @@ def choose_auth(settings: Settings) -> str:
     )
 
 
-def _bounded(fn: Callable[[], Outcome], seconds: float, method: str) -> Outcome:
+TOKEN_STEP = "token"
+CONTAINER_STEP = "container"
+
+
+def _bounded(settings: Settings, method: str, seconds: float) -> Outcome:
+    """Run :func:`check` in a daemon thread; give up on it after ``seconds``.
+
+    The thread cannot be cancelled, only abandoned; the short timeouts of
+    the startup clients make it end soon after by itself.
+    """
     result: list[Outcome] = []
+    step = [CONTAINER_STEP]  # what the check is waiting for, for the message
 
     def target() -> None:
         try:
-            result.append(fn())
+            result.append(check(settings, method, step))
         except Exception as exc:  # the check reports every failure as an Outcome
-            result.append(Outcome(method, False, describe_error(exc)))
+            result.append(Outcome(method, False, describe_error(exc, method)))
 
     thread = threading.Thread(target=target, name=f"auth-check-{method}", daemon=True)
     thread.start()
     thread.join(timeout=seconds)
     if result:
         return result[0]
-    return Outcome(method, False, f"no answer within {seconds:.0f} s (endpoint hangs?)")
+    if step[0] == TOKEN_STEP:
+        reason = (f"no answer within {seconds:.0f} s from the token endpoint (it accepted "
+                  "the connection but did not answer): check the workload/managed "
+                  "identity endpoint and the egress to it")
+    elif method == CONNECTION_STRING:
+        reason = (f"no answer within {seconds:.0f} s from the blob endpoint in "
+                  "APP_AZURE_CONNECTION_STRING (it accepted the connection but did not "
+                  "answer): check that endpoint and the network path to it")
+    else:
+        reason = (f"no answer within {seconds:.0f} s from {settings.azure_account_url} (it "
+                  "accepted the connection but did not answer): check APP_AZURE_ACCOUNT_URL "
+                  "and the network path to it (private endpoint, firewall, DNS, proxy)")
+    return Outcome(method, False, reason)
 
 
-def check(settings: Settings, method: str) -> Outcome:
-    """Can ``method`` read the container's properties?"""
+def check(settings: Settings, method: str, step: list[str] | None = None) -> Outcome:
+    """Can ``method`` read the container's properties?
+
+    ``step[0]`` is kept up to date with what the check is waiting for
+    (``TOKEN_STEP`` or ``CONTAINER_STEP``), so a caller that gives up on
+    it can say which endpoint hung.
+    """
+    step = step if step is not None else [CONTAINER_STEP]
     if method == DEFAULT_CREDENTIAL and not settings.azure_account_url.startswith("https://"):
         return Outcome(method, False, "token credentials need an https:// APP_AZURE_ACCOUNT_URL")
     if method == ACCOUNT_KEY:
@@ -195,7 +243,12 @@ def check(settings: Settings, method: str) -> Outcome:
     client = container_client(settings, method, startup=True)
     try:
         if method == DEFAULT_CREDENTIAL:
-            client.credential.get_token(STORAGE_SCOPE)
+            step[0] = TOKEN_STEP
+            try:
+                client.credential.get_token(STORAGE_SCOPE)
+            except Exception as exc:  # whatever the class: the token is what failed
+                return Outcome(method, False, f"could not get a token: {_squash(exc)}")
+            step[0] = CONTAINER_STEP
         client.get_container_properties()
     except ResourceNotFoundError as exc:
         return Outcome(
@@ -235,14 +288,25 @@ _REJECTED = {"AuthenticationFailed", "AuthorizationFailure", "InvalidAuthenticat
              "NoAuthenticationInformation"}
 
 
+def _rejected(exc: BaseException) -> bool:
+    """Storage refused the credential itself (classified by status and code, not class).
+
+    A wrong shared key is 403 AuthenticationFailed on Azure and 403
+    AuthorizationFailure on Azurite, or 400 InvalidAuthenticationInfo when
+    Azurite also accepts OAuth; a token for the wrong audience or tenant is
+    401/403 as a ClientAuthenticationError.
+    """
+    if not isinstance(exc, HttpResponseError):
+        return False
+    error_code = exc.error_code
+    code = str(getattr(error_code, "value", error_code) or "")
+    return exc.status_code == 401 or (exc.status_code in (400, 403) and code in _REJECTED)
+
+
 def describe_error(exc: BaseException, method: str | None = None) -> str:
     """One line that says what went wrong and what to look at, without secrets."""
     what_to_check = _WHAT_TO_CHECK.get(method or "", "check the credential")
-    error_code = getattr(exc, "error_code", None)
-    code = str(getattr(error_code, "value", error_code) or "")
-    if isinstance(exc, HttpResponseError) and (
-        exc.status_code == 401 or (exc.status_code == 403 and code in _REJECTED)
-    ):
+    if _rejected(exc):
         return f"storage rejected the {method or 'credential'} ({_code(exc)}): {what_to_check}"
     if isinstance(exc, ClientAuthenticationError) and not exc.status_code:
         return f"could not get a token: {_squash(exc.message)}"
@@ -251,7 +315,8 @@ def describe_error(exc: BaseException, method: str | None = None) -> str:
     if isinstance(exc, HttpResponseError) and exc.status_code:
         return f"storage error {_code(exc)}: {_first_line(exc.message)}"
     if isinstance(exc, (ServiceRequestError, ServiceResponseError)):
-        return f"cannot reach the blob endpoint: {_first_line(str(exc))}"
+        return (f"cannot reach the blob endpoint: {_first_line(str(exc))}; check "
+                "APP_AZURE_ACCOUNT_URL and the network path to it")
     return f"{type(exc).__name__}: {_first_line(str(exc))}"
 
 
@@ -264,7 +329,8 @@ def is_outage(exc: BaseException) -> bool:
     if isinstance(exc, (ServiceRequestError, ServiceResponseError, ClientAuthenticationError)):
         return True
     status = getattr(exc, "status_code", None) or 0
-    return isinstance(exc, HttpResponseError) and (status >= 500 or status in (401, 403, 408, 429))
+    return _rejected(exc) or (
+        isinstance(exc, HttpResponseError) and (status >= 500 or status in (401, 403, 408, 429)))
 
 
 def _squash(text: object, limit: int = 800) -> str:
@@ -301,14 +367,13 @@ stack asks for 32 KiB at a time; answering with more means a few dozen
 read/send rounds per block instead of hundreds, and only this much of a
 block is ever in memory."""
 
-
 class FileRange:
     """A seekable, read-only view of ``length`` bytes at ``offset`` of an open file.
 
     It reads with ``os.pread``, so many blocks of one file go out in
     parallel from one descriptor without a shared position or a lock, and
-    nothing but the chunk being sent is held in memory. Seekable so the
-    SDK's retry policy can rewind it; ``__len__`` gives requests the
+    nothing but the chunk being sent is in memory. Seekable so the SDK's
+    retry policy can rewind it; ``__len__`` gives requests the
     Content-Length. ``read(size)`` may return up to ``READ_SIZE`` bytes even
     when asked for fewer (urllib3 and http.client send whatever they get).
     """
@@ -336,7 +401,7 @@ class FileRange:
         self._pos = min(max(0, base + offset), self._length)
         return self._pos
 
-    def read(self, size: int = -1) -> bytes:
+    def read(self, size: int | None = -1) -> bytes:
         left = self._length - self._pos
         want = left if size is None or size < 0 else min(left, max(size, READ_SIZE))
         if want <= 0:
@@ -365,9 +430,15 @@ class BlockUpload:
     block goes out on one of the pool's threads, at most
     ``APP_AZURE_MAX_CONCURRENCY`` at a time, streamed from the staging file
     with that MD5 as its Content-MD5. :meth:`commit` waits for every block
-    and commits exactly this attempt's list. IDs are fresh per attempt (and
-    all the same length), so a retry never commits blocks staged by an
-    earlier, interrupted attempt.
+    and commits exactly this attempt's list.
+
+    A block's ID is its MD5 and its index (all IDs the same length), not a
+    fresh random one. Two uploads of the same bytes to the same blob (a
+    replica whose recovery takes a file another replica is still uploading)
+    then name every block alike, so whichever commits last still finds all
+    its blocks: with random IDs the first commit discards the other's staged
+    blocks and its commit fails (400 InvalidBlockList). A block left by an
+    earlier, interrupted attempt is only reused if its bytes are the same.
     """
 
     def __init__(self, client: ContainerClient, settings: Settings, blob_name: str, path: str,
@@ -377,7 +448,6 @@ class BlockUpload:
         self.pool = pool
         self.progress = progress
         self.window = settings.azure_max_concurrency
-        self.attempt = uuid.uuid4().hex
         self.block_ids: list[str] = []
         self.pending: set[Future] = set()
         self.uploaded = 0
@@ -394,7 +464,7 @@ class BlockUpload:
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
             self.started = time.monotonic()
-        block_id = f"{self.attempt}{len(self.block_ids):08d}"
+        block_id = f"{md5.hex()}{len(self.block_ids):08d}"
         self.block_ids.append(block_id)
         self.pending.add(self.pool.submit(self._put, block_id, offset, length, md5))
 

@@ -26,6 +26,7 @@ class Job:
     session: str  # the encoded session, a single folder name
     attempt: int = 1
     claimed: bool = False
+    seen: tuple[int, int] | None = None  # (size, mtime_ns) when found stable
 
     @property
     def blob_name(self) -> str:
@@ -149,7 +150,7 @@ class Failed:
 
 @dataclass(frozen=True)
 class Gone:
-    """The file vanished before we claimed it: another replica took it."""
+    """Not ours to upload: another replica took it, or it changed since found stable."""
 
     job: Job
     reason: str = ""

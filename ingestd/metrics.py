@@ -91,7 +91,9 @@ def _counters(view: dict) -> Iterator:
                    stats.processed_err - stats.quarantined)
     yield _counter("ingestd_files_quarantined", "Files moved to .failed after too many attempts.",
                    stats.quarantined)
-    yield _counter("ingestd_files_skipped", "Files gone before the claim (another replica).",
+    yield _counter("ingestd_files_skipped",
+                   "Files skipped at the claim: another replica took them, "
+                   "or they changed since found stable.",
                    stats.skipped)
     yield _counter("ingestd_files_interrupted", "Files whose uploader died or was killed.",
                    stats.interrupted)

@@ -37,6 +37,16 @@ MAX_BACKOFF_S = 60.0
 BATCH = 500
 """Stable files per message: one pickle per file would cost the parent more
 than the scan itself when thousands of files wait."""
+REOFFER_POLLS = 8
+"""A stable file already offered and still waiting in incoming (queued, or
+dropped because the parent's queue was full) is offered again once every
+this many polls, an eighth of them at each poll. Offering every waiting file
+at every poll cost the parent as much as the scan itself (10,000 waiting:
+37 ms of parent CPU per poll, under its lock); this way a poll's messages
+stay small however many files wait, and a dropped file comes back soon."""
+BEAT_EVERY = 256
+"""Entries between heartbeats while listing: a stat stuck on a hung mount
+still stops the beats, without a clock read per entry."""
 
 Signature = tuple[int, int, int]  # size, mtime_ns, inode
 
@@ -58,7 +68,9 @@ def list_incoming(incoming: Path, channel: Channel) -> Listing:
     started = time.monotonic()
     files: dict[str, Signature] = {}
     with os.scandir(incoming) as entries:
-        for entry in entries:
+        for count, entry in enumerate(entries):
+            if count % BEAT_EVERY == 0:
+                channel.beat("scanning")
             if entry.name.startswith("."):
                 continue
             if not entry.is_file(follow_symlinks=False):
@@ -68,7 +80,6 @@ def list_incoming(incoming: Path, channel: Channel) -> Listing:
             except FileNotFoundError:
                 continue  # taken by an uploader or another replica meanwhile
             files[entry.name] = (st.st_size, st.st_mtime_ns, st.st_ino)
-            channel.beat("scanning")
     return Listing(files=files, seconds=time.monotonic() - started)
 
 
@@ -82,6 +93,31 @@ def stable_files(
         for name, sig in current.items()
         if previous.get(name) == sig and now_ns - sig[1] >= min_age_ns
     ]
+
+
+def choose_offers(
+    stable: list[tuple[str, int, int]],
+    current: dict[str, Signature],
+    offered: dict[str, Signature],
+    poll: int,
+    every: int = REOFFER_POLLS,
+) -> tuple[list[tuple[str, int, int]], dict[str, Signature]]:
+    """Which stable files to offer the parent at this poll, and the new ``offered``.
+
+    A file is offered as soon as it is stable (or stable again after a
+    change); after that, while it waits unchanged in incoming, once every
+    ``every`` polls (spread by name, so each poll carries about 1/``every``
+    of the waiting files).
+    """
+    offers = []
+    now_offered: dict[str, Signature] = {}
+    for item in stable:
+        name = item[0]
+        signature = current[name]
+        if offered.get(name) != signature or (hash(name) + poll) % every == 0:
+            offers.append(item)
+        now_offered[name] = signature
+    return offers, now_offered
 
 
 def recover(settings: Settings, channel: Channel) -> int:
@@ -138,6 +174,8 @@ class Scanner:
         self.channel = channel
         self.enabled = False
         self.previous: dict[str, Signature] = {}
+        self.offered: dict[str, Signature] = {}
+        self.polls = 0
         self.backoff_s = 0.0
 
     def run(self, first_start: bool) -> None:
@@ -169,8 +207,10 @@ class Scanner:
             self.previous, listing.files, time.time_ns(), self.settings.min_file_age_s
         )
         self.previous = listing.files
-        for start in range(0, len(stable), BATCH):
-            self.channel.send(Stable(files=tuple(stable[start : start + BATCH])))
+        self.polls += 1
+        offers, self.offered = choose_offers(stable, listing.files, self.offered, self.polls)
+        for start in range(0, len(offers), BATCH):
+            self.channel.send(Stable(files=tuple(offers[start : start + BATCH])))
         self.channel.send(ScanDone(seen=len(listing.files), stable=len(stable),
                                    seconds=listing.seconds))
         self.channel.beat("idle", force=True)
@@ -212,6 +252,7 @@ class Scanner:
             self.enabled = message.enabled
             if not self.enabled:
                 self.previous = {}
+                self.offered = {}
 
 
 def _describe(exc: OSError) -> str:

@@ -255,8 +255,9 @@ class Supervisor:
     def _on_stable(self, message: Stable) -> None:
         if not self.enabled or self.session is None or self.draining:
             return  # found after a stop: it stays in incoming for the next session
-        for name, _size, _mtime in message.files:
-            job = Job(name=name, date=self.session.date, session=self.session.encoded)
+        for name, size, mtime in message.files:
+            job = Job(name=name, date=self.session.date, session=self.session.encoded,
+                      seen=(size, mtime))
             self.queue.add_new(job)
 
     def _on_recovered(self, message: Recovered) -> None:
@@ -450,9 +451,12 @@ class Supervisor:
         if now - self.last_tick > LOOP_STALE_S:
             return False, f"supervisor loop has not ticked for {now - self.last_tick:.0f} s"
         problems = []
+        # A slot held back only while killed children are still dying is no
+        # problem yet; once the kernel keeps them past the grace, it is.
+        stuck = self.stuck_count(now) >= max(1, self.settings.max_stuck_children)
         for slot in self.slots:
             age = slot.live_age(now)
-            if slot.held_back and self.stuck_count(now) >= self.settings.max_stuck_children:
+            if slot.held_back and stuck:
                 problems.append(f"{slot.role} {slot.held_back}")
             elif age <= self.settings.liveness_timeout_s:
                 continue

@@ -16,7 +16,6 @@ architecture's "file's lifecycle", one row per case.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
@@ -77,14 +76,15 @@ def test_kill_9_at_each_step_then_restart_uploads_once_and_leaves_nothing(
     service = make_service(layout_=layout, **settings)
     date = service.status()["session"]["date_prefix"]
     blob = f"{date}/{session}/{NAME}"
-    fuse_mount.freeze(rule.op, glob=mount_path(rule.where, date, session), from_offset=rule.from_offset)
+    fuse_mount.freeze(rule.op, glob=mount_path(rule.where, date, session),
+                      from_offset=rule.from_offset)
     # Written in the backing folder: the test process never waits on its own freeze.
     md5 = write_random(fuse_mount.backing_path("incoming", NAME), SIZE)
 
     # The uploader is now in the kernel at exactly this step.
     blocked = fuse_mount.wait_blocked(1, op=rule.op, timeout=20)
-    assert all(b["path"] in (mount_path(rule.where, date, session), mount_path("incoming", date, session))
-               for b in blocked), blocked
+    paths = (mount_path(rule.where, date, session), mount_path("incoming", date, session))
+    assert all(b["path"] in paths for b in blocked), blocked
     def at_stage() -> dict | None:
         flights = service.status()["in_flight"]
         return flights[0] if flights and flights[0]["stage"] == rule.stage else None

@@ -21,6 +21,7 @@ import pytest
 
 from tests.support.azurite import Azurite
 from tests.support.faults import MiB, assert_all_arrived, assert_nothing_left, folder_layout
+from tests.support.fusefs import FreezableMount, fuse_mount  # noqa: F401 - fixture
 from tests.support.service import Layout, wait_until, write_random
 
 FILES = 50
@@ -82,3 +83,84 @@ def test_replicas_share_the_work_without_loss_errors_or_crashes(
     # The rename is the lock: a replica that loses it skips the file (skipped_gone).
     assert duplicates == 0, f"{duplicates} files uploaded by more than one replica"
     assert all(n > 0 for n in uploads), "every replica should have taken some work"
+
+
+@pytest.mark.timeout(90)
+def test_replica_starting_while_another_uploads_the_same_file(
+    fuse_mount: FreezableMount, make_service, layout: Layout, tmp_path: Path,
+    azurite: Azurite, azurite_container: str,
+) -> None:
+    """Scale-out or a rolling update: a new replica's recovery finds a file another
+    replica is uploading right now (``.processing`` does not say whose it is), and
+    uploads it too. Both uploads must end without an error or a leftover.
+
+    Deterministic: replica A's staging is on the FUSE mount, and its block reads are
+    frozen from the third block on, so A has staged two blocks when B starts,
+    uploads the whole file, commits and cleans up. Then A goes on and commits.
+    """
+    settings = {"APP_AUTOSTART": "true", "APP_AUTOSTART_SESSION": "overlap",
+                "APP_AZURE_MAX_BLOCK_SIZE": "1MiB", "APP_AZURE_MAX_CONCURRENCY": "1",
+                "APP_WORKER_CONCURRENCY": "1"}
+    # The NFS folders are the mount's backing folder itself (plain local access);
+    # only A's staging goes through FUSE.
+    staging_a = folder_layout(layout.nfs, fuse_mount.mountpoint / "staging-a")
+    staging_b = folder_layout(layout.nfs, tmp_path / "staging-b")
+    first = make_service(layout_=staging_a, **settings)
+    date = first.status()["session"]["date_prefix"]
+    blob = f"{date}/overlap/big.bin"
+    fuse_mount.freeze("read", glob=f"/staging-a/{date}/overlap/big.bin", from_offset=2 * MiB)
+    md5 = write_random(layout.incoming / "big.bin", 8 * MiB)
+    fuse_mount.wait_blocked(1, op="read", timeout=20)
+    blocks = azurite.container_client(azurite_container).get_blob_client(blob)
+    wait_until(lambda: len(blocks.get_block_list("all")[1]) >= 2, 10,
+               what="A's first blocks staged")
+
+    second = make_service(layout_=staging_b, **settings)
+    second.wait_processed(1, timeout=30)
+    assert second.status()["recovered"] == 1
+    assert azurite.blob_md5(azurite_container, blob) == md5
+
+    fuse_mount.thaw()
+    wait_until(lambda: (s := first.status())["processed_ok"] + s["processed_err"]
+               + s["skipped_gone"] >= 1 and not s["in_flight"], 30, what="A to finish")
+    statuses = [first.status(), second.status()]
+    assert azurite.blob_md5(azurite_container, blob) == md5
+    assert azurite.blob_names(azurite_container, prefix=f"{date}/overlap/") == [blob]
+    assert [s["processed_err"] for s in statuses] == [0, 0], statuses[0]["last_error"]
+    assert_nothing_left(staging_a)
+    assert_nothing_left(staging_b)
+    print(f"\noverlap: uploads {[s['processed_ok'] for s in statuses]}, skipped "
+          f"{[s['skipped_gone'] for s in statuses]}")
+
+
+@pytest.mark.timeout(10)
+def test_claim_rules_the_rename_is_the_lock(tmp_path: Path) -> None:
+    """The claim's decisions, on plain folders (no service): who may take a file."""
+    from ingestd.config import Settings
+    from ingestd.messages import Job
+    from ingestd.uploader import Paths, claim
+
+    layout = folder_layout(tmp_path / "nfs", tmp_path / "staging")
+    settings = Settings(azure_account_url="http://127.0.0.1:1/x", azure_container="c",
+                        **{k[4:].lower(): v for k, v in layout.env().items()})
+    paths = Paths.of(settings, Job("f.bin", "20260101", "s"))
+    paths.claimed.parent.mkdir(parents=True)
+
+    def incoming(data: bytes) -> tuple[int, int]:
+        paths.incoming.write_bytes(data)
+        st = paths.incoming.stat()
+        return st.st_size, st.st_mtime_ns
+
+    seen = incoming(b"one")
+    assert claim(paths, ours=False, seen=seen) and paths.claimed.read_bytes() == b"one"
+    assert not claim(paths, ours=False, seen=seen), "lost the rename: another replica's"
+    assert claim(paths, ours=True), "our own claim (recovered, retried) is continued"
+    seen = incoming(b"two")
+    assert claim(paths, ours=False, seen=seen), "an older claimed copy is finished first"
+    assert paths.claimed.read_bytes() == b"one" and paths.incoming.read_bytes() == b"two"
+    paths.claimed.unlink()
+    incoming(b"two, then rewritten")
+    assert not claim(paths, ours=False, seen=seen), "changed since found stable: not yet"
+    assert paths.incoming.exists() and not paths.claimed.exists()
+    paths.incoming.unlink()
+    assert not claim(paths, ours=False, seen=seen) and not claim(paths, ours=True)

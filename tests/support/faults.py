@@ -6,6 +6,11 @@ fault (EIO on a FUSE mount, a full tmpfs, a stopped Azurite, ``kill -9``)
 and must then prove the same two things: every file dropped in arrived with
 the right bytes, and nothing was left behind in incoming, ``.processing``
 or staging.
+
+With the FUSE mount, request ``fuse_mount`` before ``make_service`` in a
+test's arguments: the mount's backing folder must exist before the
+``layout`` fixture creates incoming in it, and teardown then stops the
+services before it unmounts.
 """
 
 from __future__ import annotations
@@ -49,7 +54,9 @@ class FolderLayout(Layout):
 
 
 def folder_layout(nfs: Path, staging: Path) -> FolderLayout:
-    return FolderLayout(root=nfs, nfs_root=nfs, staging_root=staging).make()  # type: ignore[return-value]
+    layout = FolderLayout(root=nfs, nfs_root=nfs, staging_root=staging)
+    layout.make()
+    return layout
 
 
 @contextmanager

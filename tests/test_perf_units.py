@@ -1,0 +1,110 @@
+"""Unit tests for the fast paths: one-pass staging, block streaming, scanner offers."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from multiprocessing import Pipe
+from pathlib import Path
+
+import pytest
+
+from ingestd import blobstore, uploader
+from ingestd.child import Channel
+from ingestd.scanner import choose_offers
+
+MiB = 1024 * 1024
+
+
+class _Paths:
+    def __init__(self, root: Path) -> None:
+        self.claimed = root / "claimed.bin"
+        self.staged = root / "staging" / "claimed.bin"
+
+
+@pytest.mark.parametrize("size", [0, 1000, 4 * MiB, 4 * MiB + 1, 3 * MiB + 5, 6 * MiB,
+                                  uploader.COPY_CHUNK * 5 + 17])
+def test_stage_hashes_the_file_and_each_block_in_one_pass(tmp_path: Path, size: int) -> None:
+    block, single_put = 2 * MiB + 512 * 1024, 4 * MiB  # a block size that does not divide the chunk
+    data = os.urandom(size)
+    paths = _Paths(tmp_path)
+    paths.claimed.write_bytes(data)
+    parent, child = Pipe()
+    blocks: list[tuple[int, int, bytes]] = []
+
+    staged = uploader.stage(paths, Channel(child), "claimed.bin", block, single_put,
+                            lambda offset, length, md5: blocks.append((offset, length, md5)))
+
+    assert paths.staged.read_bytes() == data
+    assert staged.size == size
+    assert staged.md5 == hashlib.md5(data).digest()
+    if size <= single_put:
+        assert staged.data == data and staged.block_md5s == () and blocks == []
+        return
+    assert staged.data is None
+    expected = [(o, len(data[o:o + block]), hashlib.md5(data[o:o + block]).digest())
+                for o in range(0, size, block)]
+    assert blocks == expected
+    assert list(staged.block_md5s) == [md5 for _, _, md5 in expected]
+    assert len(staged.block_md5s) == blobstore.block_count(size, block)
+    parent.close()
+
+
+def test_a_failing_block_upload_stops_the_copy_and_removes_the_partial_copy(
+        tmp_path: Path) -> None:
+    paths = _Paths(tmp_path)
+    paths.claimed.write_bytes(os.urandom(8 * MiB))
+    _, child = Pipe()
+
+    def refuse(offset: int, length: int, md5: bytes) -> None:
+        raise RuntimeError("storage said no")
+
+    with pytest.raises(uploader.BlockFailed):
+        uploader.stage(paths, Channel(child), "claimed.bin", MiB, MiB, refuse)
+    assert not paths.staged.exists()
+
+
+def test_file_range_reads_only_its_range_and_rewinds(tmp_path: Path) -> None:
+    import requests.utils
+
+    path = tmp_path / "f.bin"
+    data = os.urandom(3 * blobstore.READ_SIZE + 10)
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        offset, length = 100, 2 * blobstore.READ_SIZE + 7
+        body = blobstore.FileRange(fd, offset, length)
+        assert len(body) == length and requests.utils.super_len(body) == length
+        chunks = []
+        while chunk := body.read(32 * 1024):  # what the HTTP stack asks for
+            assert len(chunk) <= blobstore.READ_SIZE
+            chunks.append(bytes(chunk))
+        assert b"".join(chunks) == data[offset:offset + length]
+        assert body.tell() == length
+        body.seek(0)  # the SDK's retry rewinds the body
+        assert body.read() == data[offset:offset + length]
+        assert body.seek(0, os.SEEK_END) == length and body.read(10) == b""
+    finally:
+        os.close(fd)
+
+
+def test_waiting_files_are_offered_again_once_every_few_polls() -> None:
+    names = [f"f{i:04d}" for i in range(800)]
+    current = {n: (1, 1, i) for i, n in enumerate(names)}
+    stable = [(n, 1, 1) for n in names]
+
+    offers, offered = choose_offers(stable, current, {}, poll=1, every=8)
+    assert len(offers) == len(names)  # new: all offered at once
+
+    counts = dict.fromkeys(names, 0)
+    for poll in range(2, 2 + 8):
+        offers, offered = choose_offers(stable, current, offered, poll=poll, every=8)
+        assert len(offers) < len(names) / 4  # a share per poll, not everything
+        for name, _, _ in offers:
+            counts[name] += 1
+    assert set(counts.values()) == {1}  # each waiting file exactly once per 8 polls
+
+    changed = dict(current, f0001=(2, 2, 1))  # rewritten since it was offered
+    offers, offered = choose_offers([("f0001", 2, 2)], changed, offered, poll=10, every=8)
+    assert offers == [("f0001", 2, 2)]
+    assert list(offered) == ["f0001"]  # gone files are forgotten
