@@ -51,14 +51,20 @@ def test_sigterm_lets_the_upload_in_flight_finish_then_exits_0(
 
 @pytest.mark.timeout(240)
 def test_sigterm_past_the_grace_period_leaves_the_file_for_the_next_start(
-    make_service, layout: Layout, azurite: Azurite, azurite_container: str
+    fuse_mount, make_service, layout: Layout, azurite: Azurite, azurite_container: str
 ) -> None:
+    """The upload is held mid-way (reads of the staging copy frozen), so the grace
+    period surely expires with the file in flight."""
     grace = 2.0
-    service = make_service(APP_SHUTDOWN_GRACE_S=str(grace), APP_AZURE_MAX_CONCURRENCY="1",
-                           APP_AZURE_MAX_BLOCK_SIZE="4MiB")
+    staging = fuse_mount.mountpoint / "staging"
+    fuse_mount.backing_path("staging").mkdir()
+    service = make_service(APP_SHUTDOWN_GRACE_S=str(grace),
+                           APP_LOCAL_STAGING_ROOT=str(staging))
     session = service.start_session("cut short")
-    md5 = write_random(layout.incoming / "long.bin", 512 * MiB)
-    wait_until(lambda: uploading(service), 60, interval=0.05, what="the upload to start")
+    fuse_mount.freeze(["read"], glob="/staging/*", from_offset=16 * MiB)
+    md5 = write_random(layout.incoming / "long.bin", 64 * MiB)
+    fuse_mount.wait_blocked(1, op="read", timeout=60)
+    assert service.status()["in_flight"], "the upload is in flight"
 
     service.terminate()
     started = time.monotonic()
@@ -70,13 +76,15 @@ def test_sigterm_past_the_grace_period_leaves_the_file_for_the_next_start(
     wait_until(lambda: not service.survivors(), 10, what="no process left")
     claimed = layout.processing / session["date_prefix"] / "cut%20short" / "long.bin"
     assert claimed.exists() and md5_of(claimed) == md5
+    blob = f"{session['date_prefix']}/cut%20short/long.bin"
+    assert blob not in azurite.blob_names(azurite_container, prefix=session["date_prefix"])
 
-    restarted = make_service()
-    restarted.wait_processed(1, timeout=180)
-    assert azurite.blob_md5(azurite_container,
-                            f"{session['date_prefix']}/cut%20short/long.bin") == md5
+    fuse_mount.thaw()
+    restarted = make_service(APP_LOCAL_STAGING_ROOT=str(staging))
+    restarted.wait_processed(1, timeout=120)
+    assert azurite.blob_md5(azurite_container, blob) == md5
     assert layout.files_under(layout.processing) == []
-    assert layout.files_under(layout.staging) == []
+    assert layout.files_under(fuse_mount.backing_path("staging")) == []
 
 
 @pytest.mark.timeout(60)
