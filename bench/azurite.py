@@ -84,6 +84,18 @@ class Azurite:
         except ProcessLookupError:
             pass
 
+    def restart(self) -> Azurite:
+        """A fresh, empty Azurite on the same port.
+
+        Azurite's in-memory store does not give back the space of deleted
+        blobs and gets slower as it fills (measured: its CPU per GiB went
+        from about 4.5 s to over 7 s after three rounds), so each contender's
+        run starts from an empty one. Clients on the old one see their
+        connections closed and open new ones.
+        """
+        self.stop()
+        return self.start()
+
     def __enter__(self) -> Azurite:
         return self.start()
 

@@ -71,13 +71,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--small-rounds", type=int, default=None, help="default: --rounds")
     p.add_argument("--scan-entries", type=int, default=10000,
                    help="entries waiting in incoming for the scanner-cost test (0 skips)")
+    p.add_argument("--scan-window", type=float, default=10.0,
+                   help="seconds of the live scanner-cost measurement")
     p.add_argument("--workers", type=int, default=d["workers"],
                    help="files at a time: ingestd uploaders, rclone --transfers, SDK threads")
     p.add_argument("--block-size-mib", type=float, default=d["block_size"] / MiB)
     p.add_argument("--concurrency", type=int, default=d["concurrency"],
                    help="parallel blocks per file")
     p.add_argument("--single-put-mib", type=float, default=d["single_put_size"] / MiB)
-    p.add_argument("--poll-interval", type=float, default=0.25,
+    p.add_argument("--poll-interval", type=float, default=0.1,
                    help="ingestd APP_POLL_INTERVAL_S (its default is 2.0)")
     p.add_argument("--sdk-mode", choices=("processes", "threads"), default="processes",
                    help="the floor as --workers processes (ingestd's shape) or threads")
@@ -88,6 +90,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="scratch folder (default: a new temp folder, removed at the end)")
     p.add_argument("--keep", action="store_true", help="keep the scratch folder")
     p.add_argument("--no-chart", action="store_true")
+    p.add_argument("--ingestd-src", type=Path, default=None, metavar="DIR",
+                   help="run ingestd from another checkout (to compare versions)")
     p.add_argument("--ingestd-env", action="append", default=[], metavar="APP_X=VALUE",
                    help="extra environment for ingestd (experiments)")
     return p.parse_args(argv)
@@ -134,26 +138,41 @@ def machine() -> dict[str, Any]:
         "azure_storage_blob": azure.storage.blob.__version__,
         "rclone": rclone_version(), "azurite": azurite,
         "load_before": os.getloadavg(),
+        "ingestd_commit": _git("rev-parse", "--short", "HEAD"),
+        "ingestd_dirty": bool(_git("status", "--porcelain", "--", "ingestd")),
     }
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def verify(az: Azurite, result: Result, prefix: str, corpus: Corpus, names: list[str]) -> None:
     """Download every blob, compare its MD5 with the source's, then delete it."""
     client = az.container(CONTAINER)
 
-    def check(name: str) -> bool:
+    def check(name: str) -> tuple[bool, bool]:
         digest = hashlib.md5()
         blob = client.get_blob_client(prefix + name)
-        for chunk in blob.download_blob(max_concurrency=2).chunks():
+        download = blob.download_blob(max_concurrency=2)
+        for chunk in download.chunks():
             digest.update(chunk)
         ok = digest.hexdigest() == corpus.md5_of(name)
+        stored = download.properties.content_settings.content_md5
+        stored_ok = stored is not None and bytes(stored).hex() == corpus.md5_of(name)
         blob.delete_blob()
-        return ok
+        return ok, stored_ok
 
     with ThreadPoolExecutor(4) as pool:
-        oks = list(pool.map(check, names))
-    result.md5_ok = all(oks)
-    result.md5_checked = sum(oks)
+        checks = list(pool.map(check, names))
+    result.md5_ok = all(ok for ok, _ in checks)
+    result.md5_checked = sum(ok for ok, _ in checks)
+    # The whole-file MD5 the uploader stored on the blob (Content-MD5), where it stores one.
+    result.extra["stored_md5_ok"] = sum(stored for _, stored in checks)
     left = [b.name for b in client.list_blobs(name_starts_with=prefix)]
     if left:
         result.extra["unexpected_blobs"] = left[:10]
@@ -168,6 +187,10 @@ def run_scenario(name: str, corpus: Corpus, rounds: int, plan: Plan, az: Azurite
         names = [f"{name[0]}{round_}-{m}" for m in corpus.names]
         for contender in order:
             prefix = f"{contender}/{name}/"
+            az.restart()  # every run starts on an empty Azurite (see Azurite.restart)
+            az.create_container(CONTAINER)
+            assert az.proc is not None
+            sampler.WATCHED["azurite"] = az.proc.pid
             if contender == "sdk":
                 result = run_sdk(corpus, names, work / "sdk-src", az.connection_string,
                                  CONTAINER, prefix, plan.shape, name, round_,
@@ -218,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         print(message, flush=True)
 
     info = machine()
+    info["ingestd_src"] = str(args.ingestd_src or REPO)
     log(f"machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB; "
         f"load {info['load_before']}")
     log(f"shape: {asdict(plan.shape)}; scratch {work}")
@@ -234,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                 extra = dict(kv.split("=", 1) for kv in args.ingestd_env)
                 service = Ingestd(folders, az.account_url, az.connection_string, CONTAINER,
                                   plan.shape, plan.poll_interval_s, work / "ingestd.log",
-                                  extra_env=extra).start()
+                                  extra_env=extra, source=args.ingestd_src).start()
             try:
                 if plan.count:
                     log(f"corpus: {plan.count} x {plan.size / MiB:g} MiB")
@@ -250,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                 if plan.scan_entries:
                     log(f"scanner cost with {plan.scan_entries} entries waiting")
                     scan = scancost.measure(plan.scan_entries, work / "scan", service, az,
-                                            CONTAINER, log)
+                                            CONTAINER, log, args.scan_window)
             finally:
                 if service is not None:
                     service.stop()

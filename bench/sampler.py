@@ -34,6 +34,24 @@ def _reset_peak(pid: int) -> bool:
         return False
 
 
+def _rchar(pid: int | None) -> int | None:
+    """Bytes the process has read through read()/recv() so far (/proc/PID/io).
+
+    For the in-memory Azurite that is, to within headers, the request bodies
+    it received: the same progress measure for every contender.
+    """
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/io") as handle:
+            for line in handle:
+                if line.startswith("rchar:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
 def _hwm_bytes(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/status") as handle:
@@ -54,6 +72,7 @@ class TreeUsage:
     per_process_cpu: dict[str, float] = field(default_factory=dict)
     samples: list[tuple[float, int]] = field(default_factory=list)  # (t, rss sum)
     watched_cpu_s: dict[str, float] = field(default_factory=dict)
+    received: list[tuple[float, int]] = field(default_factory=list)  # (t, bytes Azurite read)
     machine_busy: float = 0.0  # share of all cores busy (any process), 0..1
     machine_iowait: float = 0.0
 
@@ -122,6 +141,7 @@ class TreeSampler:
                 self.cpu_start[pid] = cpu
                 self.cpu_last[pid] = cpu
             _reset_peak(pid)
+        self._rchar0 = _rchar(WATCHED.get("azurite"))
         self._t0 = time.monotonic()
         self._thread.start()
         return self
@@ -146,6 +166,9 @@ class TreeSampler:
             if cpu is not None:
                 self.cpu_last[pid] = cpu
         self.usage.samples.append((now - self._t0, total))
+        rchar = _rchar(WATCHED.get("azurite"))
+        if rchar is not None and self._rchar0 is not None:
+            self.usage.received.append((now - self._t0, rchar - self._rchar0))
         self.usage.peak_rss_sampled = max(self.usage.peak_rss_sampled, total)
 
     def stop(self) -> TreeUsage:

@@ -79,7 +79,8 @@ def isolated(entries: int, work: Path, repeats: int = 7) -> list[dict[str, Any]]
     return rows
 
 
-def live(entries: int, work: Path, service: Ingestd, az, container: str) -> dict[str, Any]:
+def live(entries: int, work: Path, service: Ingestd, az, container: str,
+         window_s: float = WINDOW_S) -> dict[str, Any]:
     folders = service.folders
     master = work / "live-master.bin"
     master.write_bytes(PAYLOAD)
@@ -105,7 +106,7 @@ def live(entries: int, work: Path, service: Ingestd, az, container: str) -> dict
           "uploaders": sum(cpu(u) for u in uploaders)}
     started = time.monotonic()
     sampler = StatusSampler(service.url, started, before, 10**12).start()
-    time.sleep(WINDOW_S)
+    time.sleep(window_s)
     sampler.stop()
     seconds = time.monotonic() - started
     after = service.status()
@@ -163,13 +164,13 @@ def service_poll(service: Ingestd) -> float:
 
 
 def measure(entries: int, work: Path, service: Ingestd | None, az, container: str,
-            log) -> dict[str, Any]:
+            log, window_s: float = WINDOW_S) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"isolated": isolated(entries, work)}
     for row in result["isolated"]:
         log(f"  isolated: {row['entries']:6d} entries  {row['poll_ms']:7.2f} ms/poll  "
             f"{row['us_per_entry']:5.2f} us/entry")
     if service is not None:
-        result["live"] = live(entries, work, service, az, container)
+        result["live"] = live(entries, work, service, az, container, window_s)
         log(f"  live: {result['live']}")
     return result

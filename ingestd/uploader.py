@@ -505,11 +505,12 @@ def read_attempts_quietly(paths: Paths) -> int:
 
 
 UPLOADER_NICE = 10
-"""Uploads are batch work that can use every core (hashing, sending); the
-parent's API and the scanner must not queue behind them. Measured under full
-CPU load: /v1/status p99 about 20 ms with uploaders at nice 10, about 36 ms at
-nice 0, with no loss of throughput (the uploaders still get all the CPU
-nothing else wants)."""
+"""Uploads are batch work that can use every core (two MD5 passes at about
+0.7 GB/s per core); the parent's API, its probes and the scanner must not
+queue behind them when the pod's CPU limit is reached. Measured with the
+machine loaded by other work: /v1/status p99 about 20 ms at nice 10 against
+about 36 ms at nice 0; on a quiet machine no difference in throughput or p99
+(the uploaders still get all the CPU nothing else wants)."""
 
 
 def _lower_priority() -> None:

@@ -153,8 +153,7 @@ def test_entrypoint_as_non_root_with_image_env_and_configmap_uploads_a_file(
         os.chown(source, 10001, 10001)
         wait_until(lambda: (status() or {}).get("processed_ok") == 1, 60,
                    what="the upload")
-        blobs = azurite.blob_names(azurite_container, prefix="")
-        blob = next(b for b in blobs if b.endswith("/container/from-the-pod.bin"))
+        blob = f"{first['session']['date_prefix']}/container/from-the-pod.bin"
         assert azurite.blob_md5(azurite_container, blob) == md5
         assert not source.exists()
 

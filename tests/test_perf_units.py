@@ -73,7 +73,8 @@ def test_file_range_reads_only_its_range_and_rewinds(tmp_path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         offset, length = 100, 2 * blobstore.READ_SIZE + 7
-        body = blobstore.FileRange(fd, offset, length)
+        reads: list[int] = []
+        body = blobstore.FileRange(fd, offset, length, lambda: reads.append(body.tell()))
         assert len(body) == length and requests.utils.super_len(body) == length
         chunks = []
         while chunk := body.read(32 * 1024):  # what the HTTP stack asks for
@@ -81,6 +82,7 @@ def test_file_range_reads_only_its_range_and_rewinds(tmp_path: Path) -> None:
             chunks.append(bytes(chunk))
         assert b"".join(chunks) == data[offset:offset + length]
         assert body.tell() == length
+        assert reads == [blobstore.READ_SIZE, 2 * blobstore.READ_SIZE, length]  # a beat per read
         body.seek(0)  # the SDK's retry rewinds the body
         assert body.read() == data[offset:offset + length]
         assert body.seek(0, os.SEEK_END) == length and body.read(10) == b""
