@@ -26,7 +26,6 @@ import psutil
 import pytest
 
 from tests.support import fusefs
-from tests.support.fusefs import fuse_mount  # noqa: F401 - makes the fixture available here
 from tests.support.fusefs import FreezableMount, is_mounted
 
 MiB = 1 << 20

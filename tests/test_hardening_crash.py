@@ -21,7 +21,7 @@ import pytest
 
 from tests.support.azurite import Azurite
 from tests.support.faults import MiB, assert_nothing_left, folder_layout
-from tests.support.fusefs import FreezableMount, fuse_mount  # noqa: F401 - fixture
+from tests.support.fusefs import FreezableMount
 from tests.support.service import md5_of, wait_until, write_random
 
 NAME = "crash.bin"

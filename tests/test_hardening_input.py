@@ -30,7 +30,7 @@ from tests.support.faults import (
     failed_files,
     folder_layout,
 )
-from tests.support.fusefs import FreezableMount, fuse_mount  # noqa: F401 - fixture
+from tests.support.fusefs import FreezableMount
 from tests.support.service import Layout, md5_of, wait_until, write_random
 
 JSON = {"content-type": "application/json"}

@@ -27,7 +27,7 @@ from tests.support.faults import (
     metric,
     sidecar,
 )
-from tests.support.fusefs import FreezableMount, fuse_mount  # noqa: F401 - fixture
+from tests.support.fusefs import FreezableMount
 from tests.support.service import md5_of, wait_until, write_random
 
 

@@ -21,7 +21,7 @@ import pytest
 
 from tests.support.azurite import Azurite
 from tests.support.faults import MiB, assert_all_arrived, assert_nothing_left, folder_layout
-from tests.support.fusefs import FreezableMount, fuse_mount  # noqa: F401 - fixture
+from tests.support.fusefs import FreezableMount
 from tests.support.service import Layout, wait_until, write_random
 
 FILES = 50

@@ -38,14 +38,13 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from ingestd import scanner as scanner_module
 from ingestd.config import Settings
 from ingestd.messages import ScanError
 from tests.support.azurite import Azurite
 from tests.support.fusefs import FreezableMount
-from tests.support.service import Layout, Service, wait_until, write_random
+from tests.support.service import Layout, Service, scrape, wait_until, write_random
 
 MiB = 1024 * 1024
 STALL_S = 2.5
@@ -120,16 +119,6 @@ def healthz(service: Service) -> tuple[int, dict[str, Any]]:
     return response.status_code, response.json()
 
 
-def scrape(service: Service) -> dict[str, float]:
-    """Every sample of /metrics as ``name{labels}`` -> value (prometheus_client's parser)."""
-    response = service.http.get("/metrics")
-    assert response.status_code == 200
-    samples = {}
-    for family in text_string_to_metric_families(response.text):
-        for sample in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
-            samples[f"{sample.name}{{{labels}}}"] = sample.value
-    return samples
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -10,25 +10,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.azurite import Azurite
-from tests.support.service import Layout, Service, write_random
+from tests.support.service import Layout, scrape, write_random
 
 MiB = 1024 * 1024
 
 
-def scrape(service: Service) -> dict[str, float]:
-    """Every sample of /metrics as ``name{labels}`` -> value."""
-    response = service.http.get("/metrics")
-    assert response.status_code == 200
-    assert response.headers["content-type"].startswith("text/plain")
-    samples = {}
-    for family in text_string_to_metric_families(response.text):
-        for sample in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
-            samples[f"{sample.name}{{{labels}}}"] = sample.value
-    return samples
 
 
 @pytest.mark.timeout(90)

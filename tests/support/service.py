@@ -282,6 +282,21 @@ class Service:
         return self.status()["children"]
 
 
+def scrape(service: Service) -> dict[str, float]:
+    """Every sample of /metrics as ``name{labels}`` -> value, via prometheus_client's parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = service.http.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}"] = sample.value
+    return samples
+
+
 def run_once(env: dict[str, str], timeout: float = 60.0) -> subprocess.CompletedProcess:
     """Run ingestd expecting it to exit by itself (a start-up failure)."""
     return subprocess.run(
