@@ -36,8 +36,10 @@ from ingestd.messages import Done, Failed, Gone, Job, Quarantined, Stop
 
 log = logging.getLogger(__name__)
 
-COPY_CHUNK = 1024 * 1024
-"""Bytes per read from NFS while staging (a typical NFS rsize)."""
+COPY_CHUNK = 256 * 1024
+"""Bytes per read from NFS while staging. Measured: the same CPU per GiB as
+1 MiB (hashing dominates; the NFS client reads ahead anyway), and 0.75 MiB
+less resident per uploader."""
 ATTEMPTS_FOLDER = ".attempts"
 ERRORS_FOLDER = ".errors"
 
