@@ -147,19 +147,22 @@ def test_growing_file_is_claimed_only_once_it_stops_changing(
 
 @pytest.mark.timeout(60)
 def test_dotfiles_folders_and_symlinks_are_left_alone(
-    make_service, layout: Layout, tmp_path: Path
+    make_service, layout: Layout, tmp_path: Path, azurite: Azurite, azurite_container: str
 ) -> None:
     service = make_service()
-    service.start_session("skips")
+    session = service.start_session("skips")
     (layout.incoming / ".writer.tmp").write_bytes(b"partial")
     (layout.incoming / "a-folder").mkdir()
     (layout.incoming / "a-folder" / "inner.bin").write_bytes(b"inner")
     outside = tmp_path / "outside.bin"
     outside.write_bytes(b"outside")
     (layout.incoming / "link.bin").symlink_to(outside)
-    write_random(layout.incoming / "real.bin", 1000)
+    md5 = write_random(layout.incoming / "real.bin", 1000)
 
     service.wait_processed(1, timeout=30)
+    prefix = f"{session['date_prefix']}/skips/"
+    assert azurite.blob_names(azurite_container, prefix=prefix) == [prefix + "real.bin"]
+    assert azurite.blob_md5(azurite_container, prefix + "real.bin") == md5
     time.sleep(1.5)  # several more polls
     assert (layout.incoming / ".writer.tmp").read_bytes() == b"partial"
     assert (layout.incoming / "a-folder" / "inner.bin").read_bytes() == b"inner"
