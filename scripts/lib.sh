@@ -66,7 +66,9 @@ install_checkov() {
 # dependencies, then the app as a wheel. The container-entrypoint test runs it
 # as UID 10001, which also proves requirements.lock installs cleanly.
 install_image_venv() {
-    local venv="$REPO/.venv-image" stamp digest
+    # Under /opt like the image's /opt/venv: UID 10001 must reach it, and a clone may sit
+    # in a private (0700) folder.
+    local venv="/opt/ingestd-image-venv" stamp digest
     stamp="$venv/.built"
     digest="$(cat "$REPO/requirements.lock" "$REPO/pyproject.toml" "$REPO"/ingestd/*.py | sha256sum | cut -d' ' -f1)"
     if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$digest" ]; then return 0; fi

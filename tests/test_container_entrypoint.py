@@ -28,7 +28,7 @@ from tests.support.azurite import Azurite
 from tests.support.service import free_port, wait_until, write_random
 
 REPO = Path(__file__).resolve().parents[1]
-IMAGE_VENV = REPO / ".venv-image"
+IMAGE_VENV = Path("/opt/ingestd-image-venv")
 """Built by scripts/test like the Dockerfile's /opt/venv: the system Python
 (the image's user could not enter /root, where a pyenv Python lives), the
 hash-locked requirements, then the app wheel."""
