@@ -353,10 +353,12 @@ class Staged:
     ``block_md5s`` has one digest per ``APP_AZURE_MAX_BLOCK_SIZE`` block (empty
     when the file goes in one request); ``data`` holds the whole file only
     when it goes in one request (at most ``APP_AZURE_MAX_SINGLE_PUT_SIZE``).
+    ``md5`` is the whole file's, None when it was not computed
+    (``APP_AZURE_PUT_MD5`` off and the file goes in blocks).
     """
 
     size: int
-    md5: bytes
+    md5: bytes | None
     block_md5s: tuple[bytes, ...] = ()
     data: bytes | None = None
 
@@ -435,10 +437,6 @@ class FileRange:
         return data
 
 
-def block_count(size: int, block_size: int) -> int:
-    return max(1, -(-size // block_size))
-
-
 MAX_BLOCKS_AHEAD = 256
 """Blocks queued for upload at most (each is a few small objects, no data):
 the staging copy may run this far ahead of the upload."""
@@ -513,13 +511,13 @@ class BlockUpload:
         for future in finished:
             future.result()  # raises the block's error
 
-    def commit(self, size: int, md5: bytes) -> None:
-        """Wait for every block, then commit them with the whole file's MD5."""
+    def commit(self, size: int, md5: bytes | None) -> None:
+        """Wait for every block, then commit them, with the whole file's MD5 if known."""
         self.total = size
         while self.pending:
             self._collect(block=True)
-        self.blob.commit_block_list(self.block_ids,
-                                    content_settings=ContentSettings(content_md5=bytearray(md5)))
+        settings = ContentSettings(content_md5=bytearray(md5)) if md5 is not None else None
+        self.blob.commit_block_list(self.block_ids, content_settings=settings)
 
     def close(self) -> None:
         """Cancel what has not started, wait for what has, release the file."""
@@ -533,45 +531,6 @@ class BlockUpload:
             self._fd = None
 
 
-def upload_file(
-    client: ContainerClient,
-    settings: Settings,
-    blob_name: str,
-    path: str,
-    staged: Staged,
-    progress: Callable[[int, int | None], None],
-    pool: ThreadPoolExecutor | None = None,
-) -> None:
-    """Upload an already staged file as a Block Blob named ``blob_name``, replacing any.
-
-    A file up to ``APP_AZURE_MAX_SINGLE_PUT_SIZE`` (or whose bytes staging
-    kept) goes in one request from memory; a larger one as blocks of
-    ``APP_AZURE_MAX_BLOCK_SIZE`` (see :class:`BlockUpload`), using the block
-    MD5s computed while staging. The whole file's MD5 is stored on the blob
-    so anyone can check it later.
-    """
-    if staged.data is not None or staged.size <= settings.azure_max_single_put_size:
-        put_whole(client, blob_name, path, staged)
-        progress(staged.size, staged.size)
-        return
-    block_size = settings.azure_max_block_size
-    count = block_count(staged.size, block_size)
-    if len(staged.block_md5s) != count:
-        raise ValueError(f"{len(staged.block_md5s)} block digests for {count} blocks")
-    own_pool = pool is None
-    pool = pool or ThreadPoolExecutor(settings.azure_max_concurrency, thread_name_prefix="block")
-    upload = BlockUpload(client, settings, blob_name, path, pool, progress)
-    try:
-        for index, md5 in enumerate(staged.block_md5s):
-            offset = index * block_size
-            upload.add(offset, min(block_size, staged.size - offset), md5)
-        upload.commit(staged.size, staged.md5)
-    finally:
-        upload.close()
-        if own_pool:
-            pool.shutdown(wait=False)
-
-
 def put_whole(client: ContainerClient, blob_name: str, path: str, staged: Staged) -> None:
     """One Put Blob request: the file's bytes (kept by staging, else read), MD5-checked.
 
@@ -581,6 +540,7 @@ def put_whole(client: ContainerClient, blob_name: str, path: str, staged: Staged
     header.
     """
     data = staged.data
+    assert staged.md5 is not None, "staging always hashes a file that goes in one request"
     if data is None:
         with open(path, "rb") as stream:
             data = stream.read()

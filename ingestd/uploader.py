@@ -124,13 +124,16 @@ class BlockFailed(Exception):
 
 
 def stage(paths: Paths, channel: Channel, file: str, block_size: int, single_put_size: int,
-          on_block: Callable[[int, int, bytes], None] | None = None) -> Staged:
+          on_block: Callable[[int, int, bytes], None] | None = None,
+          whole_md5: bool = True) -> Staged:
     """Copy the claimed file to staging, hashing it in the same pass; fsync both.
 
-    The one read of the NFS file yields everything the upload needs: the
-    whole file's MD5 (stored on the blob), one MD5 per upload block (each
-    block's Content-MD5, so the upload never hashes or reads a file twice),
-    and, for a file small enough to go in one request, its bytes.
+    The one read of the NFS file yields everything the upload needs: one
+    MD5 per upload block (each block's Content-MD5, so the upload never
+    hashes or reads a file twice), the whole file's MD5 when it is wanted
+    (``whole_md5``, stored on the blob; a file that goes in one request
+    always gets it, as that request's Content-MD5), and, for such a small
+    file, its bytes.
 
     ``on_block(offset, length, md5)`` is called as soon as each block is in
     the staging file, so its upload can start while the copy goes on; an
@@ -141,6 +144,7 @@ def stage(paths: Paths, channel: Channel, file: str, block_size: int, single_put
     """
     paths.staged.parent.mkdir(parents=True, exist_ok=True)
     md5 = hashlib.md5()
+    whole = md5.update if whole_md5 else _skip
     block_md5s: list[bytes] = []
     block = hashlib.md5()
     block_start = 0
@@ -173,7 +177,7 @@ def stage(paths: Paths, channel: Channel, file: str, block_size: int, single_put
             view = memoryview(buffer)
             while count := src.readinto(buffer):
                 chunk = view[:count]
-                md5.update(chunk)
+                whole(chunk)
                 _write_all(dst, chunk)
                 start = 0
                 while start < count:  # a chunk may end a block and start the next
@@ -192,7 +196,11 @@ def stage(paths: Paths, channel: Channel, file: str, block_size: int, single_put
     except BaseException:
         paths.staged.unlink(missing_ok=True)
         raise
-    return Staged(done, md5.digest(), tuple(block_md5s))
+    return Staged(done, md5.digest() if whole_md5 else None, tuple(block_md5s))
+
+
+def _skip(chunk: memoryview) -> None:
+    """In place of the whole file's MD5 when it is not wanted."""
 
 
 def _read_small(src, size_hint: int) -> bytes:
@@ -360,7 +368,7 @@ class Uploader:
             extra={**context, "size": size, "seconds": round(seconds, 3),
                    "mb_per_s": round(mb_per_s, 1)},
         )
-        return Done(job, size, md5.hex(), seconds, upload_seconds)
+        return Done(job, size, md5.hex() if md5 else "", seconds, upload_seconds)
 
     def _transfer(self, paths: Paths, job: Job) -> tuple[Staged, float]:
         """Stage the file and upload it, the two overlapped.
@@ -401,7 +409,8 @@ class Uploader:
     def _stage(self, paths: Paths, job: Job, on_block) -> Staged:
         try:
             return stage(paths, self.channel, job.name, self.settings.azure_max_block_size,
-                         self.settings.azure_max_single_put_size, on_block)
+                         self.settings.azure_max_single_put_size, on_block,
+                         self.settings.azure_put_md5)
         except BlockFailed as exc:
             cause = exc.__cause__ or exc
             raise self._upload_error(cause) from cause

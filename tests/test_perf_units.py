@@ -24,7 +24,9 @@ class _Paths:
 
 @pytest.mark.parametrize("size", [0, 1000, 4 * MiB, 4 * MiB + 1, 3 * MiB + 5, 6 * MiB,
                                   uploader.COPY_CHUNK * 5 + 17])
-def test_stage_hashes_the_file_and_each_block_in_one_pass(tmp_path: Path, size: int) -> None:
+@pytest.mark.parametrize("whole_md5", [True, False], ids=["put-md5", "blocks-only"])
+def test_stage_hashes_the_file_and_each_block_in_one_pass(tmp_path: Path, size: int,
+                                                          whole_md5: bool) -> None:
     block, single_put = 2 * MiB + 512 * 1024, 4 * MiB  # a block size that does not divide the chunk
     data = os.urandom(size)
     paths = _Paths(tmp_path)
@@ -33,20 +35,22 @@ def test_stage_hashes_the_file_and_each_block_in_one_pass(tmp_path: Path, size: 
     blocks: list[tuple[int, int, bytes]] = []
 
     staged = uploader.stage(paths, Channel(child), "claimed.bin", block, single_put,
-                            lambda offset, length, md5: blocks.append((offset, length, md5)))
+                            lambda offset, length, md5: blocks.append((offset, length, md5)),
+                            whole_md5)
 
     assert paths.staged.read_bytes() == data
     assert staged.size == size
-    assert staged.md5 == hashlib.md5(data).digest()
-    if size <= single_put:
+    if size <= single_put:  # one request: its MD5 is always known, it is the Content-MD5
+        assert staged.md5 == hashlib.md5(data).digest()
         assert staged.data == data and staged.block_md5s == () and blocks == []
         return
+    assert staged.md5 == (hashlib.md5(data).digest() if whole_md5 else None)
     assert staged.data is None
     expected = [(o, len(data[o:o + block]), hashlib.md5(data[o:o + block]).digest())
                 for o in range(0, size, block)]
     assert blocks == expected
     assert list(staged.block_md5s) == [md5 for _, _, md5 in expected]
-    assert len(staged.block_md5s) == blobstore.block_count(size, block)
+    assert len(staged.block_md5s) == max(1, -(-size // block))
     parent.close()
 
 

@@ -8,6 +8,7 @@ bytes are checked by MD5 of the downloaded blob, odd names round-trip, and a
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import statistics
@@ -269,3 +270,45 @@ def test_api_stays_fast_while_a_512_mib_file_moves(
               f"max {values[-1] * 1000:.1f} ms")
         assert len(values) >= 50
         assert p99 < 100, f"{path} p99 {p99:.1f} ms"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("put_md5", [None, "true"], ids=["default", "APP_AZURE_PUT_MD5=true"])
+def test_whole_file_md5_is_stored_on_block_blobs_only_when_asked(
+    make_service, layout: Layout, azurite: Azurite, azurite_container: str, put_md5: str | None
+) -> None:
+    """Content-MD5 on the blob: always for one-request files, for block blobs on request.
+
+    Either way every block carried its MD5 (storage checked it), and the
+    committed block IDs start with it, so a reader can check the blob block
+    by block; this test does that too.
+    """
+    block = 1 * MiB
+    overrides = {"APP_AZURE_MAX_BLOCK_SIZE": str(block), "APP_AZURE_MAX_SINGLE_PUT_SIZE": str(block)}
+    if put_md5:
+        overrides["APP_AZURE_PUT_MD5"] = put_md5
+    service = make_service(**overrides)
+    session = service.start_session("md5")
+    prefix = f"{session['date_prefix']}/md5/"
+    expected = {"small.bin": write_random(layout.incoming / "small.bin", 700_000),
+                "large.bin": write_random(layout.incoming / "large.bin", 5 * block + 123)}
+    service.wait_processed(2, timeout=60)
+    assert_all_arrived(azurite, azurite_container, prefix, expected)
+
+    container = azurite.container_client(azurite_container)
+    stored = {name: container.get_blob_client(prefix + name).get_blob_properties()
+              .content_settings.content_md5 for name in expected}
+    assert bytes(stored["small.bin"]).hex() == expected["small.bin"]
+    if put_md5:
+        assert bytes(stored["large.bin"]).hex() == expected["large.bin"]
+    else:
+        assert stored["large.bin"] is None
+
+    large = container.get_blob_client(prefix + "large.bin")
+    committed = large.get_block_list("committed")[0]
+    assert [b.size for b in committed] == [block] * 5 + [123]
+    data = large.download_blob().readall()
+    offsets = range(0, len(data), block)
+    assert [b.id[:32] for b in committed] == [
+        hashlib.md5(data[o:o + block]).hexdigest() for o in offsets]
+    assert_nothing_left(layout)
