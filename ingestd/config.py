@@ -91,8 +91,8 @@ class Settings(BaseSettings):
     azure_max_concurrency: int = Field(8, gt=0, le=64)
     # Store the whole file's MD5 on each block-uploaded blob (Content-MD5), as
     # azcopy's --put-md5 does. Off by default, as in azcopy: it is a second
-    # MD5 pass over every byte, 1.4 CPU s per GiB, a quarter of the
-    # throughput on 2 cores (bench/RESULTS.md). Every block is MD5-checked by
+    # MD5 pass over every byte, 1.4 CPU s per GiB (on 2 cores 217 instead of
+    # 258 MB/s, bench/RESULTS.md). Every block is MD5-checked by
     # storage either way, and its ID carries its MD5. Files that go in one
     # request (up to APP_AZURE_MAX_SINGLE_PUT_SIZE) always get it: it costs
     # nothing extra there.
