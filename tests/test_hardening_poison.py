@@ -133,3 +133,29 @@ def test_attempt_count_survives_kill_9_of_the_whole_tree(
     assert md5_of(fuse_mount.backing_path(".failed", date, "survivor", "bad.bin")) == poison_md5
     assert_all_arrived(azurite, azurite_container, f"{date}/survivor/", healthy)
     assert_nothing_left(layout)
+
+
+@pytest.mark.timeout(90)
+def test_a_second_poison_file_of_the_same_name_does_not_replace_the_first(
+    fuse_mount: FreezableMount, make_service, tmp_path: Path,
+) -> None:
+    """``.failed`` never loses a file: the second ``bad.bin`` becomes ``bad.bin.1``."""
+    layout = nfs_on_mount(fuse_mount, tmp_path)
+    service = make_service(layout_=layout, APP_MAX_ATTEMPTS="1")
+    session = service.start_session("poison")
+    date = session["date_prefix"]
+    fuse_mount.fail("read", errno.EIO, glob=f"/.processing/{date}/poison/bad.bin")
+
+    first = write_random(layout.incoming / "bad.bin", MiB)
+    wait_until(lambda: service.status()["quarantined"] == 1, 30, what="the first quarantine")
+    second = write_random(layout.incoming / "bad.bin", MiB + 1)
+    wait_until(lambda: service.status()["quarantined"] == 2, 30, what="the second quarantine")
+
+    folder = layout.failed / date / "poison"
+    assert failed_files(layout) == [folder / "bad.bin", folder / "bad.bin.1"]
+    assert md5_of(fuse_mount.backing_path(".failed", date, "poison", "bad.bin")) == first
+    assert md5_of(fuse_mount.backing_path(".failed", date, "poison", "bad.bin.1")) == second
+    for stored in ("bad.bin", "bad.bin.1"):
+        record = sidecar(layout, date, "poison", stored)
+        assert record["name"] == "bad.bin" and "EIO" in record["last_error"], record
+    assert_nothing_left(layout)

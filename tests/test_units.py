@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -119,3 +120,19 @@ def test_redactor_scrubs_secrets_from_messages_args_and_tracebacks() -> None:
     assert secret not in record.getMessage()
     assert secret not in (record.exc_text or "")
     assert "***" in record.getMessage()
+
+
+@pytest.mark.timeout(10)
+def test_free_name_never_picks_a_taken_name_and_stays_within_name_max(tmp_path: Path) -> None:
+    from ingestd.uploader import free_name
+
+    assert free_name(tmp_path / "a.bin") == tmp_path / "a.bin"
+    (tmp_path / "a.bin").write_bytes(b"1")
+    (tmp_path / "a.bin.1").write_bytes(b"2")
+    assert free_name(tmp_path / "a.bin") == tmp_path / "a.bin.2"
+    longest = "ü" * 127 + "x"  # 255 bytes
+    (tmp_path / longest).write_bytes(b"3")
+    chosen = free_name(tmp_path / longest)
+    assert chosen.name == "ü" * 126 + ".1"  # whole characters dropped: 254 bytes
+    chosen.write_bytes(b"4")  # the filesystem takes it
+    assert (tmp_path / longest).read_bytes() == b"3"
