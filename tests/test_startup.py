@@ -6,6 +6,9 @@ are missing. These run the real ``python -m ingestd`` and read its output.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from tests.support.azurite import Azurite
@@ -87,3 +90,19 @@ def test_missing_container_is_fatal_with_a_clear_message(
     assert "'no-such-container' does not exist" in output
     assert "APP_AZURE_CONTAINER" in output
     assert azurite.connection_string not in output
+
+
+@pytest.mark.timeout(60)
+def test_children_of_the_console_script_do_not_load_the_http_server() -> None:
+    """Spawned children re-import the console script's module, ``ingestd.cli``.
+
+    It must stay light: uvicorn and FastAPI in every child cost about 75 MiB
+    over the tree (bench/RESULTS.md, Memory).
+    """
+    probe = ("import sys, ingestd.cli; "
+             "print(sorted(m for m in ('uvicorn', 'fastapi', 'starlette', 'ingestd.api') "
+             "if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         timeout=50)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
