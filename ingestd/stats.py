@@ -39,7 +39,6 @@ class Stats:
     last_scan_seen: int = 0
     last_scan_stable: int = 0
     last_scan_seconds: float = 0.0
-    consecutive_outages: int = 0
     restarts: Counter = field(default_factory=Counter)
     kills: Counter = field(default_factory=Counter)
     sessions: dict[tuple[str, str], SessionCounters] = field(default_factory=dict)
@@ -54,16 +53,13 @@ class Stats:
         self.processed_ok += 1
         self.bytes_ok += size
         self.last_success_at = time.time()
-        self.consecutive_outages = 0
         counters.files_done += 1
         counters.bytes_done += size
 
-    def on_failed(self, counters: SessionCounters, error: str, counted: bool) -> None:
+    def on_failed(self, counters: SessionCounters, error: str) -> None:
         self.processed_err += 1
         self.last_error = error
         counters.failed += 1
-        if not counted:
-            self.consecutive_outages += 1
 
     def on_quarantined(self, counters: SessionCounters, error: str) -> None:
         self.processed_err += 1

@@ -45,7 +45,7 @@ from ingestd.metrics import Metrics
 from ingestd.process import ChildProcess
 from ingestd.sessions import Session
 from ingestd.stats import Stats
-from ingestd.workqueue import WorkQueue
+from ingestd.workqueue import OutageBackoff, WorkQueue
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,7 @@ class Supervisor:
         self.auth_method = auth_method
         self.lock = threading.Lock()
         self.queue = WorkQueue(settings.max_queue_size)
+        self.outage = OutageBackoff(MAX_RETRY_DELAY_S)
         self.stats = Stats()
         self.metrics = Metrics()
         self.metrics.attach(self)
@@ -272,6 +273,7 @@ class Supervisor:
         counters = self.stats.session(job.date, job.session)
         if isinstance(message, Done):
             self.queue.finish(job)
+            self.outage.reset()
             self.stats.on_done(counters, message.size)
             self.metrics.upload_seconds.observe(message.seconds)
             self.metrics.file_bytes.observe(message.size)
@@ -282,15 +284,15 @@ class Supervisor:
             self.queue.finish(job)
             self.stats.on_quarantined(counters, f"{job.blob_name}: {message.error}")
         else:
-            self.stats.on_failed(counters, f"{job.blob_name}: {message.error}", message.counted)
+            self.stats.on_failed(counters, f"{job.blob_name}: {message.error}")
             claimed = job.claimed or message.stage != "claim"  # past the rename: ours
-            self.queue.retry(replace(job, claimed=claimed), now + self._retry_delay(message))
+            self.queue.retry(replace(job, claimed=claimed), self._retry_at(message, now))
 
-    def _retry_delay(self, failed: Failed) -> float:
+    def _retry_at(self, failed: Failed, now: float) -> float:
         """Back off per file for its own failures, globally for outages."""
         if failed.counted:
-            return min(MAX_RETRY_DELAY_S, 2.0 ** failed.attempts)
-        return min(MAX_RETRY_DELAY_S, 2.0 ** min(self.stats.consecutive_outages, 6))
+            return now + min(MAX_RETRY_DELAY_S, 2.0 ** failed.attempts)
+        return self.outage.retry_at(now)
 
     # Children
 

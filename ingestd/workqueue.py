@@ -10,6 +10,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import deque
+from dataclasses import dataclass
 
 from ingestd.messages import Job
 
@@ -95,3 +96,31 @@ class WorkQueue:
 
     def next_retry_in(self, now: float) -> float | None:
         return max(0.0, self._retries[0][0] - now) if self._retries else None
+
+
+@dataclass
+class OutageBackoff:
+    """When to retry after an outage (endpoint unreachable, 5xx, throttled, auth).
+
+    One backoff for everyone: an outage fails every file in flight, not one
+    file. Raising the level for each of those failures would reach the cap
+    within a round (four uploaders: 2, 32, 60 s) and leave the service idle
+    up to a minute after the endpoint is back. The level rises once per
+    round instead: a failure that arrives while a backoff runs came from an
+    attempt started before it and retries with the rest when it ends.
+    """
+
+    cap_s: float
+    level: int = 0
+    until: float = 0.0
+
+    def retry_at(self, now: float) -> float:
+        """A file failed for an outage at ``now``: when may it be tried again?"""
+        if now >= self.until:
+            self.level += 1
+            self.until = now + min(self.cap_s, 2.0 ** min(self.level, 16))
+        return self.until
+
+    def reset(self) -> None:
+        """An upload succeeded: the endpoint is back."""
+        self.level, self.until = 0, 0.0

@@ -136,3 +136,23 @@ def test_free_name_never_picks_a_taken_name_and_stays_within_name_max(tmp_path: 
     assert chosen.name == "ü" * 126 + ".1"  # whole characters dropped: 254 bytes
     chosen.write_bytes(b"4")  # the filesystem takes it
     assert (tmp_path / longest).read_bytes() == b"3"
+
+
+@pytest.mark.timeout(10)
+def test_outage_backoff_rises_once_per_round_not_once_per_failed_file() -> None:
+    from ingestd.workqueue import OutageBackoff
+
+    backoff = OutageBackoff(cap_s=60.0)
+    # Round 1: four uploaders fail within a second: all retry together, at 2 s.
+    assert [backoff.retry_at(t) for t in (0.0, 0.3, 0.6, 0.9)] == [2.0] * 4
+    # Round 2: the retries fail: 4 s from the first of them.
+    assert [backoff.retry_at(t) for t in (2.1, 2.2)] == [6.1, 6.1]
+    # Rounds 3 to 7: 8, 16, 32, then the cap.
+    now, delays = 6.2, []
+    for _ in range(5):
+        retry = backoff.retry_at(now)
+        delays.append(round(retry - now, 6))
+        now = retry + 0.1
+    assert delays == [8.0, 16.0, 32.0, 60.0, 60.0]
+    backoff.reset()  # an upload went through
+    assert backoff.retry_at(500.0) == 502.0
