@@ -82,7 +82,7 @@ class Settings(BaseSettings):
     # Upload tuning, passed to the SDK.
     # 16 MiB, not the PRD's 8 MiB, on the benchmark's evidence (bench/RESULTS.md):
     # the same bytes with half the Put Block requests, about 10 % less CPU per
-    # GiB for ingestd and for the emulator, and blobs up to 781 GiB instead of
+    # GiB for ingestd (7 % for the emulator), and blobs up to 781 GiB instead of
     # 390 (a blob has at most 50,000 blocks). Memory does not grow with it:
     # blocks are streamed from staging, never held whole. A retried block
     # resends at most this much. APP_AZURE_MAX_BLOCK_SIZE=8MiB restores the PRD's.
