@@ -354,13 +354,17 @@ class Staged:
     when the file goes in one request); ``data`` holds the whole file only
     when it goes in one request (at most ``APP_AZURE_MAX_SINGLE_PUT_SIZE``).
     ``md5`` is the whole file's, None when it was not computed
-    (``APP_AZURE_PUT_MD5`` off and the file goes in blocks).
+    (``APP_AZURE_PUT_MD5`` off and the file goes in blocks). ``source`` is
+    the (size, mtime_ns, inode) of the version of the NFS file that was read,
+    ``staged_ino`` the staging copy's inode: cleanup deletes only those.
     """
 
     size: int
     md5: bytes | None
     block_md5s: tuple[bytes, ...] = ()
     data: bytes | None = None
+    source: tuple[int, int, int] = (0, 0, 0)
+    staged_ino: int | None = None
 
 
 READ_SIZE = 128 * 1024

@@ -1,7 +1,9 @@
 """Start-up: read the settings, fail fast, start the children, serve HTTP.
 
-Exit codes: 0 after a clean shutdown, 2 for a configuration error, 3 when no
-Azure credential works. Kubernetes shows the last log line of a crashed pod,
+Exit codes: 0 after a clean shutdown, 1 for an unexpected error, 2 for a
+configuration error (including an HTTP port that cannot be bound), 3 when no
+Azure credential works. Every exit is bounded in time, even with children
+stuck on a frozen mount (see :func:`ingestd.server.serve`). Kubernetes shows the last log line of a crashed pod,
 so each failure ends with one line that says what to fix.
 """
 
@@ -16,6 +18,7 @@ from ingestd.config import ConfigError, load_settings
 
 log = logging.getLogger("ingestd")
 
+EXIT_INTERNAL = 1
 EXIT_CONFIG = 2
 EXIT_AUTH = 3
 

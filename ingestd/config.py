@@ -101,7 +101,8 @@ class Settings(BaseSettings):
     # Supervision.
     child_stall_timeout_s: float = Field(60.0, gt=0)
     liveness_timeout_s: float = Field(300.0, gt=0)
-    max_stuck_children: int = Field(8, ge=0)
+    # At least 1: with 0, no killed child could ever be replaced.
+    max_stuck_children: int = Field(8, ge=1)
     shutdown_grace_s: float = Field(120.0, ge=0)
 
     # HTTP and logs.

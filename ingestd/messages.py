@@ -10,23 +10,46 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+Signature = tuple[int, int, int]
+"""What identifies one version of a file: (size, mtime_ns, inode)."""
+
+
 @dataclass(frozen=True)
 class Job:
     """Upload one file. ``name`` is the file name in incoming and in the blob.
 
-    The uploader claims ``incoming/name`` into ``.processing/date/session/``.
-    ``claimed`` says this instance already owns the copy there (recovered at
-    start, retried, or its uploader died): the uploader then carries on from
-    it. For a file just seen in incoming the rename is the lock, and losing
-    it to another replica is a benign skip.
+    A job is known by its :attr:`key`, (date, session, name), never by the
+    bare name: two files of one name may be claimed under two sessions.
+
+    How far the file has got, as far as this instance knows:
+
+    * ``claimed``: the rename into ``.processing`` is known to have happened
+      (the child reported it, or recovery found the file there). The uploader
+      carries on from ``.processing`` without a stability check.
+    * ``maybe_claimed``: an uploader died holding the job, so the rename may
+      or may not have happened. The retry takes the file from ``.processing``
+      if it is there; otherwise it claims from incoming like a new job, with
+      the stability check, so a newer, half-written file of that name is never
+      taken for the one that was found stable.
+    * ``uploaded``: the blob was committed from the version with this
+      signature, but the file could not be deleted. A retry whose file still
+      has that signature only cleans up.
+
+    ``attempts`` counts failures that are the file's own (kept here as well
+    as in the sidecar on NFS, so a sidecar that cannot be read cannot reset
+    it); ``tries`` counts failed cleanups and quarantines, which are retried
+    a bounded number of times as well.
     """
 
     name: str
     date: str
     session: str  # the encoded session, a single folder name
-    attempt: int = 1
     claimed: bool = False
+    maybe_claimed: bool = False
     seen: tuple[int, int] | None = None  # (size, mtime_ns) when found stable
+    attempts: int = 0
+    tries: int = 0
+    uploaded: Signature | None = None
 
     @property
     def blob_name(self) -> str:
@@ -92,6 +115,18 @@ class ScanDone:
 
 
 @dataclass(frozen=True)
+class SetupProblem:
+    """The folders cannot work as configured (checked by the scanner at start).
+
+    Empty ``problems`` means the checks passed (again). Until they do, no
+    file is claimed: a claim across filesystems fails with EXDEV, and an
+    unwritable staging fails every copy, so trying would only fill the log.
+    """
+
+    problems: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class ScanError:
     """A transient error while listing; the scanner backs off and retries."""
 
@@ -132,20 +167,48 @@ class Done:
 
 
 @dataclass(frozen=True)
-class Failed:
-    """The attempt failed; the file stays claimed in ``.processing``.
+class Claimed:
+    """The rename into ``.processing`` happened: from now on the file is this job's."""
 
-    ``counted`` is False when the failure says nothing about the file (the
-    endpoint was unreachable, the credential was refused): such attempts do
-    not move a file towards ``.failed``, because an outage is not a poison
-    file. ``attempts`` is the file's count after this failure.
+    key: tuple[str, str, str]
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The attempt failed; the file stays where it is (claimed, or still in incoming).
+
+    ``job`` is the job as the uploader left it: ``claimed`` once the rename
+    happened, ``attempts``/``tries`` after this failure, ``uploaded`` once the
+    blob is committed. ``counted`` is False when the failure says nothing
+    about the file (the endpoint was unreachable, the credential was refused,
+    staging was full): such attempts do not move a file towards ``.failed``,
+    because an outage is not a poison file.
     """
 
     job: Job
     error: str
     stage: str
     counted: bool
-    attempts: int
+
+    @property
+    def attempts(self) -> int:
+        return self.job.attempts
+
+
+@dataclass(frozen=True)
+class GaveUp:
+    """No more tries for this file in this run; it stays on NFS where ``path`` says.
+
+    The bounded end of a step that keeps failing where quarantine cannot
+    help: a claim that never succeeds (the file stays in incoming, and is
+    offered again only once it changes), a cleanup or a move to ``.failed``
+    that keeps failing (the file stays in ``.processing`` until a restart).
+    """
+
+    job: Job
+    error: str
+    stage: str
+    path: str
 
 
 @dataclass(frozen=True)

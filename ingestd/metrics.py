@@ -88,7 +88,7 @@ def _counters(view: dict) -> Iterator:
     yield _counter("ingestd_files_uploaded", "Files uploaded and cleaned up.", stats.processed_ok)
     yield _counter("ingestd_bytes_uploaded", "Bytes of files uploaded.", stats.bytes_ok)
     yield _counter("ingestd_upload_failures", "Failed attempts (the file is retried).",
-                   stats.processed_err - stats.quarantined)
+                   stats.processed_err - stats.quarantined - sum(stats.gave_up.values()))
     yield _counter("ingestd_files_quarantined", "Files moved to .failed after too many attempts.",
                    stats.quarantined)
     yield _counter("ingestd_files_skipped",
@@ -102,6 +102,14 @@ def _counters(view: dict) -> Iterator:
     yield _counter("ingestd_scan_errors", "Polls that failed with an NFS error.",
                    stats.scan_errors)
     yield _counter("ingestd_scans", "Polls of the incoming folder.", stats.scans)
+    gave_up = CounterMetricFamily(
+        "ingestd_files_given_up",
+        "Files with no more tries in this run, by the step that kept failing (claim: "
+        "stays in incoming; cleanup, quarantine: stays in .processing).",
+        labels=["stage"])
+    for stage in ("claim", "cleanup", "quarantine"):
+        gave_up.add_metric([stage], stats.gave_up.get(stage, 0))
+    yield gave_up
     restarts = CounterMetricFamily("ingestd_child_restarts", "Children replaced, by role.",
                                    labels=["role"])
     kills = CounterMetricFamily("ingestd_child_kills", "Children killed for a stale heartbeat.",

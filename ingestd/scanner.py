@@ -13,9 +13,12 @@ import logging
 import os
 import re
 import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import TypeVar
 
 from ingestd import child
 from ingestd.child import Channel, ParentGone
@@ -26,6 +29,7 @@ from ingestd.messages import (
     ScanControl,
     ScanDone,
     ScanError,
+    SetupProblem,
     Stable,
     Stop,
 )
@@ -49,6 +53,7 @@ BEAT_EVERY = 256
 still stops the beats, without a clock read per entry."""
 
 Signature = tuple[int, int, int]  # size, mtime_ns, inode
+T = TypeVar("T")
 
 
 @dataclass
@@ -139,6 +144,52 @@ def recover(settings: Settings, channel: Channel) -> int:
     return count
 
 
+def check_setup(settings: Settings) -> list[str]:
+    """What makes the configured folders unusable; empty when all is well.
+
+    Incoming, ``.processing`` and ``.failed`` must be one filesystem: a
+    claim is a rename, and a rename across filesystems fails (EXDEV) on
+    every file. Staging must take a new file. Each is checked once at start
+    (and again until it passes), so a misconfiguration reads as one clear
+    error instead of a failed claim per file. An NFS error raises (the
+    caller backs off and retries, as for a scan).
+    """
+    folders = {
+        "APP_NFS_INCOMING_DIR": settings.nfs_incoming_dir,
+        "APP_NFS_PROCESSING_ROOT": settings.nfs_processing_root,
+        "APP_NFS_FAILED_ROOT": settings.nfs_failed_root,
+    }
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
+    devices = {name: os.stat(folder).st_dev for name, folder in folders.items()}
+    problems = []
+    if len(set(devices.values())) > 1:
+        where = ", ".join(f"{name}={folders[name]} (device {os.major(dev)}:{os.minor(dev)})"
+                          for name, dev in devices.items())
+        problems.append("incoming, .processing and .failed must be on one filesystem, "
+                        f"since a claim is a rename; they are not: {where}")
+    problem = _staging_problem(settings.local_staging_root)
+    if problem:
+        problems.append(problem)
+    return problems
+
+
+def _staging_problem(root: Path) -> str | None:
+    """Can a file be created, synced and removed in staging? (No data: a full disk is fine.)"""
+    probe = root / f".ingestd-probe-{uuid.uuid4().hex}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        probe.unlink()
+    except OSError as exc:
+        return f"APP_LOCAL_STAGING_ROOT={root} is not writable: {_describe(exc)}"
+    return None
+
+
 def clean_staging(staging_root: Path) -> int:
     """Delete leftover staging copies from a previous run of this instance.
 
@@ -179,6 +230,7 @@ class Scanner:
         self.backoff_s = 0.0
 
     def run(self, first_start: bool) -> None:
+        self._check_setup()
         self._retrying("recovery", lambda: self._recover(first_start))
         next_poll = 0.0
         while True:
@@ -189,10 +241,29 @@ class Scanner:
                 self._retrying("scan", self._poll)
                 next_poll = time.monotonic() + self.settings.poll_interval_s
 
+    def _check_setup(self) -> None:
+        """Hold recovery (and so every claim) until the folders are usable.
+
+        The problem is logged once and reported to the parent, which shows it
+        in /v1/status and fails /healthz with it; the check is repeated, with
+        backoff, so a fixed mount is picked up without a restart.
+        """
+        reported: list[str] = []
+        wait_s = self.settings.poll_interval_s
+        while True:
+            self.channel.beat("checking", force=True)
+            problems = self._retrying("folder check", lambda: check_setup(self.settings))
+            self.channel.send(SetupProblem(tuple(problems)))
+            if not problems:
+                return
+            if problems != reported:
+                log.error("cannot take files: %s", "; ".join(problems))
+                reported = problems
+            self._sleep(wait_s)
+            wait_s = min(MAX_BACKOFF_S, wait_s * 2)
+
     def _recover(self, first_start: bool) -> None:
         self.channel.beat("recovering", force=True)
-        for folder in (self.settings.nfs_incoming_dir, self.settings.nfs_processing_root):
-            folder.mkdir(parents=True, exist_ok=True)
         if first_start:
             removed = clean_staging(self.settings.local_staging_root)
             if removed:
@@ -215,17 +286,17 @@ class Scanner:
                                    seconds=listing.seconds))
         self.channel.beat("idle", force=True)
 
-    def _retrying(self, what: str, step) -> None:
-        """Run ``step`` until it succeeds, backing off on NFS errors.
+    def _retrying(self, what: str, step: Callable[[], T]) -> T:
+        """Run ``step`` until it succeeds, backing off on NFS errors; return its result.
 
         A stale handle or an I/O error on NFS is usually transient; the
         scanner waits (doubling, capped) and tries again, beating meanwhile.
         """
         while True:
             try:
-                step()
+                result = step()
                 self.backoff_s = 0.0
-                return
+                return result
             except OSError as exc:
                 self.backoff_s = min(MAX_BACKOFF_S, max(self.settings.poll_interval_s,
                                                         self.backoff_s * 2))

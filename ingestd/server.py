@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+import socket
+from typing import Any, NoReturn
 
 import uvicorn
 
 from ingestd import api
-from ingestd.cli import EXIT_CONFIG
+from ingestd.cli import EXIT_CONFIG, EXIT_INTERNAL
 from ingestd.config import Settings
-from ingestd.sessions import SessionNameError, new_session
+from ingestd.sessions import Session, SessionNameError, new_session
 from ingestd.supervisor import Supervisor
 
 log = logging.getLogger("ingestd")
@@ -45,38 +46,86 @@ class Server(uvicorn.Server):
         self.should_exit = True
 
 
-def serve(settings: Settings, auth_method: str) -> int:
-    """Start the supervisor and the HTTP server; stop both on the way out."""
-    supervisor = Supervisor(settings, auth_method)
-    ready: dict[str, Any] = {"ready": False}
-    app = api.create_app(supervisor, ready)
-    config = uvicorn.Config(
-        app,
-        host=settings.http_host,
-        port=settings.http_port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=5,
-    )
-    server = Server(config, supervisor)
-    supervisor.start()
+def serve(settings: Settings, auth_method: str) -> NoReturn:
+    """Bind the port, start the supervisor, serve HTTP; end the process when done.
+
+    Every way out ends in ``os._exit`` within a bound, with the documented
+    code: multiprocessing's exit hook joins every child without a timeout,
+    and a child stuck in a hung NFS call would keep the process alive
+    forever. The children are SIGKILLed (waited for briefly) first. The port
+    is bound, and the autostart session checked, before any child exists,
+    so those failures never meet a child at all.
+    """
+    code = EXIT_INTERNAL
+    supervisor: Supervisor | None = None
     try:
-        if settings.autostart:
-            _autostart(supervisor, settings.autostart_session)
+        session = _autostart_session(settings)
+        sock = _bind(settings)
+        supervisor = Supervisor(settings, auth_method)
+        ready: dict[str, Any] = {"ready": False}
+        config = uvicorn.Config(
+            api.create_app(supervisor, ready),
+            host=settings.http_host,
+            port=settings.http_port,
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=5,
+        )
+        server = Server(config, supervisor)
+        supervisor.start()
+        if session is not None:
+            supervisor.start_session(session)
         ready["ready"] = True
-        server.run()
+        server.run(sockets=[sock])
+        code = 0 if server.started else EXIT_INTERNAL
+    except StartupError as exc:
+        log.critical("cannot start: %s", exc)
+        code = EXIT_CONFIG
+    except BaseException:  # whatever it was, the exit below must still happen
+        log.exception("the server stopped on an unexpected error")
     finally:
-        supervisor.stop()
+        _stop(supervisor)
+        os._exit(code)
+
+
+class StartupError(Exception):
+    """A setting that only shows itself unusable at start (port taken, bad session name)."""
+
+
+def _autostart_session(settings: Settings) -> Session | None:
+    if not settings.autostart:
+        return None
+    try:
+        return new_session(settings.autostart_session or None)
+    except SessionNameError as exc:
+        raise StartupError(f"APP_AUTOSTART_SESSION is not usable: {exc}") from exc
+
+
+def _bind(settings: Settings) -> socket.socket:
+    """The listening socket, bound before any child starts (uvicorn listens on it)."""
+    family = socket.AF_INET6 if ":" in settings.http_host else socket.AF_INET
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they
+    # are TCP; without it every small response waits ~40 ms (Nagle + delayed ACK).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((settings.http_host, settings.http_port))
+    except OSError as exc:
+        sock.close()
+        raise StartupError(
+            f"cannot listen on {settings.http_host}:{settings.http_port} ({exc.strerror}): "
+            "check APP_HTTP_HOST and APP_HTTP_PORT, and that no other process holds the port"
+        ) from exc
+    sock.set_inheritable(True)
+    return sock
+
+
+def _stop(supervisor: Supervisor | None) -> None:
+    """Stop the loop and kill the children, never raising: the exit must follow."""
+    try:
+        if supervisor is not None:
+            supervisor.stop()
         log.info("stopped")
         logging.shutdown()
-    # multiprocessing's exit hook joins children without a timeout; one stuck
-    # in a hung NFS call would keep us from ever exiting. They are killed.
-    os._exit(0 if server.started else 1)
-
-
-def _autostart(supervisor: Supervisor, name: str) -> None:
-    try:
-        supervisor.start_session(new_session(name or None))
-    except SessionNameError as exc:
-        log.critical("APP_AUTOSTART_SESSION is not usable: %s", exc)
-        raise SystemExit(EXIT_CONFIG) from exc
+    except BaseException:  # noqa: BLE001 - nothing may keep the process from exiting
+        pass

@@ -32,6 +32,7 @@ class Stats:
     last_success_at: float | None = None
     skipped: int = 0
     quarantined: int = 0
+    gave_up: Counter = field(default_factory=Counter)
     interrupted: int = 0
     recovered_total: int = 0
     scan_errors: int = 0
@@ -68,6 +69,13 @@ class Stats:
         counters.failed += 1
         counters.quarantined += 1
 
+    def on_gave_up(self, counters: SessionCounters, stage: str, error: str) -> None:
+        """No more tries this run (the file stays on NFS); counted by the step that failed."""
+        self.processed_err += 1
+        self.gave_up[stage] += 1
+        self.last_error = error
+        counters.failed += 1
+
     def on_scan(self, seen: int, stable: int, seconds: float) -> None:
         self.scans += 1
         self.last_scan_seen, self.last_scan_stable = seen, stable
@@ -82,6 +90,7 @@ class Stats:
             "last_success_at": self.last_success_at,
             "skipped_gone": self.skipped,
             "quarantined": self.quarantined,
+            "gave_up_by_stage": dict(self.gave_up),
             "interrupted": self.interrupted,
             "recovered": self.recovered_total,
             "scan": {

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import wait
@@ -28,8 +28,10 @@ from ingestd import scanner, uploader
 from ingestd.config import Settings
 from ingestd.messages import (
     Beat,
+    Claimed,
     Done,
     Failed,
+    GaveUp,
     Gone,
     Job,
     Quarantined,
@@ -38,6 +40,7 @@ from ingestd.messages import (
     ScanControl,
     ScanDone,
     ScanError,
+    SetupProblem,
     Stable,
     Stop,
 )
@@ -57,6 +60,8 @@ REAP_GRACE_S = 2.0
 MAX_RESPAWN_DELAY_S = 30.0
 MAX_RETRY_DELAY_S = 60.0
 SCANNER = "scanner"
+GAVE_UP_SHOWN = 100
+"""Files given up on that /v1/status lists (the newest); older ones are only counted."""
 
 
 @dataclass
@@ -110,6 +115,9 @@ class Supervisor:
         self.session: Session | None = None
         self.enabled = False
         self.recovery_done = False
+        self.setup_problems: tuple[str, ...] = ()
+        self.gave_up: deque[dict] = deque(maxlen=GAVE_UP_SHOWN)
+        self.unclaimable: dict[tuple[str, str, str], tuple[int, int] | None] = {}
         self.draining = False
         self.drain_deadline = 0.0
         self.drained = threading.Event()
@@ -250,7 +258,12 @@ class Supervisor:
         elif isinstance(message, ScanError):
             self.stats.scan_errors += 1
             self.stats.last_error = message.error
-        elif isinstance(message, (Done, Failed, Gone, Quarantined)):
+        elif isinstance(message, SetupProblem):
+            self._on_setup(message)
+        elif isinstance(message, Claimed):
+            if slot.job is not None and slot.job.key == message.key:
+                slot.job = replace(slot.job, claimed=True, maybe_claimed=False)
+        elif isinstance(message, (Done, Failed, Gone, Quarantined, GaveUp)):
             self._on_result(slot, message, now)
 
     def _on_stable(self, message: Stable) -> None:
@@ -259,14 +272,25 @@ class Supervisor:
         for name, size, mtime in message.files:
             job = Job(name=name, date=self.session.date, session=self.session.encoded,
                       seen=(size, mtime))
+            if job.key in self.unclaimable:
+                if self.unclaimable[job.key] == job.seen:
+                    continue  # given up on this version; a changed file is tried afresh
+                del self.unclaimable[job.key]
             self.queue.add_new(job)
+
+    def _on_setup(self, message: SetupProblem) -> None:
+        if message.problems and message.problems != self.setup_problems:
+            self.stats.last_error = "; ".join(message.problems)
+        elif not message.problems and self.setup_problems:
+            log.info("the folders are usable again")
+        self.setup_problems = message.problems
 
     def _on_recovered(self, message: Recovered) -> None:
         job = Job(name=message.name, date=message.date, session=message.session,
                   claimed=True)
         self.queue.add_recovered(job)
 
-    def _on_result(self, slot: Slot, message: Done | Failed | Gone | Quarantined,
+    def _on_result(self, slot: Slot, message: Done | Failed | Gone | Quarantined | GaveUp,
                    now: float) -> None:
         job = message.job
         slot.job, slot.file, slot.state = None, None, "idle"
@@ -283,15 +307,40 @@ class Supervisor:
         elif isinstance(message, Quarantined):
             self.queue.finish(job)
             self.stats.on_quarantined(counters, f"{job.blob_name}: {message.error}")
+        elif isinstance(message, GaveUp):
+            self._on_gave_up(message, counters)
         else:
             self.stats.on_failed(counters, f"{job.blob_name}: {message.error}")
-            claimed = job.claimed or message.stage != "claim"  # past the rename: ours
-            self.queue.retry(replace(job, claimed=claimed), self._retry_at(message, now))
+            self.queue.retry(job, self._retry_at(message, now))
+
+    def _on_gave_up(self, message: GaveUp, counters) -> None:
+        """A step failed too often: no more tries in this run; the file stays on NFS.
+
+        A file that could never be claimed stays in incoming and is offered
+        again only once it changes; one that could not be deleted or moved
+        to ``.failed`` stays in ``.processing`` until the next start.
+        """
+        job = message.job
+        self.queue.finish(job)
+        if message.stage == "claim":
+            self.unclaimable[job.key] = job.seen
+        self.stats.on_gave_up(counters, message.stage, f"{job.blob_name}: {message.error}")
+        self.gave_up.append({"file": job.name, "date": job.date, "session": job.session,
+                             "stage": message.stage, "error": message.error,
+                             "stays_at": message.path, "at": time.time()})
 
     def _retry_at(self, failed: Failed, now: float) -> float:
-        """Back off per file for its own failures, globally for outages."""
+        """Back off per file for its own failures, globally for outages.
+
+        A file's own failures wait at least ``APP_MIN_FILE_AGE_S``: one that
+        changed while it was uploaded gets that long to become stable again.
+        Failed cleanups and moves to ``.failed`` back off per file as well.
+        """
         if failed.counted:
-            return now + min(MAX_RETRY_DELAY_S, 2.0 ** failed.attempts)
+            delay = max(self.settings.min_file_age_s, 2.0 ** failed.job.attempts)
+            return now + min(MAX_RETRY_DELAY_S, delay)
+        if failed.stage in ("cleanup", "quarantine"):
+            return now + min(MAX_RETRY_DELAY_S, 2.0 ** failed.job.tries)
         return self.outage.retry_at(now)
 
     # Children
@@ -381,7 +430,9 @@ class Supervisor:
             return
         self.stats.interrupted += 1
         self.stats.last_error = f"{job.blob_name}: {why}"
-        self.queue.retry(replace(job, claimed=True), now + 1.0)  # it may have renamed it
+        # Whether the rename happened is known only if the child said so
+        # (Claimed); if not, the retry looks in .processing before it claims.
+        self.queue.retry(replace(job, maybe_claimed=not job.claimed), now + 1.0)
 
     def _reap_stuck(self, now: float) -> None:
         still = []
@@ -452,7 +503,7 @@ class Supervisor:
     def _health(self, now: float) -> tuple[bool, str]:
         if now - self.last_tick > LOOP_STALE_S:
             return False, f"supervisor loop has not ticked for {now - self.last_tick:.0f} s"
-        problems = []
+        problems = [f"folders unusable: {problem}" for problem in self.setup_problems]
         # A slot held back only while killed children are still dying is no
         # problem yet; once the kernel keeps them past the grace, it is.
         stuck = self.stuck_count(now) >= max(1, self.settings.max_stuck_children)
@@ -502,6 +553,8 @@ class Supervisor:
                 **self.stats.totals(),
                 "draining": self.draining,
                 "recovery_done": self.recovery_done,
+                "setup_problems": list(self.setup_problems),
+                "gave_up": list(self.gave_up),
                 "queue": {"depth": len(self.queue), **self.queue.depth(),
                           "max": self.queue.max_size, "dropped_full": self.queue.dropped},
                 "in_flight": [self._flight_view(s, now) for s in self.slots[1:] if s.job],

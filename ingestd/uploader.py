@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -32,7 +32,17 @@ from ingestd import blobstore, child
 from ingestd.blobstore import Staged
 from ingestd.child import Channel, ParentGone
 from ingestd.config import Settings
-from ingestd.messages import Done, Failed, Gone, Job, Quarantined, Stop
+from ingestd.messages import (
+    Claimed,
+    Done,
+    Failed,
+    GaveUp,
+    Gone,
+    Job,
+    Quarantined,
+    Signature,
+    Stop,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,38 +95,77 @@ class Paths:
 # The steps. Each is a plain function of paths, so tests can call them directly.
 
 
-def claim(paths: Paths, ours: bool, seen: tuple[int, int] | None = None) -> bool:
-    """Move the file into ``.processing``; False if another replica took it (a benign race).
+def claim(paths: Paths, job: Job) -> bool:
+    """Move the file into ``.processing``; False if it is not this job's to upload.
 
     The rename is the lock (PRD FR-3): for a file seen in incoming, finding it
     gone means another replica won the rename, and the file is skipped rather
-    than uploaded twice. A file this instance already claimed (``ours``:
-    recovered, retried, its uploader killed) is continued from ``.processing``.
-    A claimed copy is never overwritten by a newer file of that name: that one
-    waits in incoming until the older copy is done.
+    than uploaded twice. A file this instance is known to have claimed
+    (``job.claimed``: recovered, or its uploader reported the rename) is
+    continued from ``.processing``. When an uploader died holding the job
+    (``job.maybe_claimed``), the copy in ``.processing`` is taken if it is
+    there; if it is not, the rename never happened and the file is claimed
+    from incoming like a new one, stability check included.
 
-    ``seen`` is the (size, mtime) the scanner found stable. A file may wait in
-    the queue for a long time; if a writer has started on it again since, it
-    is not taken half-written but skipped, and offered again once stable.
+    A claimed copy is never overwritten by a newer file of that name: the
+    older one is finished first and the newer waits in incoming.
+
+    ``job.seen`` is the (size, mtime) the scanner found stable. A file may
+    wait in the queue for a long time; if a writer has started on it again
+    since, it is not taken half-written but skipped, and offered again once
+    stable.
     """
+    if job.claimed:
+        return os.path.lexists(paths.claimed)
     if os.path.lexists(paths.claimed):
-        return ours or os.path.lexists(paths.incoming)
-    if not ours and seen is not None and _signature(paths.incoming) != seen:
+        return job.maybe_claimed or os.path.lexists(paths.incoming)
+    if job.seen is not None and _size_mtime(paths.incoming) != job.seen:
         return False
-    paths.claimed.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.rename(paths.incoming, paths.claimed)
-    except FileNotFoundError:
-        return ours and os.path.lexists(paths.claimed)
-    return True
+    return _rename_into(paths.incoming, paths.claimed)
 
 
-def _signature(path: Path) -> tuple[int, int] | None:
+def _rename_into(source: Path, target: Path) -> bool:
+    """Rename ``source`` to ``target`` (which did not exist); False if ``source`` is gone.
+
+    Two things can make a rename report failure on NFS although it did not
+    fail: a retransmitted request whose first copy already renamed the file
+    answers ENOENT (or EIO), so a failure with the file at ``target`` and no
+    longer at ``source`` is a success. And a folder emptied by another
+    uploader's cleanup can disappear between our ``mkdir`` and the rename,
+    so the folder is made again and the rename retried.
+    """
+    for _ in range(3):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(source, target)
+            return True
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.EIO):
+                raise
+            if os.path.lexists(target) and not os.path.lexists(source):
+                return True  # it happened; the reply was lost
+            if not os.path.lexists(source):
+                return False  # taken by another replica
+            if exc.errno == errno.EIO:
+                raise
+    raise FileNotFoundError(errno.ENOENT, "the claim folder keeps disappearing", str(target))
+
+
+def _size_mtime(path: Path) -> tuple[int, int] | None:
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return None
     return st.st_size, st.st_mtime_ns
+
+
+def signature(path: Path) -> Signature | None:
+    """(size, mtime_ns, inode) of ``path``, or None if nothing is there."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_size, st.st_mtime_ns, st.st_ino
 
 
 class BlockFailed(Exception):
@@ -142,7 +191,6 @@ def stage(paths: Paths, channel: Channel, file: str, block_size: int, single_put
     ``single_put_size``). A partial copy is removed on failure so staging
     never fills with junk.
     """
-    paths.staged.parent.mkdir(parents=True, exist_ok=True)
     md5 = hashlib.md5()
     whole = md5.update if whole_md5 else _skip
     block_md5s: list[bytes] = []
@@ -163,8 +211,10 @@ def stage(paths: Paths, channel: Channel, file: str, block_size: int, single_put
 
     try:
         with open(paths.claimed, "rb", buffering=0) as src, \
-                open(paths.staged, "wb", buffering=0) as dst:
-            total = os.fstat(src.fileno()).st_size
+                _create_staged(paths.staged) as dst:
+            opened = os.fstat(src.fileno())
+            total = opened.st_size
+            staged_ino = os.fstat(dst.fileno()).st_ino
             channel.beat("copying", file, 0, total, force=True)
             if total <= single_put_size:
                 data = _read_small(src, total)
@@ -172,7 +222,8 @@ def stage(paths: Paths, channel: Channel, file: str, block_size: int, single_put
                 _write_all(dst, memoryview(data))
                 _fsync_staged(dst)
                 _fsync_folder(paths.staged.parent)
-                return Staged(len(data), md5.digest(), (), data)
+                return Staged(len(data), md5.digest(), (), data,
+                              _read_version(opened, len(data)), staged_ino)
             buffer = bytearray(COPY_CHUNK)
             view = memoryview(buffer)
             while count := src.readinto(buffer):
@@ -196,7 +247,30 @@ def stage(paths: Paths, channel: Channel, file: str, block_size: int, single_put
     except BaseException:
         paths.staged.unlink(missing_ok=True)
         raise
-    return Staged(done, md5.digest() if whole_md5 else None, tuple(block_md5s))
+    return Staged(done, md5.digest() if whole_md5 else None, tuple(block_md5s), None,
+                  _read_version(opened, done), staged_ino)
+
+
+def _read_version(opened: os.stat_result, size: int) -> Signature:
+    """The version of the source that the copy read: what cleanup may delete.
+
+    The mtime and inode are those at open, the size what was read to EOF. A
+    write during or after the copy (an append through a descriptor the
+    writer kept open across the claim, a rewrite) changes the size or the
+    mtime, so cleanup then finds another version and keeps the file.
+    """
+    return size, opened.st_mtime_ns, opened.st_ino
+
+
+def _create_staged(path: Path):
+    """Open the staging copy for writing, making its folder (again if it was just pruned)."""
+    for _ in range(3):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            return open(path, "wb", buffering=0)
+        except FileNotFoundError:
+            continue  # another uploader removed the emptied folder meanwhile
+    return open(path, "wb", buffering=0)
 
 
 def _skip(chunk: memoryview) -> None:
@@ -249,14 +323,70 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def cleanup(paths: Paths) -> None:
-    """Delete the NFS copy (only after the commit), then the staging copy."""
-    try:
-        paths.claimed.unlink()
-    except FileNotFoundError:
-        pass  # another replica finished the same file first
-    paths.staged.unlink(missing_ok=True)
+class Changed(Exception):
+    """The claimed file is not the version that was uploaded: it must not be deleted."""
+
+
+def cleanup(paths: Paths, uploaded: Signature, staged_ino: int | None,
+            roots: tuple[Path, Path]) -> None:
+    """Delete the NFS copy, only if it is still the version uploaded; then the staging copy.
+
+    A writer that kept its descriptor open across the claim may have
+    appended to the claimed file after the copy read to its end; deleting
+    it then would lose those bytes. So the file's (size, mtime, inode) must
+    still be what the copy read; if not, :class:`Changed` is raised, the
+    file is kept and uploaded again whole (overwriting the blob).
+    """
+    now = signature(paths.claimed)
+    if now is not None and now != uploaded:
+        raise Changed(f"it changed while it was uploaded (size, mtime, inode {uploaded} "
+                      f"-> {now}): kept, to be uploaded again")
+    if now is not None:
+        try:
+            paths.claimed.unlink()
+        except FileNotFoundError:
+            pass  # another replica finished the same file first
+    discard_staged(paths, staged_ino)
     paths.attempts.unlink(missing_ok=True)
+    prune_folders(paths, roots)
+
+
+def discard_staged(paths: Paths, staged_ino: int | None = None) -> None:
+    """Remove this job's staging copy; with ``staged_ino``, only if it is that file."""
+    if staged_ino is not None:
+        try:
+            if os.lstat(paths.staged).st_ino != staged_ino:
+                return
+        except FileNotFoundError:
+            return
+    paths.staged.unlink(missing_ok=True)
+
+
+def prune_folders(paths: Paths, roots: tuple[Path, Path]) -> None:
+    """Remove the job's session and date folders under ``.processing`` and staging once empty.
+
+    Best effort: a folder that is not empty, or already gone, stays as it
+    is. Whoever writes into these folders makes them again if they vanish
+    (see :func:`_rename_into` and :func:`_create_staged`).
+    """
+    processing_root, staging_root = roots
+    _remove_empty(paths.attempts.parent)
+    for folder, root in ((paths.claimed.parent, processing_root),
+                         (paths.staged.parent, staging_root)):
+        while folder != root and root in folder.parents:
+            if not _remove_empty(folder):
+                break
+            folder = folder.parent
+
+
+def _remove_empty(folder: Path) -> bool:
+    try:
+        os.rmdir(folder)
+        return True
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False  # not empty (or not ours to remove): leave it
 
 
 def read_attempts(paths: Paths) -> int:
@@ -298,7 +428,7 @@ def quarantine(paths: Paths, job: Job, attempts: int, error: str) -> Path:
     (paths.failed_sidecar.parent / target.name).write_text(json.dumps(record, indent=2))
     os.rename(paths.claimed, target)
     paths.attempts.unlink(missing_ok=True)
-    paths.staged.unlink(missing_ok=True)
+    discard_staged(paths)
     return target
 
 
@@ -354,37 +484,53 @@ class Uploader:
             if isinstance(message, Job):
                 self.channel.send(self.process(message))
 
-    def process(self, job: Job) -> Done | Failed | Gone | Quarantined:
+    def process(self, job: Job) -> Result:
         """Run every step of one job and say how it ended."""
-        context = {"file": job.name, "session": job.session, "date": job.date}
         paths = Paths.of(self.settings, job)
         started = time.monotonic()
         self.channel.beat("claiming", job.name, force=True)
         try:
-            if not claim(paths, job.claimed, job.seen):
+            if not claim(paths, job):
+                discard_staged(paths)  # a killed uploader's copy, if one was left
                 log.info("file gone or changed before claim (taken elsewhere, or being "
-                         "written again)", extra=context)
+                         "written again)", extra=_context(job))
                 return Gone(job, "gone from incoming, or changed since it was found stable")
         except OSError as exc:
             return self._failed(job, paths, StepError("claim", describe_os_error(exc), True))
+        if not job.claimed:
+            job = replace(job, claimed=True, maybe_claimed=False)
+            self.channel.send(Claimed(job.key))
         try:
-            attempts = read_attempts_quietly(paths)
-            if attempts >= self.settings.max_attempts:
-                return self._quarantine(job, paths, attempts, "attempts exhausted before restart")
-            staged, upload_seconds = self._transfer(paths, job)
-            size, md5 = staged.size, staged.md5
-            self.channel.beat("cleaning", job.name, size, size, force=True)
-            self._cleanup(paths)
+            return self._after_claim(job, paths, started)
         except StepError as exc:
             return self._failed(job, paths, exc)
         except Vanished:
-            log.info("claimed file vanished: another replica finished it", extra=context)
+            discard_staged(paths)
+            log.info("claimed file vanished: another replica finished it", extra=_context(job))
             return Gone(job, "claimed file vanished (another replica finished it)")
         except (ParentGone, KeyboardInterrupt):
             raise
         except Exception as exc:  # a bug must cost one attempt, not the process
-            log.exception("unexpected error", extra=context)
+            log.exception("unexpected error", extra=_context(job))
             return self._failed(job, paths, StepError("internal", repr(exc), True))
+
+    def _after_claim(self, job: Job, paths: Paths, started: float) -> Result:
+        """Upload a claimed file (unless that is already done) and delete it."""
+        job = replace(job, attempts=max(job.attempts, read_attempts_quietly(paths)))
+        if job.attempts >= self.settings.max_attempts:
+            return self._quarantine(job, paths, "attempts exhausted before restart")
+        unusable = unusable_name(job.name)
+        if unusable:
+            return self._quarantine(job, paths, unusable)
+        if job.uploaded is not None and signature(paths.claimed) == job.uploaded:
+            size, md5, upload_seconds, staged_ino = job.uploaded[0], None, 0.0, None
+            log.info("blob already committed; deleting the file only", extra=_context(job))
+        else:
+            staged, upload_seconds = self._transfer(paths, job)
+            size, md5, staged_ino = staged.size, staged.md5, staged.staged_ino
+            job = replace(job, uploaded=staged.source)
+        self.channel.beat("cleaning", job.name, size, size, force=True)
+        self._cleanup(job, paths, staged_ino)
         seconds = time.monotonic() - started
         mb_per_s = size / 1e6 / upload_seconds if upload_seconds > 0 else 0.0
         log.info(
@@ -392,7 +538,7 @@ class Uploader:
             job.blob_name,
             size,
             seconds,
-            extra={**context, "size": size, "seconds": round(seconds, 3),
+            extra={**_context(job), "size": size, "seconds": round(seconds, 3),
                    "mb_per_s": round(mb_per_s, 1)},
         )
         return Done(job, size, md5.hex() if md5 else "", seconds, upload_seconds)
@@ -477,49 +623,108 @@ class Uploader:
         message = f"upload failed: {blobstore.describe_error(exc)}"
         return StepError("upload", message, not blobstore.is_outage(exc))
 
-    def _cleanup(self, paths: Paths) -> None:
+    def _cleanup(self, job: Job, paths: Paths, staged_ino: int | None) -> None:
+        assert job.uploaded is not None
+        roots = (self.settings.nfs_processing_root, self.settings.local_staging_root)
         try:
-            cleanup(paths)
+            cleanup(paths, job.uploaded, staged_ino, roots)
+        except Changed as exc:
+            raise StepError("verify", str(exc), True) from exc
+        except FileNotFoundError as exc:
+            if not os.path.lexists(paths.claimed):
+                raise Vanished() from exc
+            raise StepError("cleanup", f"cleanup failed: {describe_os_error(exc)}",
+                            False) from exc
         except OSError as exc:
-            # The blob is committed; the file stays claimed and is uploaded
-            # again later (same bytes, overwrite), which is safe.
+            # The blob is committed; the file stays claimed and the retry
+            # only deletes it (job.uploaded), a bounded number of times.
             raise StepError("cleanup", f"cleanup failed: {describe_os_error(exc)}",
                             False) from exc
 
-    def _failed(self, job: Job, paths: Paths, exc: StepError) -> Failed | Quarantined:
-        context = {"file": job.name, "session": job.session, "date": job.date,
-                   "error": str(exc)}
+    def _failed(self, job: Job, paths: Paths, exc: StepError) -> Failed | Quarantined | GaveUp:
+        """Count the failure, then quarantine, give up, or ask for a retry."""
         if exc.stage != "cleanup":
-            paths.staged.unlink(missing_ok=True)
-        attempts = self._count(paths, exc) if exc.counted else read_attempts_quietly(paths)
-        if exc.counted and attempts >= self.settings.max_attempts:
-            return self._quarantine(job, paths, attempts, str(exc))
-        log.error("%s failed at %s (attempt %d of %d)", job.blob_name, exc.stage, attempts,
-                  self.settings.max_attempts, extra=context)
-        return Failed(job, str(exc), exc.stage, exc.counted, attempts)
+            discard_staged(paths)
+        note = ""
+        if exc.counted:
+            attempts, note = self._count(job, paths, exc)
+            job = replace(job, attempts=attempts)
+            if attempts >= self.settings.max_attempts:
+                if job.claimed:
+                    return self._quarantine(job, paths, str(exc))
+                return self._give_up(job, exc, paths.incoming)
+        elif exc.stage in BOUNDED_STEPS:
+            job = replace(job, tries=job.tries + 1)
+            if job.tries >= self.settings.max_attempts:
+                return self._give_up(job, exc, paths.claimed)
+        log.error("%s failed at %s (attempt %d of %d)%s", job.blob_name, exc.stage,
+                  job.attempts, self.settings.max_attempts, note,
+                  extra={**_context(job), "error": str(exc)})
+        return Failed(job, str(exc), exc.stage, exc.counted)
 
-    def _count(self, paths: Paths, exc: StepError) -> int:
+    def _count(self, job: Job, paths: Paths, exc: StepError) -> tuple[int, str]:
+        """The file's attempts after this failure, and a note if NFS could not record it.
+
+        The count kept in memory (``job.attempts``) is the floor, so a record
+        on NFS that cannot be read or written cannot make a file immortal.
+        A file still in incoming has no record on NFS: its count lives in memory.
+        """
+        if not job.claimed:
+            return job.attempts + 1, ""
         try:
-            attempts = read_attempts(paths) + 1
+            attempts = max(job.attempts, read_attempts(paths)) + 1
+        except OSError:
+            attempts = job.attempts + 1
+        try:
             write_attempts(paths, attempts, str(exc))
-            return attempts
         except OSError as write_error:
-            log.warning("cannot record the attempt: %s", describe_os_error(write_error),
-                        extra={"file": paths.claimed.name})
-            return 0
+            return attempts, f" (attempt not recorded on NFS: {describe_os_error(write_error)})"
+        return attempts, ""
 
-    def _quarantine(self, job: Job, paths: Paths, attempts: int,
-                    error: str) -> Quarantined | Failed:
-        context = {"file": job.name, "session": job.session, "date": job.date, "error": error}
+    def _give_up(self, job: Job, exc: StepError, where: Path) -> GaveUp:
+        log.error("%s: giving up after %d failed %s attempts; the file stays at %s: %s",
+                  job.blob_name, self.settings.max_attempts, exc.stage, where, exc,
+                  extra={**_context(job), "error": str(exc)})
+        return GaveUp(job, str(exc), exc.stage, str(where))
+
+    def _quarantine(self, job: Job, paths: Paths,
+                    error: str) -> Quarantined | Failed | GaveUp:
         try:
-            target = quarantine(paths, job, attempts, error)
+            target = quarantine(paths, job, job.attempts, error)
         except OSError as exc:
             message = f"cannot move to .failed: {describe_os_error(exc)} (after: {error})"
-            log.error("%s stays in .processing: %s", job.blob_name, message, extra=context)
-            return Failed(job, message, "quarantine", False, attempts)
+            return self._failed(job, paths, StepError("quarantine", message, False))
+        prune_folders(paths, (self.settings.nfs_processing_root,
+                              self.settings.local_staging_root))
         log.error("%s moved to %s after %d failed attempts", job.blob_name, target,
-                  attempts, extra=context)
+                  job.attempts, extra={**_context(job), "error": error})
         return Quarantined(job, str(target), error)
+
+
+Result = Done | Failed | Gone | Quarantined | GaveUp
+
+BOUNDED_STEPS = ("cleanup", "quarantine")
+"""Steps whose failures say nothing about the file's bytes, so they do not
+count towards ``.failed``, but are still retried only ``APP_MAX_ATTEMPTS`` times."""
+
+
+def _context(job: Job) -> dict[str, str]:
+    return {"file": job.name, "session": job.session, "date": job.date}
+
+
+def unusable_name(name: str) -> str | None:
+    """Why ``name`` can never be a blob name, or None.
+
+    A name that is not valid UTF-8 (it reaches Python with lone surrogates)
+    cannot be sent to storage at all; retrying it would only repeat the
+    same error, so it goes to ``.failed`` at once with this reason.
+    """
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return ("the file name is not valid UTF-8, so it cannot be a blob name; "
+                "rename it (in UTF-8) and move it back to incoming")
+    return None
 
 
 def file_size(path: Path) -> int:

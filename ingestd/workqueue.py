@@ -1,8 +1,10 @@
 """The parent's bounded queue of jobs, with retries that wait their turn.
 
-It holds names, not files: a job is a few strings. A name is in at most one
-place at a time (queued, waiting to retry, or in flight), which is what keeps
-one file out of two uploaders of the same instance.
+It holds names, not files: a job is a few strings. A job's key (date,
+session, name) is in at most one place at a time (queued, waiting to retry,
+or in flight), which is what keeps one file out of two uploaders of the same
+instance. The key, not the bare name: two files of one name claimed under
+two sessions (or dates) are two files, and both must be uploaded.
 """
 
 from __future__ import annotations
@@ -24,15 +26,15 @@ class WorkQueue:
         self._new: deque[Job] = deque()
         self._retries: list[tuple[float, int, Job]] = []
         self._order = itertools.count()
-        self._names: set[str] = set()
+        self._keys: set[tuple[str, str, str]] = set()
         self.dropped = 0
 
     def __len__(self) -> int:
         return len(self._recovered) + len(self._new) + len(self._retries)
 
-    def holds(self, name: str) -> bool:
-        """Is ``name`` queued, waiting to retry, or in flight?"""
-        return name in self._names
+    def holds(self, key: tuple[str, str, str]) -> bool:
+        """Is the job with ``key`` queued, waiting to retry, or in flight?"""
+        return key in self._keys
 
     def add_new(self, job: Job) -> bool:
         """Queue a freshly stable file; False if known or the queue is full.
@@ -40,12 +42,12 @@ class WorkQueue:
         A full queue drops the job: the file stays in incoming and the next
         poll offers it again, which is all the back-pressure needed.
         """
-        if job.name in self._names:
+        if job.key in self._keys:
             return False
         if len(self) >= self.max_size:
             self.dropped += 1
             return False
-        self._names.add(job.name)
+        self._keys.add(job.key)
         self._new.append(job)
         return True
 
@@ -55,21 +57,21 @@ class WorkQueue:
         Recovery runs once per start, so a dropped one would wait for the
         next restart; they are few and small, so the bound does not apply.
         """
-        if job.name in self._names:
+        if job.key in self._keys:
             return False
-        self._names.add(job.name)
+        self._keys.add(job.key)
         self._recovered.append(job)
         return True
 
     def retry(self, job: Job, not_before: float) -> None:
         """Put a failed or interrupted job back, due at ``not_before`` (monotonic)."""
-        self._names.add(job.name)
+        self._keys.add(job.key)
         heapq.heappush(self._retries, (not_before, next(self._order), job))
 
     def take(self, now: float) -> Job | None:
         """The next job to run: a due retry, a recovered file, then a new one.
 
-        The name stays reserved until :meth:`finish` is called for it.
+        The key stays reserved until :meth:`finish` is called for it.
         """
         if self._retries and self._retries[0][0] <= now:
             return heapq.heappop(self._retries)[2]
@@ -81,7 +83,7 @@ class WorkQueue:
 
     def finish(self, job: Job) -> None:
         """The job left the instance: done, gone, or quarantined."""
-        self._names.discard(job.name)
+        self._keys.discard(job.key)
 
     def jobs(self) -> list[Job]:
         """Every job waiting (not those in flight), for per-session counts."""

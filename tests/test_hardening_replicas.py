@@ -151,16 +151,20 @@ def test_claim_rules_the_rename_is_the_lock(tmp_path: Path) -> None:
         st = paths.incoming.stat()
         return st.st_size, st.st_mtime_ns
 
+    def new(seen: tuple[int, int]) -> Job:
+        return Job("f.bin", "20260101", "s", seen=seen)
+
+    ours = Job("f.bin", "20260101", "s", claimed=True)
     seen = incoming(b"one")
-    assert claim(paths, ours=False, seen=seen) and paths.claimed.read_bytes() == b"one"
-    assert not claim(paths, ours=False, seen=seen), "lost the rename: another replica's"
-    assert claim(paths, ours=True), "our own claim (recovered, retried) is continued"
+    assert claim(paths, new(seen)) and paths.claimed.read_bytes() == b"one"
+    assert not claim(paths, new(seen)), "lost the rename: another replica's"
+    assert claim(paths, ours), "our own claim (recovered, reported) is continued"
     seen = incoming(b"two")
-    assert claim(paths, ours=False, seen=seen), "an older claimed copy is finished first"
+    assert claim(paths, new(seen)), "an older claimed copy is finished first"
     assert paths.claimed.read_bytes() == b"one" and paths.incoming.read_bytes() == b"two"
     paths.claimed.unlink()
     incoming(b"two, then rewritten")
-    assert not claim(paths, ours=False, seen=seen), "changed since found stable: not yet"
+    assert not claim(paths, new(seen)), "changed since found stable: not yet"
     assert paths.incoming.exists() and not paths.claimed.exists()
     paths.incoming.unlink()
-    assert not claim(paths, ours=False, seen=seen) and not claim(paths, ours=True)
+    assert not claim(paths, new(seen)) and not claim(paths, ours)

@@ -101,9 +101,25 @@ def test_queue_is_bounded_dedups_names_and_orders_work() -> None:
     assert queue.take(now=100.0).name == "x"
     job = queue.take(now=100.0)
     assert job.name == "n2" and queue.take(now=100.0) is None
-    assert queue.holds("n2")
+    assert queue.holds(job.key)
     queue.finish(job)
-    assert not queue.holds("n2")
+    assert not queue.holds(job.key)
+
+
+def test_queue_knows_a_job_by_date_session_and_name() -> None:
+    """Two files of one name under two sessions (or dates) are two jobs, both kept."""
+    queue = WorkQueue(max_size=10)
+    assert queue.add_recovered(Job("same.bin", "20260101", "a"))
+    assert queue.add_recovered(Job("same.bin", "20260101", "b"))
+    assert queue.add_recovered(Job("same.bin", "20260102", "a"))
+    assert not queue.add_recovered(Job("same.bin", "20260101", "a")), "the same key twice"
+    assert not queue.add_new(Job("same.bin", "20260101", "b")), "already queued"
+    assert queue.add_new(Job("same.bin", "20260103", "a"))
+    taken = [queue.take(now=0.0) for _ in range(4)]
+    assert {job.key for job in taken} == {("20260101", "a", "same.bin"),
+                                          ("20260101", "b", "same.bin"),
+                                          ("20260102", "a", "same.bin"),
+                                          ("20260103", "a", "same.bin")}
 
 
 def test_redactor_scrubs_secrets_from_messages_args_and_tracebacks() -> None:
