@@ -530,7 +530,10 @@ class Uploader:
             size, md5, staged_ino = staged.size, staged.md5, staged.staged_ino
             job = replace(job, uploaded=staged.source)
         self.channel.beat("cleaning", job.name, size, size, force=True)
-        self._cleanup(job, paths, staged_ino)
+        try:
+            self._cleanup(job, paths, staged_ino)
+        except StepError as exc:
+            return self._failed(job, paths, exc)  # this job: it knows the blob is committed
         seconds = time.monotonic() - started
         mb_per_s = size / 1e6 / upload_seconds if upload_seconds > 0 else 0.0
         log.info(
@@ -643,8 +646,7 @@ class Uploader:
 
     def _failed(self, job: Job, paths: Paths, exc: StepError) -> Failed | Quarantined | GaveUp:
         """Count the failure, then quarantine, give up, or ask for a retry."""
-        if exc.stage != "cleanup":
-            discard_staged(paths)
+        discard_staged(paths)  # a retry copies again, or only deletes (job.uploaded)
         note = ""
         if exc.counted:
             attempts, note = self._count(job, paths, exc)

@@ -564,6 +564,18 @@ def test_fault_count_fails_only_the_next_n_calls(fuse_mount: FreezableMount) -> 
 
 
 @pytest.mark.timeout(30, method="thread")
+def test_fault_after_carries_the_rename_out_then_fails_it(fuse_mount: FreezableMount) -> None:
+    """A lost reply: the rename happened, yet the caller is told ENOENT."""
+    nfs_layout(fuse_mount)
+    fuse_mount.backing_path("incoming", "a.bin").write_bytes(b"x")
+    fuse_mount.fail("rename", errno.ENOENT, glob="/incoming/a.bin", count=1, after=True)
+    with pytest.raises(FileNotFoundError):
+        os.rename(fuse_mount.path("incoming", "a.bin"), fuse_mount.path("incoming", "b.bin"))
+    assert not fuse_mount.backing_path("incoming", "a.bin").exists()
+    assert fuse_mount.backing_path("incoming", "b.bin").read_bytes() == b"x"
+
+
+@pytest.mark.timeout(30, method="thread")
 def test_unknown_operation_names_are_rejected(fuse_mount: FreezableMount) -> None:
     """A typo must not create a rule that silently never matches."""
     with pytest.raises(ValueError, match="unknown FUSE operation"):

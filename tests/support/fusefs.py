@@ -162,12 +162,18 @@ class FreezeRule:
 
 @dataclasses.dataclass
 class FaultRule:
-    """Fail matching calls with ``error``; ``remaining=None`` means until cleared."""
+    """Fail matching calls with ``error``; ``remaining=None`` means until cleared.
+
+    ``after``: the call is carried out first and the error returned anyway,
+    as when an NFS server's reply is lost and the client's retransmission
+    answers ENOENT or EIO for an operation that did happen (rename only).
+    """
 
     ops: frozenset[str]
     error: int
     glob: Optional[str] = None
     remaining: Optional[int] = None
+    after: bool = False
 
     def matches(self, op: str, paths: Sequence[Optional[str]]) -> bool:
         if op not in self.ops:
@@ -181,6 +187,7 @@ class FaultRule:
             "errno_name": _errno.errorcode.get(self.error, str(self.error)),
             "glob": self.glob,
             "remaining": self.remaining,
+            "after": self.after,
         }
 
 
@@ -253,7 +260,12 @@ class ControlState:
             self._calls[op] += 1
             if self._freeze is not None and self._freeze.matches(op, paths, offset):
                 self._wait_frozen(op, paths, offset, pid)
-            self._apply_fault(op, paths)
+            self._apply_fault(op, paths, after=False)
+
+    def done(self, op: str, *paths: Optional[str]) -> None:
+        """The call was carried out; fail it now if an ``after`` rule matches."""
+        with self._cond:
+            self._apply_fault(op, paths, after=True)
 
     def _wait_frozen(
         self, op: str, paths: Sequence[Optional[str]], offset: Optional[int], pid: int
@@ -278,9 +290,9 @@ class ControlState:
         finally:
             del self._blocked[call_id]
 
-    def _apply_fault(self, op: str, paths: Sequence[Optional[str]]) -> None:
+    def _apply_fault(self, op: str, paths: Sequence[Optional[str]], after: bool) -> None:
         for rule in self._faults:
-            if rule.matches(op, paths):
+            if rule.after == after and rule.matches(op, paths):
                 if rule.remaining is not None:
                     rule.remaining -= 1
                     if rule.remaining <= 0:
@@ -355,6 +367,7 @@ class ControlState:
                     error=int(request["errno"]),
                     glob=request.get("glob"),
                     remaining=None if count is None else int(count),
+                    after=bool(request.get("after", False)),
                 )
             )
             return {"ok": True}
@@ -587,6 +600,7 @@ class PassthroughFS(_OperationsBase):
             _check_libc(_libc.renameat2(_AT_FDCWD, src, _AT_FDCWD, dst, flags))
         else:
             os.rename(self._full(old), self._full(new))
+        self.state.done("rename", old, new)
         return 0
 
     # -- directories -------------------------------------------------------------------
@@ -1085,16 +1099,19 @@ class FreezableMount:
         errno: int,
         glob: Optional[str] = None,
         count: Optional[int] = None,
+        after: bool = False,
     ) -> None:
         """Make matching calls fail with ``errno`` (checked after any freeze).
 
         count: fail only the next ``count`` matching calls, then remove the rule;
             None fails until ``clear_faults()``. Rules add up; the first match wins.
+        after: carry the call out, then fail it (a lost reply; rename only).
         Beware: a failed READ may be a readahead the kernel silently retries, so for
         ``read`` prefer count=None.
         """
         self._request(
-            {"cmd": "fail", "ops": _op_list(op), "errno": int(errno), "glob": glob, "count": count}
+            {"cmd": "fail", "ops": _op_list(op), "errno": int(errno), "glob": glob, "count": count,
+             "after": after}
         )
 
     def clear_faults(self) -> None:
