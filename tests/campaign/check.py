@@ -3,8 +3,13 @@
 "Every byte that reaches incoming ends up in Blob Storage or stays on NFS."
 For each finished version ``v`` of a file named ``N`` (see writers.Version):
 
-1. **late**: a write of ``v`` landed after ingestd had unlinked the file
-   (``st_nlink == 0``). On NFS that write fails (ESTALE); counted, not checked.
+1. **late bytes**: bytes of ``v`` written after ingestd had unlinked the
+   file (``st_nlink == 0`` after the write). On NFS such writes fail (ESTALE);
+   they are counted, not checked, and ``v`` below means the bytes written
+   while the file was still linked (a prefix of what the writer wrote). So a
+   writer that appends after the claim is checked for every byte that landed
+   before the cleanup unlinked the file: fix 1's loss is a violation, an
+   append after the unlink is not.
 2. **kept**: ``v``'s MD5 equals the downloaded bytes of a blob
    ``<date>/<encoded session>/N`` under any session, or of a file named ``N``
    still on NFS: in incoming, in ``.processing/<date>/<session>/``, or in
@@ -17,7 +22,7 @@ For each finished version ``v`` of a file named ``N`` (see writers.Version):
    as a blob (same name, so same blob when in the same session: overwrite is
    the designed behaviour).
 4. Anything else is a **violation** ("lost"). In particular the latest
-   version of every name must be kept (or late).
+   version of every name must be kept.
 
 Also:
 
@@ -105,9 +110,9 @@ def check_versions(versions: list[Version], blobs: dict[str, str],
         history.sort(key=lambda v: v.finished_s)
         for position, version in enumerate(history):
             later = history[position + 1:]
-            if version.late:
+            if version.late_bytes:
                 findings.late += 1
-            elif version.md5 in in_blobs[name]:
+            if version.md5 in in_blobs[name]:
                 findings.kept_blob += 1
             elif version.md5 in nfs[name]:
                 findings.kept_nfs += 1
@@ -119,7 +124,7 @@ def check_versions(versions: list[Version], blobs: dict[str, str],
 
 def _superseded(version: Version, later: list[Version], in_blobs: set[str],
                 on_nfs: set[str]) -> bool:
-    kept_later = [w for w in later if not w.late and (w.md5 in in_blobs or w.md5 in on_nfs)]
+    kept_later = [w for w in later if (w.md5 in in_blobs or w.md5 in on_nfs)]
     if not kept_later:
         return False
     return version.replaced_in_incoming or any(w.md5 in in_blobs for w in kept_later)
@@ -127,10 +132,14 @@ def _superseded(version: Version, later: list[Version], in_blobs: set[str],
 
 def _lost(version: Version, later: list[Version], in_blobs: set[str],
           on_nfs: set[str]) -> str:
+    def held(md5s: set[str]) -> list[str]:
+        return sorted(version.stages.get(m, m[:12]) for m in md5s)
+
     return (f"LOST {version.name} (writer {version.writer}, {version.kind}, {version.size} "
-            f"bytes, md5 {version.md5[:12]}, finished at {version.finished_s:.1f} s, "
+            f"bytes written while linked, {version.late_bytes} late, md5 {version.md5[:12]}, "
+            f"finished at {version.finished_s:.1f} s, "
             f"{len(later)} later version(s)): not in any blob of that name (blobs hold "
-            f"{sorted(m[:12] for m in in_blobs)}) nor on NFS ({sorted(m[:12] for m in on_nfs)})")
+            f"{held(in_blobs)}) nor on NFS ({held(on_nfs)})")
 
 
 def check_sessions(blobs: dict[str, str], versions: list[Version],

@@ -56,7 +56,7 @@ class Result:
             ("kept as blob", str(self.kept_blob)),
             ("kept on NFS", str(self.kept_nfs)),
             ("superseded by a later version", str(self.superseded)),
-            ("late writes (after unlink)", str(self.late)),
+            ("versions with late writes (after unlink)", str(self.late)),
             ("blobs", str(self.blobs)),
             ("files left on NFS", str(len(self.left_on_nfs))),
             ("findings (not violations)", str(len(self.findings))),

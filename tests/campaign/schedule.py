@@ -30,8 +30,9 @@ class Writer:
       descriptor open throughout.
     * ``append_after_claim``: ``size`` bytes written in place, descriptor
       kept open until the file leaves incoming (claimed) or ``wait_s``
-      passes, then ``delay_s`` more, then ``append`` bytes appended through
-      the same descriptor: the writer of fix 1.
+      passes, then ``delay_s`` more, then the ``pieces`` appended through
+      the same descriptor, ``pauses`` apart (a writer that keeps going
+      across the copy, the upload and the cleanup): the writer of fix 1.
     * ``rewrite``: a new version of an earlier writer's name (``after``),
       ``delay_s`` after that one finished, renamed into place over it.
     """
@@ -43,7 +44,6 @@ class Writer:
     size: int
     pieces: tuple[int, ...] = ()
     pauses: tuple[float, ...] = ()
-    append: int = 0
     wait_s: float = 0.0
     delay_s: float = 0.0
     after: int | None = None
@@ -79,7 +79,7 @@ class Plan:
         for w in self.writers:
             lines.append(f"  writer {w.index:3d} {w.kind:19s} {w.name:24s} at {w.at_s:5.1f} s "
                          f"size {w.size} pieces {len(w.pieces)} pauses "
-                         f"{[round(p, 2) for p in w.pauses]} append {w.append}")
+                         f"{[round(p, 2) for p in w.pauses]}")
         for f in self.faults:
             lines.append(f"  fault {f.kind:13s} at {f.at_s:5.1f} s for {f.duration_s:4.1f} s "
                          f"replica {f.replica} pick {f.pick:.2f}")
@@ -135,9 +135,11 @@ def make_writers(rng: random.Random, duration_s: float, count: int, big: bool,
         index = count + extra
         writers.append(Writer(
             index, "append_after_claim", f"f{index:03d}-append.bin",
-            rng.uniform(0, duration_s * 0.6), rng.randint(16 * MiB, 40 * MiB),
-            append=rng.randint(1, 2 * MiB), wait_s=STABILITY_S * 8,
-            delay_s=rng.uniform(0.1, 1.5), content_seed=rng.getrandbits(32)))
+            rng.uniform(0, duration_s * 0.6), rng.randint(8 * MiB, 40 * MiB),
+            pieces=tuple(rng.randint(1, 256 * KiB) for _ in range(rng.randint(8, 20))),
+            pauses=tuple(rng.uniform(0.05, 0.3) for _ in range(20)),
+            wait_s=STABILITY_S * 8, delay_s=rng.uniform(0, 0.5),
+            content_seed=rng.getrandbits(32)))
     return sorted(writers, key=lambda w: (w.at_s, w.index))
 
 

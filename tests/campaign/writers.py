@@ -30,7 +30,13 @@ _AT_FDCWD = -100
 
 @dataclass
 class Version:
-    """One finished version of a file: what the invariant must find again."""
+    """One finished version of a file: what the invariant must find again.
+
+    ``md5`` and ``size`` are those of the bytes written while the file was
+    still linked (all of it, unless a write came late): ingestd answers for
+    exactly those. ``late_bytes`` were written after ingestd unlinked the
+    file; on NFS those writes fail (ESTALE), so they are counted, not checked.
+    """
 
     writer: int
     kind: str
@@ -40,7 +46,11 @@ class Version:
     created_s: float
     finished_s: float
     inode: int
-    late: bool = False
+    late_bytes: int = 0
+    stages: dict[str, str] = field(default_factory=dict)
+    """MD5 -> description of the file's states before it was finished (after
+    each piece, before the append): names what a blob holds when it holds
+    less than the version."""
     replaced_in_incoming: bool = False
     """A later writer's rename swapped this very inode out of incoming: the
     writer, not ingestd, discarded it before ingestd ever took it."""
@@ -57,7 +67,7 @@ class Ledger:
     def add(self, version: Version) -> None:
         with self.lock:
             self.versions.append(version)
-            self.bytes_written += version.size
+            self.bytes_written += version.size + version.late_bytes
 
     def latest(self, name: str) -> Version | None:
         with self.lock:
@@ -91,7 +101,7 @@ class Writers:
         self.ledger = ledger
         self.clock = clock
         self.threads: list[threading.Thread] = []
-        self.stopping = threading.Event()
+        self.stages: dict[str, str] = {}
 
     def launch(self, writer: Writer) -> None:
         self.ledger.done[writer.index] = threading.Event()
@@ -156,46 +166,60 @@ class Writers:
         data = content(writer.content_seed, writer.size)
         path = self.incoming / writer.name
         created = self.clock()
-        late = False
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            offset = 0
-            for number, piece in enumerate(writer.pieces):
-                if number:
-                    time.sleep(writer.pauses[number - 1])
-                late |= self._write(fd, data[offset:offset + piece])
-                offset += piece
             inode = os.fstat(fd).st_ino
+            linked = self._write_pieces(fd, data, 0, writer.pieces, (0.0, *writer.pauses))
         finally:
             os.close(fd)
-        self.ledger.add(Version(writer.index, writer.kind, writer.name,
-                                hashlib.md5(data).hexdigest(), len(data), created, self.clock(),
-                                inode, late=late))
+        self.ledger.add(self._version(writer, data, linked, created, inode))
 
     def _append_after_claim(self, writer: Writer) -> None:
         """Write, keep the descriptor open until the file is claimed, then append (fix 1)."""
-        data = content(writer.content_seed, writer.size + writer.append)
+        data = content(writer.content_seed, writer.size + sum(writer.pieces))
         path = self.incoming / writer.name
         created = self.clock()
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            late = self._write(fd, data[:writer.size])
             inode = os.fstat(fd).st_ino
+            linked = self._write_pieces(fd, data, 0, (writer.size,), (0.0,))
             deadline = time.monotonic() + writer.wait_s
             while os.path.lexists(path) and time.monotonic() < deadline:
                 time.sleep(0.02)
             time.sleep(writer.delay_s)
-            late |= self._write(fd, data[writer.size:])
+            linked = self._write_pieces(fd, data, linked, writer.pieces, writer.pauses)
         finally:
             os.close(fd)
-        self.ledger.add(Version(writer.index, writer.kind, writer.name,
-                                hashlib.md5(data).hexdigest(), len(data), created, self.clock(),
-                                inode, late=late))
+        self.ledger.add(self._version(writer, data, linked, created, inode))
 
-    @staticmethod
-    def _write(fd: int, data: bytes) -> bool:
-        """Write all of ``data``; True if the file was already unlinked (a late write)."""
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view[:CHUNK]):]
-        return os.fstat(fd).st_nlink == 0
+    def _version(self, writer: Writer, data: bytes, linked: int, created: float,
+                 inode: int) -> Version:
+        return Version(writer.index, writer.kind, writer.name,
+                       hashlib.md5(data[:linked]).hexdigest(), linked, created, self.clock(),
+                       inode, late_bytes=len(data) - linked, stages=self.stages)
+
+    def _write_pieces(self, fd: int, data: bytes, start: int, pieces: tuple[int, ...],
+                      pauses: tuple[float, ...]) -> int:
+        """Write ``pieces`` of ``data`` from ``start``, each after its pause; return how far
+        the file got while still linked.
+
+        ``fstat().st_nlink`` after each write tells whether the file was still
+        linked; once it is 0 it stays 0, and every byte from that write on is late.
+        (A write that lands just before the unlink but is fstat'ed after it
+        counts as late: the ambiguity goes the lenient way, never a false
+        violation.) The MD5 of every linked state is kept in ``stages`` to
+        name what a blob holds when it holds less.
+        """
+        offset = linked = start
+        unlinked = False
+        for pause, piece in zip(pauses, pieces):
+            time.sleep(pause)
+            view = memoryview(data)[offset:offset + piece]
+            while view:
+                view = view[os.write(fd, view[:CHUNK]):]
+            offset += piece
+            unlinked = unlinked or os.fstat(fd).st_nlink == 0
+            if not unlinked:
+                linked = offset
+                self.stages[hashlib.md5(data[:offset]).hexdigest()] = f"its first {offset} bytes"
+        return linked
