@@ -19,7 +19,7 @@ import pytest
 
 from tests.campaign.runner import run_seed
 
-CI_SEEDS = (1, 2, 3)
+CI_SEEDS = (3, 4, 9)
 
 
 @pytest.mark.timeout(240)
