@@ -13,9 +13,11 @@ two replicas; 4: staging_full, refuse, sigterm, two replicas on small tmpfs
 staging, two session switches; 9: refuse, blackhole, kill_tree, kill_child,
 freeze, one replica, small staging), and each has two writers that keep
 appending through an open descriptor after the claim. With fix 1 of issue 12
-missing, seed 3 reported such appended bytes as lost (the blob held the
-first 35,006,644 of 35,225,911 bytes written while the file was linked).
-About 35 s per seed here, under 2 minutes for the three.
+missing, every run of the three caught it, through different seeds (timing
+decides which): run 1, seed 3 (blob held the first 35,006,644 of 35,225,911
+bytes written while linked); run 2, seed 9 (35,447,851 of 35,606,570) and
+seed 4, a slow writer (162,663 of 168,651). About 35 s per seed here, under
+2 minutes for the three.
 """
 
 from __future__ import annotations

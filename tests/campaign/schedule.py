@@ -137,7 +137,7 @@ def make_writers(rng: random.Random, duration_s: float, count: int, big: bool,
             index, "append_after_claim", f"f{index:03d}-append.bin",
             rng.uniform(0, duration_s * 0.6), rng.randint(8 * MiB, 40 * MiB),
             pieces=tuple(rng.randint(1, 256 * KiB) for _ in range(rng.randint(8, 20))),
-            pauses=tuple(rng.uniform(0.05, 0.3) for _ in range(20)),
+            pauses=tuple(rng.uniform(0.02, 0.15) for _ in range(20)),
             wait_s=STABILITY_S * 8, delay_s=rng.uniform(0, 0.5),
             content_seed=rng.getrandbits(32)))
     return sorted(writers, key=lambda w: (w.at_s, w.index))
