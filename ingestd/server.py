@@ -7,8 +7,12 @@ console script, every spawned child re-imports the script's module, and so
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import uvicorn
@@ -28,6 +32,10 @@ class Server(uvicorn.Server):
     The first signal stops new work and lets in-flight uploads finish (up to
     ``APP_SHUTDOWN_GRACE_S``) while the API keeps answering, with /readyz at
     503. A second signal stops at once. Signal handlers only set flags.
+
+    SIGHUP (a closed terminal, some process managers) is one more such
+    signal: uvicorn itself handles only SIGINT and SIGTERM, and SIGHUP's
+    default action would kill the parent mid-upload, with no drain.
     """
 
     def __init__(self, config: uvicorn.Config, supervisor: Supervisor) -> None:
@@ -40,6 +48,20 @@ class Server(uvicorn.Server):
             self.should_exit = self.force_exit = True
             return
         self.supervisor.begin_drain()
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """uvicorn's SIGINT/SIGTERM handlers, and SIGHUP to the same handler."""
+        if threading.current_thread() is not threading.main_thread():
+            with super().capture_signals():
+                yield
+            return
+        previous = signal.signal(signal.SIGHUP, self.handle_exit)
+        try:
+            with super().capture_signals():
+                yield
+        finally:
+            signal.signal(signal.SIGHUP, previous)
 
     def _drained(self) -> None:
         self.should_exit = True
