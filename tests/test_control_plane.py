@@ -28,8 +28,7 @@ import httpx
 import pytest
 
 from tests.support.azurite import Azurite
-from tests.support.service import Layout, Service, md5_of, run_once, base_env, scrape, \
-    wait_until, write_random
+from tests.support.service import Layout, Service, base_env, run_once, wait_until, write_random
 
 MiB = 1024 * 1024
 TOKEN = "ct-" + secrets.token_hex(24)  # one per run: found in no fixture or earlier log

@@ -790,7 +790,8 @@ def test_network_policy_admits_only_this_namespace_and_the_labelled_monitoring_o
         (ns, own, port + 1, False),  # only the API port, even from inside
     ]
     for source_ns, labels, to_port, expected in cases:
-        assert _admits(policy, source_ns, labels, to_port) is expected, (source_ns, labels, to_port)
+        admitted = _admits(policy, source_ns, labels, to_port)
+        assert admitted is expected, (source_ns, labels, to_port)
 
 
 @pytest.mark.timeout(30)
