@@ -3,6 +3,12 @@
 Handlers only read or flip the supervisor's in-memory state. None of them
 touches a file or waits on a child, so they answer in milliseconds even
 while every child is stuck on a frozen mount.
+
+Routes that change state live on the ``control`` router, which requires the
+bearer token (:func:`ingestd.apiauth.require_token`); a new ``POST /v1/...``
+declared there is protected without another line. The read routes (status,
+metrics) are on ``reads``, protected only with ``APP_API_TOKEN_FOR_READS``;
+the probes are on the app itself and always open.
 """
 
 from __future__ import annotations
@@ -10,14 +16,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ingestd import __version__, metrics
+from ingestd import __version__, apiauth, metrics
+from ingestd.apiauth import require_token
 from ingestd.sessions import SessionNameError, new_session
 from ingestd.supervisor import Supervisor
 
@@ -107,6 +114,11 @@ def create_app(supervisor: Supervisor, ready: dict[str, Any] | None = None) -> F
     readiness = ready if ready is not None else {"ready": True}
     app = FastAPI(title="ingestd", version=__version__, default_response_class=AsciiJSONResponse)
     app.add_middleware(BodyLimit)
+    apiauth.install(app, supervisor.settings)
+    apiauth.log_protection(supervisor.settings)
+    control = APIRouter(dependencies=[Depends(require_token)])
+    protect_reads = supervisor.settings.api_token_for_reads
+    reads = APIRouter(dependencies=[Depends(require_token)] if protect_reads else [])
 
     @app.exception_handler(SessionNameError)
     async def bad_session(_: Request, exc: SessionNameError) -> JSONResponse:
@@ -138,7 +150,7 @@ def create_app(supervisor: Supervisor, ready: dict[str, Any] | None = None) -> F
             body["reason"] = "shutting down"
         return JSONResponse(body, status_code=200 if is_ready else 503)
 
-    @app.post("/v1/watch/start", response_model=StartResponse)
+    @control.post("/v1/watch/start", response_model=StartResponse)
     async def watch_start(body: StartRequest | None = None) -> StartResponse:
         """Start scanning under a session; the blob prefix is ``<date>/<encoded>/``."""
         session = new_session(body.session_name if body else None)
@@ -149,19 +161,21 @@ def create_app(supervisor: Supervisor, ready: dict[str, Any] | None = None) -> F
             encoded_session=session.encoded,
         )
 
-    @app.post("/v1/watch/stop")
+    @control.post("/v1/watch/stop")
     async def watch_stop() -> dict[str, bool]:
         """Stop scanning; queued and in-flight files still finish."""
         supervisor.stop_session()
         return {"enabled": False}
 
-    @app.get("/v1/status")
+    @reads.get("/v1/status")
     async def status() -> dict[str, Any]:
         return supervisor.status()
 
-    @app.get("/metrics")
+    @reads.get("/metrics")
     async def prometheus() -> Response:
         """Prometheus text format, rendered from the supervisor's state."""
         return Response(supervisor.metrics.render(), media_type=metrics.CONTENT_TYPE)
 
+    app.include_router(control)
+    app.include_router(reads)
     return app

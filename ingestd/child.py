@@ -83,10 +83,12 @@ def die_with_parent() -> None:
 def start(settings: Settings, role: str) -> None:
     """Common start of a child: die with the parent, log like the parent.
 
-    SIGINT is ignored so that Ctrl-C at a terminal reaches only the parent,
-    which then stops the children in order; SIGTERM keeps its default.
+    SIGINT and SIGHUP are ignored so that Ctrl-C or a closed terminal, which
+    signal the whole process group, reach only the parent, which then drains
+    and stops the children in order; SIGTERM keeps its default.
     """
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     logs.configure(settings.log_format, settings.log_level, role, settings.secrets())
     logging.getLogger(__name__).debug("child started", extra={"role": role})

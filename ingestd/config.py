@@ -12,7 +12,14 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BeforeValidator, Field, SecretStr, ValidationError
+from pydantic import (
+    BeforeValidator,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "APP_"
@@ -46,6 +53,9 @@ def parse_size(value: object) -> int:
         raise ValueError(f"not a size: {value!r} (use bytes or e.g. 8MiB, 4MB)")
     return int(float(match.group(1)) * _SIZE_UNITS[unit])
 
+
+MIN_TOKEN_LENGTH = 16
+"""Shorter API tokens are refused: 16 random characters are beyond guessing."""
 
 ByteSize = Annotated[int, BeforeValidator(parse_size), Field(gt=0)]
 
@@ -108,16 +118,57 @@ class Settings(BaseSettings):
     # HTTP and logs.
     http_host: str = "0.0.0.0"
     http_port: int = Field(8080, ge=0, le=65535)
+    # The bearer token that POST /v1/... (everything that changes state)
+    # requires; unset, the control API is open (and a warning says so when it
+    # listens beyond loopback). With api_token_for_reads, /v1/status and
+    # /metrics require it too; /healthz and /readyz never do (the kubelet).
+    api_token: SecretStr | None = None
+    api_token_for_reads: bool = False
     log_format: Literal["json", "text"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    # Per-session counters kept besides the active session's; older sessions
+    # are folded into one aggregate, so /v1/status stays small however many
+    # sessions are started.
+    session_history: int = Field(100, ge=0, le=10_000)
 
     # Start watching at boot, so a restarted pod resumes without an API call.
     autostart: bool = False
     autostart_session: str = ""
 
+    @field_validator("api_token", mode="before")
+    @classmethod
+    def _strip_token(cls, value: object) -> object:
+        """A token read from a file (``--from-file``) often ends in a newline."""
+        return value.strip() if isinstance(value, str) else value
+
+    @field_validator("api_token")
+    @classmethod
+    def _check_token(cls, value: SecretStr | None) -> SecretStr | None:
+        """Refuse a token a guess could find, or one no HTTP header can carry.
+
+        An empty value (a Secret created from the example unchanged) is refused
+        too: running unprotected must be a choice, not an accident.
+        """
+        if value is None:
+            return None
+        token = value.get_secret_value()
+        if len(token) < MIN_TOKEN_LENGTH:
+            raise ValueError(f"must be at least {MIN_TOKEN_LENGTH} characters "
+                             "(e.g. openssl rand -hex 32)")
+        if not all("!" <= c <= "~" for c in token):
+            raise ValueError("must be printable ASCII without spaces")
+        return value
+
+    @model_validator(mode="after")
+    def _reads_need_a_token(self) -> Settings:
+        if self.api_token_for_reads and self.api_token is None:
+            raise ValueError("APP_API_TOKEN_FOR_READS=true needs APP_API_TOKEN")
+        return self
+
     def secrets(self) -> list[str]:
         """The secret values configured, for the log redactor."""
-        values = [self.azure_connection_string, self.azure_account_key]
+        values = [self.azure_connection_string, self.azure_account_key, self.api_token]
         secrets = [v.get_secret_value() for v in values if v is not None]
         return [s for s in secrets if s]
 
@@ -146,8 +197,10 @@ def load_settings() -> Settings:
 
 def _describe(exc: ValidationError) -> str:
     missing = [env_name(str(e["loc"][0])) for e in exc.errors() if e["type"] == "missing"]
+    # An error of the whole model (a rule across settings) has no field; its
+    # message names the variables itself.
     invalid = [
-        f"{env_name(str(e['loc'][0]))}: {e['msg']}"
+        f"{env_name(str(e['loc'][0]))}: {e['msg']}" if e["loc"] else e["msg"]
         for e in exc.errors()
         if e["type"] != "missing"
     ]

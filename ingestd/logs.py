@@ -64,13 +64,49 @@ class SecretRedactor(logging.Filter):
         return True
 
 
+_CONTROLS = {i: f"\\x{i:02x}" for i in [*range(0x20), *range(0x7f, 0xa0)]}
+_CONTROLS.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t",
+                  0x2028: "\\u2028", 0x2029: "\\u2029"})
+_ESCAPES = {**_CONTROLS, ord("\\"): "\\\\"}
+
+
+def escape(text: str) -> str:
+    """``text`` with every control character (and backslash) written as an escape.
+
+    File names, session names and error text come from outside: a name with
+    a newline in it must not start a line of its own that reads like a log
+    record. Backslashes are doubled so that an escape in the output always
+    means a control character in the value.
+    """
+    return text.translate(_ESCAPES)
+
+
 class TextFormatter(logging.Formatter):
-    """``time level role[pid] message key=value ...`` for humans at a terminal."""
+    """``time level role[pid] message key=value ...`` for humans at a terminal.
+
+    One record is one line: the message (format string and arguments alike)
+    is escaped, context fields are written as ``repr``; only a traceback
+    spans lines, and each of its lines is indented, so no line of the output
+    can pass for the start of a record unless it is one.
+    """
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(role)s[%(process)d] %(message)s")
 
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape(record.message)
+        return super().formatMessage(record)
+
+    def formatException(self, ei) -> str:  # type: ignore[no-untyped-def]
+        return _indent(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return _indent(super().formatStack(stack_info))
+
     def format(self, record: logging.LogRecord) -> str:
+        if record.exc_text and not record.exc_info and not getattr(record, "_indented", False):
+            record.exc_text = _indent(record.exc_text)  # formatted by the redactor
+            record._indented = True
         line = super().format(record)
         fields = [
             f"{name}={getattr(record, name)!r}"
@@ -78,6 +114,17 @@ class TextFormatter(logging.Formatter):
             if getattr(record, name, None) is not None
         ]
         return " ".join([line, *fields]) if fields else line
+
+
+def _indent(text: str) -> str:
+    """Every line of a traceback, including lines inside its exception message, indented.
+
+    Lines are split the way a reader of the stream splits them (``\\n``,
+    ``\\r``), not by ``str.splitlines``, which also breaks on characters no
+    terminal treats as a line end.
+    """
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    return "\n".join(f"    {line.translate(_CONTROLS)}" for line in lines)
 
 
 def _json_formatter() -> logging.Formatter:

@@ -7,9 +7,13 @@ console script, every spawned child re-imports the script's module, and so
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import socket
+import threading
+from collections.abc import Iterator
 from typing import Any, NoReturn
 
 import uvicorn
@@ -29,6 +33,10 @@ class Server(uvicorn.Server):
     The first signal stops new work and lets in-flight uploads finish (up to
     ``APP_SHUTDOWN_GRACE_S``) while the API keeps answering, with /readyz at
     503. A second signal stops at once. Signal handlers only set flags.
+
+    SIGHUP (a closed terminal, some process managers) is one more such
+    signal: uvicorn itself handles only SIGINT and SIGTERM, and SIGHUP's
+    default action would kill the parent mid-upload, with no drain.
     """
 
     def __init__(self, config: uvicorn.Config, supervisor: Supervisor) -> None:
@@ -41,6 +49,20 @@ class Server(uvicorn.Server):
             self.should_exit = self.force_exit = True
             return
         self.supervisor.begin_drain()
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """uvicorn's SIGINT/SIGTERM handlers, and SIGHUP to the same handler."""
+        if threading.current_thread() is not threading.main_thread():
+            with super().capture_signals():
+                yield
+            return
+        previous = signal.signal(signal.SIGHUP, self.handle_exit)
+        try:
+            with super().capture_signals():
+                yield
+        finally:
+            signal.signal(signal.SIGHUP, previous)
 
     def _drained(self) -> None:
         self.should_exit = True

@@ -2,13 +2,22 @@
 
 Plain numbers in the parent, fed only by the children's messages: no shared
 memory, no multiprocess metrics mode, nothing a killed child can corrupt.
+
+Per-session counters are bounded: the active session and the ``history``
+sessions most recently started or reporting a result are kept; older ones
+are folded into one aggregate. Every start without a name is a new session,
+so without the bound a client starting sessions in a loop would grow the
+parent's memory and ``/v1/status`` without end.
 """
 
 from __future__ import annotations
 
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import asdict, dataclass, field
+
+SessionKey = tuple[str, str]
+"""``(date, encoded session)``"""
 
 
 @dataclass
@@ -21,6 +30,24 @@ class SessionCounters:
     bytes_done: int = 0
     failed: int = 0
     quarantined: int = 0
+
+
+@dataclass
+class OlderSessions:
+    """Sessions folded out of the per-session list, summed."""
+
+    count: int = 0  # entries folded (a session revived by a late result can count twice)
+    files_done: int = 0
+    bytes_done: int = 0
+    failed: int = 0
+    quarantined: int = 0
+
+    def fold(self, counters: SessionCounters) -> None:
+        self.count += 1
+        self.files_done += counters.files_done
+        self.bytes_done += counters.bytes_done
+        self.failed += counters.failed
+        self.quarantined += counters.quarantined
 
 
 @dataclass
@@ -42,13 +69,40 @@ class Stats:
     last_scan_seconds: float = 0.0
     restarts: Counter = field(default_factory=Counter)
     kills: Counter = field(default_factory=Counter)
-    sessions: dict[tuple[str, str], SessionCounters] = field(default_factory=dict)
+    history: int = 100
+    sessions: OrderedDict[SessionKey, SessionCounters] = field(default_factory=OrderedDict)
+    older: OlderSessions = field(default_factory=OlderSessions)
+    active: SessionKey | None = None  # never folded
 
     def session(self, date: str, session: str) -> SessionCounters:
+        """The counters of one session, created if needed; it becomes the most recent."""
         key = (date, session)
-        if key not in self.sessions:
-            self.sessions[key] = SessionCounters(date, session)
-        return self.sessions[key]
+        counters = self.sessions.get(key)
+        if counters is None:
+            counters = self.sessions[key] = SessionCounters(date, session)
+        self.sessions.move_to_end(key)
+        return counters
+
+    def start(self, date: str, session: str) -> None:
+        """Register the session now active; it is kept whatever the history."""
+        self.active = (date, session)
+        self.session(date, session)
+        self._fold()
+
+    def _fold(self) -> None:
+        """Fold the least recent sessions until at most ``history`` besides the active remain.
+
+        Called after each update, never between a lookup and its update, so a
+        count is never added to a session already folded away.
+        """
+        kept = len(self.sessions) - (self.active in self.sessions)
+        while kept > self.history:
+            key = next(iter(self.sessions))
+            if key == self.active:
+                self.sessions.move_to_end(key)
+                continue
+            self.older.fold(self.sessions.pop(key))
+            kept -= 1
 
     def on_done(self, counters: SessionCounters, size: int) -> None:
         self.processed_ok += 1
@@ -56,11 +110,13 @@ class Stats:
         self.last_success_at = time.time()
         counters.files_done += 1
         counters.bytes_done += size
+        self._fold()
 
     def on_failed(self, counters: SessionCounters, error: str) -> None:
         self.processed_err += 1
         self.last_error = error
         counters.failed += 1
+        self._fold()
 
     def on_quarantined(self, counters: SessionCounters, error: str) -> None:
         self.processed_err += 1
@@ -68,6 +124,7 @@ class Stats:
         self.last_error = error
         counters.failed += 1
         counters.quarantined += 1
+        self._fold()
 
     def on_gave_up(self, counters: SessionCounters, stage: str, error: str) -> None:
         """No more tries this run (the file stays on NFS); counted by the step that failed."""
@@ -75,6 +132,7 @@ class Stats:
         self.gave_up[stage] += 1
         self.last_error = error
         counters.failed += 1
+        self._fold()
 
     def on_scan(self, seen: int, stable: int, seconds: float) -> None:
         self.scans += 1
@@ -104,5 +162,17 @@ class Stats:
             "kills": dict(self.kills),
         }
 
-    def sessions_view(self) -> list[tuple[tuple[str, str], dict]]:
-        return [(key, asdict(c)) for key, c in self.sessions.items()]
+    def sessions_view(self, queued: Counter, in_flight: Counter) -> tuple[list[dict], dict]:
+        """The kept sessions (least recent first) and the folded aggregate, with work counts.
+
+        A session with a file in flight is listed even if folded (at most one
+        per uploader: still bounded). Files queued for folded sessions (found
+        in ``.processing`` at start, say) are counted in the aggregate: listing
+        each such session would unbound the view again.
+        """
+        keys = [*self.sessions, *(k for k in in_flight if k not in self.sessions)]
+        kept = [{**asdict(self.sessions.get(key) or SessionCounters(*key)),
+                 "queued": queued[key], "in_flight": in_flight[key]} for key in keys]
+        older = {**asdict(self.older),
+                 "queued": sum(n for key, n in queued.items() if key not in keys)}
+        return kept, older

@@ -105,7 +105,7 @@ class Supervisor:
         self.lock = threading.Lock()
         self.queue = WorkQueue(settings.max_queue_size)
         self.outage = OutageBackoff(MAX_RETRY_DELAY_S)
-        self.stats = Stats()
+        self.stats = Stats(history=settings.session_history)
         self.metrics = Metrics()
         self.metrics.attach(self)
         self.slots = [Slot(SCANNER)] + [
@@ -178,7 +178,7 @@ class Supervisor:
                 return self.session
             self.session = session
             self.enabled = True
-            self.stats.session(session.date, session.encoded)
+            self.stats.start(session.date, session.encoded)
         log.info("session started", extra={"session": session.encoded, "date": session.date})
         return session
 
@@ -562,19 +562,15 @@ class Supervisor:
                 "stuck_children": self.stuck_count(now),
                 "killed_unreaped": len(self.stuck),
                 "auth_method": self.auth_method,
-                "sessions": self._sessions_view(),
+                **self._sessions_view(),
             }
 
-    def _sessions_view(self) -> list[dict]:
-        """Per-session counters, with queued and in-flight counted from where jobs are now."""
+    def _sessions_view(self) -> dict:
+        """Per-session counters (bounded), with queued and in-flight counted from the jobs."""
         queued = Counter(job.key[:2] for job in self.queue.jobs())
         flying = Counter(slot.job.key[:2] for slot in self.slots[1:] if slot.job)
-        for key in (*queued, *flying):
-            self.stats.session(*key)
-        return [
-            {**view, "queued": queued[key], "in_flight": flying[key]}
-            for key, view in self.stats.sessions_view()
-        ]
+        kept, older = self.stats.sessions_view(queued, flying)
+        return {"sessions": kept, "older_sessions": older}
 
     @staticmethod
     def _flight_view(slot: Slot, now: float) -> dict:

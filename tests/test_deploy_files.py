@@ -47,14 +47,24 @@ KUBERNETES_VERSIONS = ("1.31.0", "1.37.0")
 # the Settings defaults; this constant is the fallback until then.
 # ---------------------------------------------------------------------------
 REQUIRED_SETTINGS = frozenset({"APP_AZURE_ACCOUNT_URL", "APP_AZURE_CONTAINER"})
-# Fallback-auth settings: they live in the (optional) Secret, not the ConfigMap.
-SECRET_SETTINGS = frozenset(
+# Secret settings live in the (optional) Secrets, not the ConfigMap: the
+# fallback-auth keys in one, the control API's bearer token in another.
+FALLBACK_SECRET_SETTINGS = frozenset(
     {"APP_AZURE_CONNECTION_STRING", "APP_AZURE_ACCOUNT_NAME", "APP_AZURE_ACCOUNT_KEY"}
 )
+API_TOKEN_SETTINGS = frozenset({"APP_API_TOKEN"})
+SECRET_SETTINGS = FALLBACK_SECRET_SETTINGS | API_TOKEN_SETTINGS
+EXAMPLE_SECRETS = {
+    "ingestd-azure-fallback": FALLBACK_SECRET_SETTINGS,
+    "ingestd-api-token": API_TOKEN_SETTINGS,
+}
+# The namespace label that admits a monitoring namespace to the API port.
+MONITORING_NAMESPACE_LABEL = {"ingestd-monitoring": "true"}
 CONFIGMAP_DEFAULTS: dict[str, str] = {
     "APP_AZURE_STARTUP_TIMEOUT_S": "30",
     "APP_HTTP_HOST": "0.0.0.0",
     "APP_HTTP_PORT": "8080",
+    "APP_API_TOKEN_FOR_READS": "false",
     "APP_NFS_INCOMING_DIR": "/mnt/nfs/incoming",
     "APP_NFS_PROCESSING_ROOT": "/mnt/nfs/.processing",
     "APP_NFS_FAILED_ROOT": "/mnt/nfs/.failed",
@@ -74,6 +84,7 @@ CONFIGMAP_DEFAULTS: dict[str, str] = {
     "APP_SHUTDOWN_GRACE_S": "120",
     "APP_LOG_FORMAT": "json",
     "APP_LOG_LEVEL": "INFO",
+    "APP_SESSION_HISTORY": "100",
     "APP_AUTOSTART": "false",
     "APP_AUTOSTART_SESSION": "",
 }
@@ -709,13 +720,96 @@ def test_configmap_has_every_setting() -> None:
 
 
 @pytest.mark.timeout(30)
-def test_example_secret_has_the_fallback_auth_keys_only() -> None:
-    secret = _one(_load_yaml_docs(EXAMPLE_SECRET), "Secret")
-    data = secret.get("stringData") or secret.get("data") or {}
-    assert set(data) == set(SECRET_SETTINGS)
-    assert all(v in ("", None) for v in data.values()), "the example must not carry real values"
-    ref = _container()["envFrom"][1]["secretRef"]
-    assert ref == {"name": secret["metadata"]["name"], "optional": True}
+def test_example_secrets_have_their_keys_only_and_are_optional_env_sources() -> None:
+    secrets = {d["metadata"]["name"]: d for d in _load_yaml_docs(EXAMPLE_SECRET)}
+    assert set(secrets) == set(EXAMPLE_SECRETS)
+    refs = [r["secretRef"] for r in _container()["envFrom"] if "secretRef" in r]
+    assert refs == [{"name": name, "optional": True} for name in EXAMPLE_SECRETS]
+    for name, keys in EXAMPLE_SECRETS.items():
+        secret = secrets[name]
+        assert secret["kind"] == "Secret"
+        data = secret.get("stringData") or secret.get("data") or {}
+        assert set(data) == set(keys), name
+        assert all(v in ("", None) for v in data.values()), "the example must not carry values"
+
+
+# ===========================================================================
+# (f) the NetworkPolicy admits exactly this namespace and the monitoring one
+# ===========================================================================
+def _network_policy() -> dict[str, Any]:
+    return _one(_load_yaml_docs(MANIFESTS / "networkpolicy.yaml"), "NetworkPolicy")
+
+
+def _peer_admits(peer: dict[str, Any], policy_ns: str, source_ns: str,
+                 ns_labels: dict[str, str]) -> bool:
+    """NetworkPolicyPeer semantics for a source pod (any labels) in ``source_ns``.
+
+    A podSelector alone means "pods of the policy's namespace"; a
+    namespaceSelector (alone or with a podSelector) selects namespaces by
+    label; an ipBlock is about cluster-external addresses and matches no pod here.
+    """
+    if "ipBlock" in peer:
+        return False
+    if "namespaceSelector" not in peer:
+        return source_ns == policy_ns and peer.get("podSelector") == {}
+    selector = peer["namespaceSelector"]
+    assert set(selector) <= {"matchLabels"}, "only matchLabels is modelled here"
+    pods_ok = peer.get("podSelector", {}) == {}
+    return pods_ok and selector.get("matchLabels", {}).items() <= ns_labels.items()
+
+
+def _admits(policy: dict[str, Any], source_ns: str, ns_labels: dict[str, str],
+            port: int) -> bool:
+    ns = policy["metadata"]["namespace"]
+    for rule in policy["spec"].get("ingress", []):
+        ports = [p["port"] for p in rule.get("ports", [])]
+        if ports and port not in ports:
+            continue
+        peers = rule.get("from")
+        if peers is None or any(_peer_admits(p, ns, source_ns, ns_labels) for p in peers):
+            return True
+    return False
+
+
+@pytest.mark.timeout(30)
+def test_network_policy_admits_only_this_namespace_and_the_labelled_monitoring_one() -> None:
+    policy = _network_policy()
+    assert "Ingress" in policy["spec"]["policyTypes"]
+    ns = policy["metadata"]["namespace"]
+    port = int(_configmap_data()["APP_HTTP_PORT"])
+    assert {p["containerPort"] for p in _container()["ports"]} == {port}
+    own = {"kubernetes.io/metadata.name": ns}
+    cases = [
+        (ns, own, port, True),  # clients of the control API in this namespace
+        ("monitoring", {"kubernetes.io/metadata.name": "monitoring",
+                        **MONITORING_NAMESPACE_LABEL}, port, True),
+        ("monitoring", {"kubernetes.io/metadata.name": "monitoring"}, port, False),
+        ("default", {"kubernetes.io/metadata.name": "default"}, port, False),
+        ("kube-system", {"kubernetes.io/metadata.name": "kube-system"}, port, False),
+        ("other", {"ingestd-monitoring": "yes"}, port, False),
+        (ns, own, port + 1, False),  # only the API port, even from inside
+    ]
+    for source_ns, labels, to_port, expected in cases:
+        admitted = _admits(policy, source_ns, labels, to_port)
+        assert admitted is expected, (source_ns, labels, to_port)
+
+
+@pytest.mark.timeout(30)
+def test_network_policy_model_is_not_vacuous() -> None:
+    """Negative control: the old policy (every namespace) fails the check above."""
+    policy = copy.deepcopy(_network_policy())
+    policy["spec"]["ingress"][0]["from"] = [{"namespaceSelector": {}}]
+    assert _admits(policy, "default", {}, int(_configmap_data()["APP_HTTP_PORT"]))
+
+
+@pytest.mark.timeout(30)
+def test_monitoring_label_and_probe_reasoning_are_documented() -> None:
+    (key, value), = MONITORING_NAMESPACE_LABEL.items()
+    policy_text = (MANIFESTS / "networkpolicy.yaml").read_text(encoding="utf-8")
+    assert f"kubectl label namespace <monitoring-namespace> {key}={value}" in policy_text
+    assert "resident node" in policy_text, "say why the kubelet's probes still work"
+    for doc in (REPO / "docs" / "operations.md", REPO / "README.md"):
+        assert f"{key}={value}" in doc.read_text(encoding="utf-8"), doc
 
 
 @pytest.mark.timeout(30)

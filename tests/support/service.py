@@ -155,7 +155,11 @@ class Service:
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
         self.seen_pids: set[int] = set()
-        self.http = httpx.Client(base_url=self.url, timeout=5.0)
+        # With APP_API_TOKEN set, the helpers below send it; tests of the token
+        # itself use a client of their own (see tests/test_control_plane.py).
+        token = self.env.get("APP_API_TOKEN")
+        auth = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.Client(base_url=self.url, timeout=5.0, headers=auth)
 
     # Lifecycle
 
