@@ -27,7 +27,7 @@ from azure.core.exceptions import (
     ServiceRequestError,
     ServiceResponseError,
 )
-from azure.storage.blob import BlobType, ContainerClient, ContentSettings
+from azure.storage.blob import BlobType, ContainerClient, ContentSettings, StandardBlobTier
 from azure.storage.blob._shared.policies import ExponentialRetry
 
 from ingestd.config import Settings
@@ -354,13 +354,25 @@ class Staged:
     when the file goes in one request); ``data`` holds the whole file only
     when it goes in one request (at most ``APP_AZURE_MAX_SINGLE_PUT_SIZE``).
     ``md5`` is the whole file's, None when it was not computed
-    (``APP_AZURE_PUT_MD5`` off and the file goes in blocks).
+    (``APP_AZURE_PUT_MD5`` off and the file goes in blocks). ``mtime_ns`` is
+    the source's, read from the descriptor the copy used (for provenance).
     """
 
     size: int
     md5: bytes | None
     block_md5s: tuple[bytes, ...] = ()
     data: bytes | None = None
+    mtime_ns: int | None = None
+
+
+def access_tier(settings: Settings) -> StandardBlobTier | None:
+    """The tier to set at commit, or None for the account's default.
+
+    The SDK wants its enum (a plain str fails inside it); config already
+    normalised the spelling, so the lookup cannot fail.
+    """
+    tier = settings.azure_access_tier
+    return StandardBlobTier(tier) if tier else None
 
 
 READ_SIZE = 128 * 1024
@@ -468,6 +480,7 @@ class BlockUpload:
         self.pool = pool
         self.progress = progress
         self.window = settings.azure_max_concurrency
+        self.tier = access_tier(settings)
         self.block_ids: list[str] = []
         self.pending: set[Future] = set()
         self.uploaded = 0
@@ -511,13 +524,19 @@ class BlockUpload:
         for future in finished:
             future.result()  # raises the block's error
 
-    def commit(self, size: int, md5: bytes | None) -> None:
-        """Wait for every block, then commit them, with the whole file's MD5 if known."""
+    def commit(self, size: int, md5: bytes | None,
+               metadata: dict[str, str] | None = None) -> None:
+        """Wait for every block, then commit them, with the whole file's MD5 if known.
+
+        The tier and the metadata go in the commit itself: a blob that exists
+        has them, with no window where a second call has not happened yet.
+        """
         self.total = size
         while self.pending:
             self._collect(block=True)
         settings = ContentSettings(content_md5=bytearray(md5)) if md5 is not None else None
-        self.blob.commit_block_list(self.block_ids, content_settings=settings)
+        self.blob.commit_block_list(self.block_ids, content_settings=settings,
+                                    metadata=metadata, standard_blob_tier=self.tier)
 
     def close(self) -> None:
         """Cancel what has not started, wait for what has, release the file."""
@@ -531,8 +550,11 @@ class BlockUpload:
             self._fd = None
 
 
-def put_whole(client: ContainerClient, blob_name: str, path: str, staged: Staged) -> None:
-    """One Put Blob request: the file's bytes (kept by staging, else read), MD5-checked.
+def put_whole(client: ContainerClient, blob_name: str, path: str, staged: Staged,
+              tier: StandardBlobTier | None = None,
+              metadata: dict[str, str] | None = None) -> None:
+    """One Put Blob request: the file's bytes (kept by staging, else read), MD5-checked,
+    with the tier and metadata set in the same request.
 
     The MD5 computed while staging is both the request's Content-MD5 (storage
     rejects the request if the bytes differ) and the blob's stored MD5; the
@@ -547,4 +569,5 @@ def put_whole(client: ContainerClient, blob_name: str, path: str, staged: Staged
     md5 = bytearray(staged.md5)
     client.get_blob_client(blob_name).upload_blob(
         data, blob_type=BlobType.BLOCKBLOB, length=len(data), overwrite=True,
-        transactional_content_md5=md5, content_settings=ContentSettings(content_md5=md5))
+        transactional_content_md5=md5, content_settings=ContentSettings(content_md5=md5),
+        standard_blob_tier=tier, metadata=metadata)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from ingestd import blobstore, child
+from ingestd import blobstore, child, provenance
 from ingestd.blobstore import Staged
 from ingestd.child import Channel, ParentGone
 from ingestd.config import Settings
@@ -164,7 +164,8 @@ def stage(paths: Paths, channel: Channel, file: str, block_size: int, single_put
     try:
         with open(paths.claimed, "rb", buffering=0) as src, \
                 open(paths.staged, "wb", buffering=0) as dst:
-            total = os.fstat(src.fileno()).st_size
+            source = os.fstat(src.fileno())
+            total, mtime_ns = source.st_size, source.st_mtime_ns
             channel.beat("copying", file, 0, total, force=True)
             if total <= single_put_size:
                 data = _read_small(src, total)
@@ -172,7 +173,7 @@ def stage(paths: Paths, channel: Channel, file: str, block_size: int, single_put
                 _write_all(dst, memoryview(data))
                 _fsync_staged(dst)
                 _fsync_folder(paths.staged.parent)
-                return Staged(len(data), md5.digest(), (), data)
+                return Staged(len(data), md5.digest(), (), data, mtime_ns)
             buffer = bytearray(COPY_CHUNK)
             view = memoryview(buffer)
             while count := src.readinto(buffer):
@@ -196,7 +197,8 @@ def stage(paths: Paths, channel: Channel, file: str, block_size: int, single_put
     except BaseException:
         paths.staged.unlink(missing_ok=True)
         raise
-    return Staged(done, md5.digest() if whole_md5 else None, tuple(block_md5s))
+    return Staged(done, md5.digest() if whole_md5 else None, tuple(block_md5s),
+                  mtime_ns=mtime_ns)
 
 
 def _skip(chunk: memoryview) -> None:
@@ -338,6 +340,7 @@ class Uploader:
         self.settings = settings
         self.channel = channel
         self.client = blobstore.container_client(settings, auth_method)
+        self.host = provenance.host_name()
         # One pool for the life of the process: block threads are reused
         # from file to file instead of started and joined per file.
         self.pool = ThreadPoolExecutor(settings.azure_max_concurrency,
@@ -420,11 +423,14 @@ class Uploader:
             copied, size_hint[0] = True, staged.size
             self.channel.beat("uploading", job.name, upload.uploaded, staged.size, force=True)
             started = upload.started or time.monotonic()
+            metadata = provenance.blob_metadata(job, staged.size, staged.mtime_ns, staged.md5,
+                                                self.host)
             try:
                 if staged.data is not None:
-                    blobstore.put_whole(self.client, job.blob_name, str(paths.staged), staged)
+                    blobstore.put_whole(self.client, job.blob_name, str(paths.staged), staged,
+                                        upload.tier, metadata)
                 else:
-                    upload.commit(staged.size, staged.md5)
+                    upload.commit(staged.size, staged.md5, metadata)
             except ParentGone:
                 raise
             except Exception as exc:
