@@ -32,7 +32,8 @@ from ingestd import blobstore, child, provenance
 from ingestd.blobstore import Staged
 from ingestd.child import Channel, ParentGone
 from ingestd.config import Settings
-from ingestd.messages import Done, Failed, Gone, Job, Quarantined, Stop
+from ingestd.messages import Done, Failed, Gone, Job, Quarantined, RateLimit, Stop
+from ingestd.ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
 
@@ -341,10 +342,18 @@ class Uploader:
         self.channel = channel
         self.client = blobstore.container_client(settings, auth_method)
         self.host = provenance.host_name()
+        self.bucket = TokenBucket(initial_share(settings))
+        channel.on(RateLimit, self._set_rate)
         # One pool for the life of the process: block threads are reused
         # from file to file instead of started and joined per file.
         self.pool = ThreadPoolExecutor(settings.azure_max_concurrency,
                                        thread_name_prefix="block")
+
+    def _set_rate(self, message: RateLimit) -> None:
+        """The parent sent this uploader's share of the cap: apply it now, mid-file too."""
+        if message.bytes_per_s != self.bucket.rate:
+            log.debug("upload rate share: %.0f bytes/s", message.bytes_per_s)
+        self.bucket.set_rate(message.bytes_per_s)
 
     def run(self) -> None:
         while True:
@@ -417,7 +426,8 @@ class Uploader:
                 self.channel.beat("uploading", job.name, current, total or size_hint[0])
 
         upload = blobstore.BlockUpload(self.client, self.settings, job.blob_name,
-                                       str(paths.staged), self.pool, progress)
+                                       str(paths.staged), self.pool, progress,
+                                       self.bucket, self.channel.renew)
         try:
             staged = self._stage(paths, job, upload.add)
             copied, size_hint[0] = True, staged.size
@@ -526,6 +536,15 @@ class Uploader:
         log.error("%s moved to %s after %d failed attempts", job.blob_name, target,
                   attempts, extra=context)
         return Quarantined(job, str(target), error)
+
+
+def initial_share(settings: Settings) -> float:
+    """Bytes/s until the parent sends this uploader its share: never more than it could be.
+
+    The parent's share comes at the next tick; until then an equal split of
+    the configured cap keeps a fresh uploader from overshooting.
+    """
+    return settings.azure_max_mbps * 1e6 / settings.worker_concurrency
 
 
 def file_size(path: Path) -> int:
