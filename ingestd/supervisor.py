@@ -217,8 +217,9 @@ class Supervisor:
     def _rate_share(self) -> float:
         """Each uploader's share: the cap split among those with a job.
 
-        Idle uploaders send nothing, so giving them none of the cap lets the
-        busy ones use all of it; the shares change as jobs start and end.
+        Idle uploaders send nothing, so counting only the busy ones lets them
+        use all of it (one file alone gets the whole cap); idle ones hold the
+        same share for when a job comes. Shares change as jobs start and end.
         """
         busy = sum(1 for slot in self.slots[1:] if slot.job)
         return self.rate_cap / max(1, busy) if self.rate_cap > 0 else 0.0

@@ -19,7 +19,8 @@ import pytest
 
 import ingestd
 from tests.support.azurite import Azurite
-from tests.support.service import Layout, md5_of, run_once, write_random
+from tests.support.service import Layout, run_once, write_random
+from tests.test_hung_nfs import nfs  # noqa: F401 - the FUSE rig, a fixture
 
 MiB = 1024 * 1024
 ODD_NAME = "odd name 100% ünï 文件 #1.bin"
@@ -404,3 +405,72 @@ def test_a_new_rate_applies_to_waiting_reads_and_zero_means_no_limit() -> None:
     before = fake.now
     bucket.take(10**9)
     assert fake.now == before
+
+
+# Waiting for the budget is not a stall; a hung mount still is
+
+STALL_TIMEOUT_S = "3"
+
+
+@pytest.mark.timeout(120)
+def test_waiting_for_the_budget_is_not_a_stall(
+    make_service, layout: Layout, azurite: Azurite, azurite_container: str
+) -> None:
+    """A stall timeout of 3 s and a cap so low that every block takes far longer.
+
+    1 MiB blocks at 0.5 MB/s: the copy runs 256 blocks ahead of the upload
+    and then waits over 16 s for the first block to finish, and every block
+    thread waits for budget all the time. Nobody may be killed. Then the cap
+    is lifted at runtime and the file completes, bytes checked.
+    """
+    service = make_service(APP_CHILD_STALL_TIMEOUT_S=STALL_TIMEOUT_S, APP_WORKER_CONCURRENCY="1",
+                           APP_AZURE_MAX_BLOCK_SIZE="1MiB", APP_AZURE_MAX_MBPS="0.5")
+    md5 = write_random(layout.incoming / "slow.bin", 260 * MiB)
+    session = service.start_session("slow")
+    time.sleep(10)  # over three stall timeouts of waiting
+    status = service.status()
+    stages = [flight["stage"] for flight in status["in_flight"]]
+    print(f"\nafter 10 s at 0.5 MB/s: in flight {stages}, kills {status['kills']}, "
+          f"restarts {status['restarts']}")
+    assert not status["kills"].get("uploader"), status["kills"]
+    assert stages == ["copying"], "the copy must be waiting for room, not done"
+    assert service.http.post("/v1/limits", json={"max_mbps": 0}).status_code == 200
+    status = service.wait_processed(1, timeout=90)
+    assert not status["kills"].get("uploader"), status["kills"]
+    check_and_delete(azurite, azurite_container, f"{session['date_prefix']}/slow/",
+                     {"slow.bin": md5})
+    assert not status["restarts"].get("uploader"), status["restarts"]
+
+
+@pytest.mark.timeout(150)
+def test_a_frozen_copy_under_a_cap_is_still_a_stall(
+    nfs, layout: Layout, azurite: Azurite, azurite_container: str
+) -> None:
+    """Reads of the claimed file stop answering at 64 MiB while the block threads
+    wait for their budget: the uploader must still be killed after the stall
+    timeout (budget waits beat only once the copy is done). After the thaw,
+    with the cap lifted at runtime, the file arrives intact."""
+    from tests.test_hung_nfs import STALL_S, child, new_pid
+
+    service = nfs.start(APP_CHILD_STALL_TIMEOUT_S=str(STALL_S), APP_WORKER_CONCURRENCY="1",
+                        APP_AZURE_MAX_MBPS="1")
+    session = service.start_session("capped-freeze")
+    nfs.mount.freeze(["read"], glob="/.processing/*", from_offset=64 * MiB)
+    md5 = write_random(layout.incoming / "big.bin", 128 * MiB)
+    nfs.mount.wait_blocked(1, op="read", timeout=60)
+    frozen_at = time.monotonic()
+    first = child(service, "uploader-1")
+    assert first["state"] == "copying", first
+    from tests.support.service import wait_until
+
+    wait_until_new = wait_until(lambda: new_pid(service, "uploader-1", first["pid"]),
+                                STALL_S * 4, interval=0.02, what="a new uploader")
+    detected = time.monotonic() - frozen_at
+    print(f"\nfrozen copy under a 1 MB/s cap: uploader replaced {detected:.2f} s after the "
+          f"read blocked (stall timeout {STALL_S} s)")
+    assert service.status()["kills"]["uploader"] >= 1
+    assert service.http.post("/v1/limits", json={"max_mbps": 0}).status_code == 200
+    nfs.mount.thaw()
+    service.wait_processed(1, timeout=90)
+    check_and_delete(azurite, azurite_container,
+                     f"{session['date_prefix']}/capped-freeze/", {"big.bin": md5})
