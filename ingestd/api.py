@@ -42,6 +42,17 @@ class StartRequest(BaseModel):
     )
 
 
+class LimitsRequest(BaseModel):
+    """Body of ``POST /v1/limits``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_mbps: float = Field(
+        ..., ge=0, le=1_000_000, allow_inf_nan=False,
+        description="The pod's total upload rate cap in MB/s (10^6 bytes/s); 0 removes it.",
+    )
+
+
 class AsciiJSONResponse(JSONResponse):
     """JSON with every non-ASCII character escaped (``\\u00e9``), so any text renders.
 
@@ -166,6 +177,16 @@ def create_app(supervisor: Supervisor, ready: dict[str, Any] | None = None) -> F
         """Stop scanning; queued and in-flight files still finish."""
         supervisor.stop_session()
         return {"enabled": False}
+
+    @reads.get("/v1/limits")
+    async def limits() -> dict[str, Any]:
+        """The upload rate cap in force and how it is shared now."""
+        return supervisor.rate_limits()
+
+    @control.post("/v1/limits")
+    async def set_limits(body: LimitsRequest) -> dict[str, Any]:
+        """Change the upload rate cap without a restart (until the next restart)."""
+        return supervisor.set_rate_cap(body.max_mbps)
 
     @reads.get("/v1/status")
     async def status() -> dict[str, Any]:

@@ -27,10 +27,11 @@ from azure.core.exceptions import (
     ServiceRequestError,
     ServiceResponseError,
 )
-from azure.storage.blob import BlobType, ContainerClient, ContentSettings
+from azure.storage.blob import BlobType, ContainerClient, ContentSettings, StandardBlobTier
 from azure.storage.blob._shared.policies import ExponentialRetry
 
 from ingestd.config import Settings
+from ingestd.ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
 
@@ -355,8 +356,9 @@ class Staged:
     when it goes in one request (at most ``APP_AZURE_MAX_SINGLE_PUT_SIZE``).
     ``md5`` is the whole file's, None when it was not computed
     (``APP_AZURE_PUT_MD5`` off and the file goes in blocks). ``source`` is
-    the (size, mtime_ns, inode) of the version of the NFS file that was read,
-    ``staged_ino`` the staging copy's inode: cleanup deletes only those.
+    the (size, mtime_ns, inode) of the version of the NFS file that was read
+    (its mtime also goes into the blob's provenance), ``staged_ino`` the
+    staging copy's inode: cleanup deletes only those.
     """
 
     size: int
@@ -365,6 +367,20 @@ class Staged:
     data: bytes | None = None
     source: tuple[int, int, int] = (0, 0, 0)
     staged_ino: int | None = None
+
+    @property
+    def mtime_ns(self) -> int:
+        return self.source[1]
+
+
+def access_tier(settings: Settings) -> StandardBlobTier | None:
+    """The tier to set at commit, or None for the account's default.
+
+    The SDK wants its enum (a plain str fails inside it); config already
+    normalised the spelling, so the lookup cannot fail.
+    """
+    tier = settings.azure_access_tier
+    return StandardBlobTier(tier) if tier else None
 
 
 READ_SIZE = 128 * 1024
@@ -393,15 +409,19 @@ class FileRange:
     requests the Content-Length. ``on_read`` is called after every read:
     the HTTP stack reads only as fast as the socket takes the bytes, so it
     is a heartbeat from inside a block's upload, however large the block.
+    ``bucket``, when given, is the uploader's share of the rate cap: each read
+    first waits for its budget, beating (``on_read``) while it waits.
     """
 
     def __init__(self, fd: int, offset: int, length: int,
-                 on_read: Callable[[], None] | None = None) -> None:
+                 on_read: Callable[[], None] | None = None,
+                 bucket: TokenBucket | None = None) -> None:
         self._fd = fd
         self._offset = offset
         self._length = length
         self._pos = 0
         self._on_read = on_read
+        self._bucket = bucket
 
     def __len__(self) -> int:
         return self._length
@@ -425,6 +445,8 @@ class FileRange:
         want = left if size is None or size < 0 else min(left, max(size, READ_SIZE))
         if want <= 0:
             return b""
+        if self._bucket is not None:
+            self._bucket.take(want, self._on_read)
         data: bytes | memoryview
         if want > READ_SIZE:  # read() of the whole range: not what the HTTP stack does
             data = os.pread(self._fd, want, self._offset + self._pos)
@@ -466,12 +488,18 @@ class BlockUpload:
     """
 
     def __init__(self, client: ContainerClient, settings: Settings, blob_name: str, path: str,
-                 pool: ThreadPoolExecutor, progress: Callable[[int, int | None], None]) -> None:
+                 pool: ThreadPoolExecutor, progress: Callable[[int, int | None], None],
+                 bucket: TokenBucket | None = None,
+                 on_wait: Callable[[], None] | None = None) -> None:
         self.blob = client.get_blob_client(blob_name)
         self.path = path
         self.pool = pool
         self.progress = progress
+        self.bucket = bucket
+        self.on_wait = on_wait
+        self._activity = 0  # bumped by every block read and budget wait
         self.window = settings.azure_max_concurrency
+        self.tier = access_tier(settings)
         self.block_ids: list[str] = []
         self.pending: set[Future] = set()
         self.uploaded = 0
@@ -484,7 +512,7 @@ class BlockUpload:
         """Queue the next block; raises the error of any block that already failed."""
         self._collect(block=False)
         while len(self.pending) >= MAX_BLOCKS_AHEAD:
-            self._collect(block=True)
+            self._wait_for_room()
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
             self.started = time.monotonic()
@@ -494,7 +522,7 @@ class BlockUpload:
 
     def _put(self, block_id: str, offset: int, length: int, md5: bytes) -> None:
         assert self._fd is not None
-        body = FileRange(self._fd, offset, length, self._sending)
+        body = FileRange(self._fd, offset, length, self._sending, self.bucket)
         self.blob.stage_block(block_id, body, length=length,
                               transactional_content_md5=bytearray(md5))
         with self._lock:
@@ -503,25 +531,46 @@ class BlockUpload:
         self.progress(done, self.total)
 
     def _sending(self) -> None:
-        """A block is going out: beat (the channel keeps this to one per 0.25 s), so
-        a slow link with large blocks never looks like a stalled uploader."""
+        """A block is going out (or waiting for its budget): beat (the channel keeps
+        this to one per 0.25 s), so a slow link with large blocks never looks like
+        a stalled uploader."""
+        self._activity += 1
         self.progress(self.uploaded, self.total)
 
-    def _collect(self, block: bool) -> None:
+    def _wait_for_room(self) -> None:
+        """The copy is ``MAX_BLOCKS_AHEAD`` blocks ahead: wait for one to finish.
+
+        Under a low rate cap that can take longer than the stall timeout. The
+        copy loop then beats (``on_wait``) for as long as the block threads
+        show activity (reads, budget waits), and only then: blocks stuck in a
+        syscall still let the uploader be seen as stalled.
+        """
+        seen = self._activity
+        self._collect(block=True, timeout=1.0)
+        if self._activity != seen and self.on_wait is not None:
+            self.on_wait()
+
+    def _collect(self, block: bool, timeout: float | None = None) -> None:
         if not self.pending:
             return
-        finished, self.pending = wait(self.pending, timeout=None if block else 0,
+        finished, self.pending = wait(self.pending, timeout=timeout if block else 0,
                                       return_when=FIRST_COMPLETED)
         for future in finished:
             future.result()  # raises the block's error
 
-    def commit(self, size: int, md5: bytes | None) -> None:
-        """Wait for every block, then commit them, with the whole file's MD5 if known."""
+    def commit(self, size: int, md5: bytes | None,
+               metadata: dict[str, str] | None = None) -> None:
+        """Wait for every block, then commit them, with the whole file's MD5 if known.
+
+        The tier and the metadata go in the commit itself: a blob that exists
+        has them, with no window where a second call has not happened yet.
+        """
         self.total = size
         while self.pending:
             self._collect(block=True)
         settings = ContentSettings(content_md5=bytearray(md5)) if md5 is not None else None
-        self.blob.commit_block_list(self.block_ids, content_settings=settings)
+        self.blob.commit_block_list(self.block_ids, content_settings=settings,
+                                    metadata=metadata, standard_blob_tier=self.tier)
 
     def close(self) -> None:
         """Cancel what has not started, wait for what has, release the file."""
@@ -535,8 +584,11 @@ class BlockUpload:
             self._fd = None
 
 
-def put_whole(client: ContainerClient, blob_name: str, path: str, staged: Staged) -> None:
-    """One Put Blob request: the file's bytes (kept by staging, else read), MD5-checked.
+def put_whole(client: ContainerClient, blob_name: str, path: str, staged: Staged,
+              tier: StandardBlobTier | None = None,
+              metadata: dict[str, str] | None = None) -> None:
+    """One Put Blob request: the file's bytes (kept by staging, else read), MD5-checked,
+    with the tier and metadata set in the same request.
 
     The MD5 computed while staging is both the request's Content-MD5 (storage
     rejects the request if the bytes differ) and the blob's stored MD5; the
@@ -551,4 +603,5 @@ def put_whole(client: ContainerClient, blob_name: str, path: str, staged: Staged
     md5 = bytearray(staged.md5)
     client.get_blob_client(blob_name).upload_blob(
         data, blob_type=BlobType.BLOCKBLOB, length=len(data), overwrite=True,
-        transactional_content_md5=md5, content_settings=ContentSettings(content_md5=md5))
+        transactional_content_md5=md5, content_settings=ContentSettings(content_md5=md5),
+        standard_blob_tier=tier, metadata=metadata)

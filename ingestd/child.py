@@ -14,6 +14,8 @@ import os
 import signal
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 from ingestd import logs
@@ -30,12 +32,26 @@ class ParentGone(Exception):
 
 
 class Channel:
-    """The child's end of its pipe, safe to use from several threads."""
+    """The child's end of its pipe, safe to use from several threads.
+
+    A child may register handlers for control messages (:meth:`on`): those
+    are read off the pipe and applied whenever the child beats, so they take
+    effect within a beat even while the main loop is busy with a job. Every
+    other message waits in an inbox for :meth:`poll` / :meth:`recv`.
+    Without handlers the channel behaves exactly as a plain pipe.
+    """
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
         self._lock = threading.Lock()
         self._last_beat = 0.0
+        self._last = ("starting", None, 0, 0)
+        self._handlers: dict[type, Callable[[object], None]] = {}
+        self._inbox: deque[object] = deque()
+
+    def on(self, kind: type, handler: Callable[[object], None]) -> None:
+        """Apply messages of type ``kind`` as soon as they are read, wherever that is."""
+        self._handlers[kind] = handler
 
     def send(self, message: object) -> None:
         try:
@@ -48,20 +64,60 @@ class Channel:
              force: bool = False) -> None:
         """Report liveness, at most every ``BEAT_INTERVAL_S`` unless ``force``."""
         now = time.monotonic()
+        self._last = (state, file, done, total)
         if not force and now - self._last_beat < BEAT_INTERVAL_S:
             return
         self._last_beat = now
         self.send(Beat(state=state, file=file, bytes_done=done, bytes_total=total))
+        if self._handlers:
+            with self._lock:
+                self._pump()
+
+    def renew(self) -> None:
+        """Beat again with what the last beat said (rate-limited like any beat).
+
+        For a work loop that is waiting on its own other threads (which are
+        making progress), not on a syscall: it is still doing what it said.
+        """
+        self.beat(*self._last)
 
     def poll(self, timeout: float) -> bool:
+        with self._lock:
+            self._pump()
+            if self._inbox:
+                return True
         try:
-            return self._conn.poll(timeout)
+            ready = self._conn.poll(timeout)
+        except (EOFError, OSError) as exc:
+            raise ParentGone() from exc
+        if not ready or not self._handlers:
+            return ready
+        with self._lock:
+            self._pump()
+            return bool(self._inbox)
+
+    def recv(self) -> object:
+        with self._lock:
+            self._pump()
+            if self._inbox:
+                return self._inbox.popleft()
+        try:
+            return self._conn.recv()
         except (EOFError, OSError) as exc:
             raise ParentGone() from exc
 
-    def recv(self) -> object:
+    def _pump(self) -> None:
+        """Read whatever is waiting (lock held): apply control messages, keep the rest."""
+        if not self._handlers:
+            return
         try:
-            return self._conn.recv()
+            while self._conn.poll(0):
+                message = self._conn.recv()
+                handler = self._handlers.get(type(message))
+                if handler is None:
+                    self._inbox.append(message)
+                else:
+                    handler(message)
         except (EOFError, OSError) as exc:
             raise ParentGone() from exc
 

@@ -59,6 +59,29 @@ MIN_TOKEN_LENGTH = 16
 
 ByteSize = Annotated[int, BeforeValidator(parse_size), Field(gt=0)]
 
+ACCESS_TIERS = ("Hot", "Cool", "Cold", "Archive")
+"""The block blob tiers a commit may set (``x-ms-access-tier``), as Azure spells them."""
+
+
+def parse_access_tier(value: object) -> str | None:
+    """``"cool"``, ``"COOL"`` or ``"Cool"`` -> ``"Cool"``; blank -> None (the account default).
+
+    Operators copy tier names from rclone and AzCopy flags in any case; the
+    ConfigMap lists every setting, so an empty value must mean "not set".
+    """
+    if value is None or str(value).strip() == "":
+        return None
+    by_lower = {tier.lower(): tier for tier in ACCESS_TIERS}
+    tier = by_lower.get(str(value).strip().lower())
+    if tier is None:
+        raise ValueError(f"{str(value)!r} is not an access tier: use one of "
+                         f"{', '.join(ACCESS_TIERS)} (any case), or leave it empty "
+                         "for the account's default")
+    return tier
+
+
+AccessTier = Annotated[str | None, BeforeValidator(parse_access_tier)]
+
 
 class Settings(BaseSettings):
     """The service's configuration; see the README for what each one does."""
@@ -107,6 +130,13 @@ class Settings(BaseSettings):
     # request (up to APP_AZURE_MAX_SINGLE_PUT_SIZE) always get it: it costs
     # nothing extra there.
     azure_put_md5: bool = False
+    # The tier set when each blob is committed (rclone --azureblob-access-tier,
+    # AzCopy --block-blob-tier). None keeps the account's default tier.
+    azure_access_tier: AccessTier = None
+    # Cap on the pod's total upload rate, MB/s (10^6 bytes/s), shared by every
+    # uploader and every parallel block (rclone --bwlimit, AzCopy --cap-mbps).
+    # 0 = no cap. POST /v1/limits changes it without a restart.
+    azure_max_mbps: float = Field(0.0, ge=0)
 
     # Supervision.
     child_stall_timeout_s: float = Field(60.0, gt=0)

@@ -78,6 +78,20 @@ class Stop:
     """Finish the current step and exit."""
 
 
+# parent -> uploader
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """This uploader's share of the pod's upload rate cap, bytes/s; 0 means no cap.
+
+    Applied at once, even mid-file: the uploader reads it off its pipe each
+    time it beats, not only between jobs.
+    """
+
+    bytes_per_s: float
+
+
 # scanner -> parent
 
 

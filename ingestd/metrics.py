@@ -136,6 +136,9 @@ def _gauges(view: dict) -> Iterator:
                             value=stats.last_success_at or 0)
     yield GaugeMetricFamily("ingestd_healthy", "1 when /healthz would answer 200.",
                             value=1 if view["healthy"] else 0)
+    yield GaugeMetricFamily("ingestd_upload_rate_cap_bytes_per_second",
+                            "The pod's upload rate cap now (0: no cap).",
+                            value=view["rate_cap"])
 
 
 def _children(view: dict) -> Iterator:

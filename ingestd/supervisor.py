@@ -35,6 +35,7 @@ from ingestd.messages import (
     Gone,
     Job,
     Quarantined,
+    RateLimit,
     Recovered,
     RecoveryDone,
     ScanControl,
@@ -62,6 +63,10 @@ MAX_RETRY_DELAY_S = 60.0
 SCANNER = "scanner"
 GAVE_UP_SHOWN = 100
 """Files given up on that /v1/status lists (the newest); older ones are only counted."""
+RATE_SEND_MAX_BEAT_AGE_S = 2.0
+"""A rate share goes only to a child that beat this recently (busy ones beat every
+0.25 s, idle ones every 1 s): one stuck in a syscall reads nothing, and at most
+one message per tick must not pile up in its pipe until a send would block."""
 
 
 @dataclass
@@ -83,6 +88,7 @@ class Slot:
     respawn_at: float = 0.0
     quick_deaths: int = 0
     held_back: str | None = None  # why no child runs here now
+    rate_sent: float | None = None  # the rate share this child was last sent
 
     @property
     def is_uploader(self) -> bool:
@@ -126,6 +132,7 @@ class Supervisor:
         self._scan_sent: bool | None = None
         self._first_scanner = True
         self._stopping = threading.Event()
+        self.rate_cap = settings.azure_max_mbps * 1e6  # bytes/s for the pod; 0 = none
         self._thread = threading.Thread(target=self._run, name="supervisor", daemon=True)
         self.on_drained: Callable[[], None] | None = None
 
@@ -189,6 +196,53 @@ class Supervisor:
             log.info("session stopped", extra={"session": session.encoded, "date": session.date})
         return session
 
+    # The upload rate cap (called by the API)
+
+    def set_rate_cap(self, max_mbps: float) -> dict:
+        """Change the pod's upload rate cap now; uploaders get their new shares next tick.
+
+        Kept in memory only: a restart goes back to ``APP_AZURE_MAX_MBPS``.
+        """
+        with self.lock:
+            old, self.rate_cap = self.rate_cap, max_mbps * 1e6
+            view = self._rate_view()
+        log.info("upload rate cap changed from %s to %s", _mbps(old), _mbps(self.rate_cap))
+        return view
+
+    def rate_limits(self) -> dict:
+        with self.lock:
+            return self._rate_view()
+
+    def _rate_view(self) -> dict:
+        busy = sum(1 for slot in self.slots[1:] if slot.job)
+        return {
+            "max_mbps": self.rate_cap / 1e6,
+            "bytes_per_second": round(self.rate_cap),
+            "uploaders_sharing": busy,
+            "share_bytes_per_second": round(self._rate_share()),
+        }
+
+    def _rate_share(self) -> float:
+        """Each uploader's share: the cap split among those with a job.
+
+        Idle uploaders send nothing, so counting only the busy ones lets them
+        use all of it (one file alone gets the whole cap); idle ones hold the
+        same share for when a job comes. Shares change as jobs start and end.
+        """
+        busy = sum(1 for slot in self.slots[1:] if slot.job)
+        return self.rate_cap / max(1, busy) if self.rate_cap > 0 else 0.0
+
+    def _share_rate(self, now: float) -> None:
+        """Send each live uploader its share, when it differs from what it has."""
+        share = self._rate_share()
+        for slot in self.slots[1:]:
+            child = slot.child
+            if child is None or slot.rate_sent == share or \
+                    slot.beat_age(now) > RATE_SEND_MAX_BEAT_AGE_S:
+                continue
+            if child.send(RateLimit(share)):
+                slot.rate_sent = share
+
     # The loop
 
     def _run(self) -> None:
@@ -209,6 +263,7 @@ class Supervisor:
             self._reap_stuck(now)
             self._control_scanner()
             self._dispatch(now)
+            self._share_rate(now)
             self._finish_drain(now)
             self.last_tick = time.monotonic()
 
@@ -356,6 +411,7 @@ class Supervisor:
         slot.state, slot.file, slot.last_beat, slot.held_back = "starting", None, \
             time.monotonic(), None
         slot.first_beat = None
+        slot.rate_sent = None
         log.info("started %s (pid %d)", slot.role, slot.child.pid)
 
     def _check_children(self, now: float) -> None:
@@ -531,6 +587,7 @@ class Supervisor:
                     stuck[kind] = stuck.get(kind, 0) + 1
             return {
                 "auth_method": self.auth_method,
+                "rate_cap": self.rate_cap,
                 "stats": self.stats,
                 "enabled": self.enabled,
                 "healthy": self._health(now)[0],
@@ -562,6 +619,7 @@ class Supervisor:
                 "stuck_children": self.stuck_count(now),
                 "killed_unreaped": len(self.stuck),
                 "auth_method": self.auth_method,
+                "upload_rate_cap": self._rate_view(),
                 **self._sessions_view(),
             }
 
@@ -598,6 +656,10 @@ class Supervisor:
             "restarts": slot.restarts,
             "held_back": slot.held_back,
         }
+
+
+def _mbps(bytes_per_s: float) -> str:
+    return f"{bytes_per_s / 1e6:g} MB/s" if bytes_per_s > 0 else "none"
 
 
 def _session_view(session: Session | None) -> dict | None:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from ingestd import blobstore, child
+from ingestd import blobstore, child, provenance
 from ingestd.blobstore import Staged
 from ingestd.child import Channel, ParentGone
 from ingestd.config import Settings
@@ -40,9 +40,11 @@ from ingestd.messages import (
     Gone,
     Job,
     Quarantined,
+    RateLimit,
     Signature,
     Stop,
 )
+from ingestd.ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
 
@@ -468,10 +470,19 @@ class Uploader:
         self.settings = settings
         self.channel = channel
         self.client = blobstore.container_client(settings, auth_method)
+        self.host = provenance.host_name()
+        self.bucket = TokenBucket(initial_share(settings))
+        channel.on(RateLimit, self._set_rate)
         # One pool for the life of the process: block threads are reused
         # from file to file instead of started and joined per file.
         self.pool = ThreadPoolExecutor(settings.azure_max_concurrency,
                                        thread_name_prefix="block")
+
+    def _set_rate(self, message: RateLimit) -> None:
+        """The parent sent this uploader's share of the cap: apply it now, mid-file too."""
+        if message.bytes_per_s != self.bucket.rate:
+            log.debug("upload rate share: %.0f bytes/s", message.bytes_per_s)
+        self.bucket.set_rate(message.bytes_per_s)
 
     def run(self) -> None:
         while True:
@@ -563,17 +574,21 @@ class Uploader:
                 self.channel.beat("uploading", job.name, current, total or size_hint[0])
 
         upload = blobstore.BlockUpload(self.client, self.settings, job.blob_name,
-                                       str(paths.staged), self.pool, progress)
+                                       str(paths.staged), self.pool, progress,
+                                       self.bucket, self.channel.renew)
         try:
             staged = self._stage(paths, job, upload.add)
             copied, size_hint[0] = True, staged.size
             self.channel.beat("uploading", job.name, upload.uploaded, staged.size, force=True)
             started = upload.started or time.monotonic()
+            metadata = provenance.blob_metadata(job, staged.size, staged.mtime_ns, staged.md5,
+                                                self.host)
             try:
                 if staged.data is not None:
-                    blobstore.put_whole(self.client, job.blob_name, str(paths.staged), staged)
+                    blobstore.put_whole(self.client, job.blob_name, str(paths.staged), staged,
+                                        upload.tier, metadata)
                 else:
-                    upload.commit(staged.size, staged.md5)
+                    upload.commit(staged.size, staged.md5, metadata)
             except ParentGone:
                 raise
             except Exception as exc:
@@ -727,6 +742,15 @@ def unusable_name(name: str) -> str | None:
         return ("the file name is not valid UTF-8, so it cannot be a blob name; "
                 "rename it (in UTF-8) and move it back to incoming")
     return None
+
+
+def initial_share(settings: Settings) -> float:
+    """Bytes/s until the parent sends this uploader its share: never more than it could be.
+
+    The parent's share comes at the next tick; until then an equal split of
+    the configured cap keeps a fresh uploader from overshooting.
+    """
+    return settings.azure_max_mbps * 1e6 / settings.worker_concurrency
 
 
 def file_size(path: Path) -> int:
