@@ -136,6 +136,11 @@ def _gauges(view: dict) -> Iterator:
                             value=stats.last_success_at or 0)
     yield GaugeMetricFamily("ingestd_healthy", "1 when /healthz would answer 200.",
                             value=1 if view["healthy"] else 0)
+    yield GaugeMetricFamily("ingestd_folders_usable",
+                            "0 while the startup check finds the folders unusable (incoming, "
+                            ".processing and .failed on different filesystems, or staging "
+                            "not writable): no file is claimed then.",
+                            value=0 if view["setup_problems"] else 1)
     yield GaugeMetricFamily("ingestd_upload_rate_cap_bytes_per_second",
                             "The pod's upload rate cap now (0: no cap).",
                             value=view["rate_cap"])

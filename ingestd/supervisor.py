@@ -591,6 +591,7 @@ class Supervisor:
                 "stats": self.stats,
                 "enabled": self.enabled,
                 "healthy": self._health(now)[0],
+                "setup_problems": self.setup_problems,
                 "in_flight": sum(1 for s in self.slots[1:] if s.job),
                 "queued": len(self.queue),
                 "stuck": stuck,

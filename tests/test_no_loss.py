@@ -297,6 +297,7 @@ def test_processing_on_another_filesystem_is_one_clear_error_and_no_claim(
         assert "one filesystem" in status["setup_problems"][0]
         health = service.http.get("/healthz")
         assert health.status_code == 503 and "one filesystem" in health.json()["reason"]
+        assert scrape(service)["ingestd_folders_usable{}"] == 0
         time.sleep(2)
         assert (layout.incoming / "waits.bin").exists(), "nothing is claimed"
         lines = [line for line in service.log_text().splitlines() if "one filesystem" in line]
