@@ -112,24 +112,19 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(4, gt=0, le=64)
     max_attempts: int = Field(5, gt=0)
 
-    # Upload tuning, passed to the SDK.
-    # 16 MiB, not the PRD's 8 MiB, on the benchmark's evidence (bench/RESULTS.md):
-    # the same bytes with half the Put Block requests, about 10 % less CPU per
-    # GiB for ingestd (7 % for the emulator), and blobs up to 781 GiB instead of
-    # 390 (a blob has at most 50,000 blocks). Memory does not grow with it:
-    # blocks are streamed from staging, never held whole. A retried block
-    # resends at most this much. APP_AZURE_MAX_BLOCK_SIZE=8MiB restores the PRD's.
-    azure_max_block_size: ByteSize = 16 * 1024**2
+    # Upload tuning, passed to the SDK. The PRD's defaults: 8 MiB blocks
+    # (blobs up to 390 GiB, at most 50,000 blocks); 16 MiB is a tuning with
+    # its figures in bench/RESULTS.md. Memory does not grow with the block
+    # size: blocks are streamed from staging, never held whole.
+    azure_max_block_size: ByteSize = 8 * 1024**2
     azure_max_single_put_size: ByteSize = 4 * 1024**2
     azure_max_concurrency: int = Field(8, gt=0, le=64)
-    # Store the whole file's MD5 on each block-uploaded blob (Content-MD5), as
-    # azcopy's --put-md5 does. Off by default, as in azcopy: it is a second
-    # MD5 pass over every byte, 1.4 CPU s per GiB (on 2 cores 217 instead of
-    # 258 MB/s, bench/RESULTS.md). Every block is MD5-checked by
-    # storage either way, and its ID carries its MD5. Files that go in one
-    # request (up to APP_AZURE_MAX_SINGLE_PUT_SIZE) always get it: it costs
-    # nothing extra there.
-    azure_put_md5: bool = False
+    # Store the whole file's MD5 on every blob (Content-MD5), as rclone does
+    # and azcopy's --put-md5: what downstream tools (rclone check, az storage
+    # blob show) verify a blob by. Computed in the copy's single pass; its
+    # cost is in bench/RESULTS.md. Each block is MD5-checked by storage
+    # either way.
+    azure_put_md5: bool = True
     # The tier set when each blob is committed (rclone --azureblob-access-tier,
     # AzCopy --block-blob-tier). None keeps the account's default tier.
     azure_access_tier: AccessTier = None

@@ -59,10 +59,9 @@ def test_bench_runs_end_to_end_on_a_tiny_corpus(tmp_path: Path) -> None:
             assert r["sources_gone"] is True, r
         if r["contender"] == "ingestd":
             assert r["status_samples"] > 0 and 0 < r["status_p99_ms"] < 5000, r
-            # The whole-file MD5 on the blob: files that go in one request carry it;
-            # block blobs only with APP_AZURE_PUT_MD5=true (off by default).
-            stored = expected_files if r["scenario"] == "small" else 0
-            assert r["stored_md5_ok"] == stored, r
+            # The whole file's MD5 is stored on every blob (APP_AZURE_PUT_MD5 is on
+            # by default), and md5_ok above already required it to match.
+            assert r["stored_md5_ok"] == expected_files, r
 
     summary = data["summary"]["large"]
     assert set(summary) == {"sdk", "rclone", "ingestd"}

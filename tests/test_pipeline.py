@@ -273,11 +273,11 @@ def test_api_stays_fast_while_a_512_mib_file_moves(
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("put_md5", [None, "true"], ids=["default", "APP_AZURE_PUT_MD5=true"])
-def test_whole_file_md5_is_stored_on_block_blobs_only_when_asked(
+@pytest.mark.parametrize("put_md5", [None, "false"], ids=["default", "APP_AZURE_PUT_MD5=false"])
+def test_whole_file_md5_is_stored_on_every_blob_unless_turned_off(
     make_service, layout: Layout, azurite: Azurite, azurite_container: str, put_md5: str | None
 ) -> None:
-    """Content-MD5 on the blob: always for one-request files, for block blobs on request.
+    """Content-MD5 on the blob: by default on every blob; turned off, on one-request files only.
 
     Either way every block carried its MD5 (storage checked it), and the
     committed block IDs start with it, so a reader can check the blob block
@@ -299,10 +299,10 @@ def test_whole_file_md5_is_stored_on_block_blobs_only_when_asked(
     stored = {name: container.get_blob_client(prefix + name).get_blob_properties()
               .content_settings.content_md5 for name in expected}
     assert bytes(stored["small.bin"]).hex() == expected["small.bin"]
-    if put_md5:
-        assert bytes(stored["large.bin"]).hex() == expected["large.bin"]
-    else:
+    if put_md5 == "false":
         assert stored["large.bin"] is None
+    else:
+        assert bytes(stored["large.bin"]).hex() == expected["large.bin"]
 
     large = container.get_blob_client(prefix + "large.bin")
     committed = large.get_block_list("committed")[0]
