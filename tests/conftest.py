@@ -27,7 +27,7 @@ def layout(tmp_path: Path) -> Layout:
     return Layout(tmp_path).make()
 
 
-def azurite_env(azurite: "Azurite", container: str) -> dict[str, str]:
+def azurite_env(azurite: Azurite, container: str) -> dict[str, str]:
     """Settings that point the service at a (HTTP, shared-key) Azurite."""
     return {
         "APP_AZURE_ACCOUNT_URL": azurite.account_url,
@@ -41,7 +41,7 @@ ServiceFactory = Callable[..., Service]
 
 @pytest.fixture
 def make_service(
-    azurite: "Azurite", azurite_container: str, layout: Layout, tmp_path: Path
+    azurite: Azurite, azurite_container: str, layout: Layout, tmp_path: Path
 ) -> Iterator[ServiceFactory]:
     """Start real ingestd processes; each is killed at the end and must leave no process.
 

@@ -742,8 +742,9 @@ def _network_policy() -> dict[str, Any]:
     return _one(_load_yaml_docs(MANIFESTS / "networkpolicy.yaml"), "NetworkPolicy")
 
 
-def _peer_admits(peer: dict[str, Any], policy_ns: str, source_ns: str,
-                 ns_labels: dict[str, str]) -> bool:
+def _peer_admits(
+    peer: dict[str, Any], policy_ns: str, source_ns: str, ns_labels: dict[str, str]
+) -> bool:
     """NetworkPolicyPeer semantics for a source pod (any labels) in ``source_ns``.
 
     A podSelector alone means "pods of the policy's namespace"; a
@@ -760,8 +761,7 @@ def _peer_admits(peer: dict[str, Any], policy_ns: str, source_ns: str,
     return pods_ok and selector.get("matchLabels", {}).items() <= ns_labels.items()
 
 
-def _admits(policy: dict[str, Any], source_ns: str, ns_labels: dict[str, str],
-            port: int) -> bool:
+def _admits(policy: dict[str, Any], source_ns: str, ns_labels: dict[str, str], port: int) -> bool:
     ns = policy["metadata"]["namespace"]
     for rule in policy["spec"].get("ingress", []):
         ports = [p["port"] for p in rule.get("ports", [])]
@@ -783,8 +783,12 @@ def test_network_policy_admits_only_this_namespace_and_the_labelled_monitoring_o
     own = {"kubernetes.io/metadata.name": ns}
     cases = [
         (ns, own, port, True),  # clients of the control API in this namespace
-        ("monitoring", {"kubernetes.io/metadata.name": "monitoring",
-                        **MONITORING_NAMESPACE_LABEL}, port, True),
+        (
+            "monitoring",
+            {"kubernetes.io/metadata.name": "monitoring", **MONITORING_NAMESPACE_LABEL},
+            port,
+            True,
+        ),
         ("monitoring", {"kubernetes.io/metadata.name": "monitoring"}, port, False),
         ("default", {"kubernetes.io/metadata.name": "default"}, port, False),
         ("kube-system", {"kubernetes.io/metadata.name": "kube-system"}, port, False),
@@ -806,7 +810,7 @@ def test_network_policy_model_is_not_vacuous() -> None:
 
 @pytest.mark.timeout(30)
 def test_monitoring_label_and_probe_reasoning_are_documented() -> None:
-    (key, value), = MONITORING_NAMESPACE_LABEL.items()
+    ((key, value),) = MONITORING_NAMESPACE_LABEL.items()
     policy_text = (MANIFESTS / "networkpolicy.yaml").read_text(encoding="utf-8")
     assert f"kubectl label namespace <monitoring-namespace> {key}={value}" in policy_text
     assert "resident node" in policy_text, "say why the kubelet's probes still work"
@@ -827,7 +831,9 @@ def test_configmap_values_are_the_defaults(monkeypatch: pytest.MonkeyPatch) -> N
     # The app's own model: the ConfigMap must parse, and give its defaults.
     for key in [k for k in os.environ if k.startswith("APP_")]:
         monkeypatch.delenv(key)
-    monkeypatch.setenv("APP_AZURE_ACCOUNT_URL", "https://127.0.0.1:9/devstoreaccount1")  # parsed only, loopback anyway
+    monkeypatch.setenv(
+        "APP_AZURE_ACCOUNT_URL", "https://127.0.0.1:9/devstoreaccount1"
+    )  # parsed only, loopback anyway
     monkeypatch.setenv("APP_AZURE_CONTAINER", "ingest")
     defaults = settings_cls(_env_file=None)
     for key, value in data.items():

@@ -288,8 +288,11 @@ def test_rename_noreplace_is_honoured(fuse_mount: FreezableMount) -> None:
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     at_fdcwd, rename_noreplace = -100, 1
     rc = libc.renameat2(
-        at_fdcwd, os.fsencode(fuse_mount.path("incoming", "a")),
-        at_fdcwd, os.fsencode(fuse_mount.path("incoming", "b")), rename_noreplace,
+        at_fdcwd,
+        os.fsencode(fuse_mount.path("incoming", "a")),
+        at_fdcwd,
+        os.fsencode(fuse_mount.path("incoming", "b")),
+        rename_noreplace,
     )
     assert rc == -1 and ctypes.get_errno() == errno.EEXIST
     assert fuse_mount.backing_path("incoming", "b").read_bytes() == b"b"
@@ -399,14 +402,16 @@ def test_killed_child_blocked_in_close_stays_unreapable_until_thaw(
     child = spawn(
         f"""
         import sys
-        fh = open({str(fuse_mount.path('incoming', 'w.bin'))!r}, "wb")
+        fh = open({str(fuse_mount.path("incoming", "w.bin"))!r}, "wb")
         fh.write(b"x" * 100)
         fh.flush()
         print("ready", flush=True)
         sys.stdin.readline()
         fh.close()
         """,
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert child.stdout.readline().strip() == "ready"
     fuse_mount.freeze(["flush"])  # killable, yet flush is in UNKILLABLE_OPS
@@ -435,7 +440,7 @@ def test_killed_writer_hangs_in_exit_flush_until_thaw(
     nfs_layout(fuse_mount)
     child = spawn(
         f"""
-        fh = open({str(fuse_mount.path('incoming', 'w.bin'))!r}, "wb", buffering=0)
+        fh = open({str(fuse_mount.path("incoming", "w.bin"))!r}, "wb", buffering=0)
         while True:
             fh.write(b"y" * 65536)
         """
@@ -486,7 +491,8 @@ def test_read_freeze_stalls_copy_mid_file_while_listing_answers(
     lister = spawn(
         f"import os; print(os.listdir({str(fuse_mount.path('incoming'))!r}),"
         f" os.stat({source!r}).st_size)",
-        stdout=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     out, _ = lister.communicate(timeout=5)
     assert out.strip() == f"['big.bin'] {BIG_SIZE}"
@@ -513,8 +519,11 @@ def test_many_frozen_readers_do_not_starve_other_calls(
     blocked = fuse_mount.wait_blocked(readers, op="read", timeout=20)
     assert {b["pid"] for b in blocked} >= {c.pid for c in children}
 
-    lister = spawn(f"import os; print(len(os.listdir({str(fuse_mount.path('incoming'))!r})))",
-                   stdout=subprocess.PIPE, text=True)
+    lister = spawn(
+        f"import os; print(len(os.listdir({str(fuse_mount.path('incoming'))!r})))",
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     out, _ = lister.communicate(timeout=5)
     assert out.strip() == str(readers)
     fuse_mount.thaw()
@@ -645,7 +654,11 @@ def test_fixture_fails_instead_of_skipping_without_fuse(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": pythonpath}
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", str(test_file)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=50,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=50,
     )
     output = result.stdout + result.stderr
     assert result.returncode == 1, output

@@ -26,8 +26,9 @@ MiB = 1024 * 1024
 UUID7 = r"[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
 
 
-def assert_all_arrived(azurite: Azurite, container: str, prefix: str,
-                       expected: dict[str, str]) -> None:
+def assert_all_arrived(
+    azurite: Azurite, container: str, prefix: str, expected: dict[str, str]
+) -> None:
     """Every expected file is a blob under ``prefix`` whose downloaded bytes match."""
     names = set(azurite.blob_names(container, prefix=prefix))
     assert names >= {prefix + name for name in expected}, sorted(names)
@@ -114,15 +115,16 @@ def test_file_lands_in_processing_then_staging_before_upload(
     staged_dir = layout.staging / session["date_prefix"] / "lifecycle"
     md5 = write_random(layout.incoming / "big.bin", 128 * MiB)
 
-    seen_claimed = wait_until(lambda: (claimed_dir / "big.bin").exists(), 20,
-                              interval=0.01, what="the claim")
-    seen_staged = wait_until(lambda: (staged_dir / "big.bin").exists(), 20,
-                             interval=0.01, what="the staging copy")
+    seen_claimed = wait_until(
+        lambda: (claimed_dir / "big.bin").exists(), 20, interval=0.01, what="the claim"
+    )
+    seen_staged = wait_until(
+        lambda: (staged_dir / "big.bin").exists(), 20, interval=0.01, what="the staging copy"
+    )
     assert seen_claimed and seen_staged
     assert not (layout.incoming / "big.bin").exists()
     service.wait_processed(1, timeout=60)
-    assert azurite.blob_md5(azurite_container, "%s/lifecycle/big.bin"
-                            % session["date_prefix"]) == md5
+    assert azurite.blob_md5(azurite_container, f"{session['date_prefix']}/lifecycle/big.bin") == md5
     assert_nothing_left(layout)
 
 
@@ -178,13 +180,14 @@ def test_more_files_than_uploaders_and_a_killed_uploader_is_replaced(
 ) -> None:
     service = make_service(APP_WORKER_CONCURRENCY="2")
     session = service.start_session("many")
-    expected = {f"file-{i:02d}.bin": write_random(layout.incoming / f"file-{i:02d}.bin",
-                                                  48 * MiB) for i in range(8)}
+    expected = {
+        f"file-{i:02d}.bin": write_random(layout.incoming / f"file-{i:02d}.bin", 48 * MiB)
+        for i in range(8)
+    }
 
     def busy_uploader() -> dict | None:
         for child in service.children():
-            if child["role"].startswith("uploader") and child["state"] in ("copying",
-                                                                          "uploading"):
+            if child["role"].startswith("uploader") and child["state"] in ("copying", "uploading"):
                 return child
         return None
 
@@ -213,8 +216,9 @@ def test_kill_9_of_the_whole_tree_mid_upload_then_restart_completes_the_file(
     md5 = write_random(layout.incoming / "large.bin", 384 * MiB)
 
     def uploading() -> bool:
-        return any(f["stage"] == "uploading" and f["bytes_done"] > 0
-                   for f in service.status()["in_flight"])
+        return any(
+            f["stage"] == "uploading" and f["bytes_done"] > 0 for f in service.status()["in_flight"]
+        )
 
     wait_until(uploading, 60, interval=0.05, what="the upload to start")
     service.kill_tree()
@@ -260,14 +264,18 @@ def test_api_stays_fast_while_a_512_mib_file_moves(
     finally:
         stop.set()
         sampler.join(timeout=10)
-    assert azurite.blob_md5(azurite_container,
-                            f"{session['date_prefix']}/responsive/half-gig.bin") == md5
+    assert (
+        azurite.blob_md5(azurite_container, f"{session['date_prefix']}/responsive/half-gig.bin")
+        == md5
+    )
     for path, values in latencies.items():
         values.sort()
         p50 = statistics.median(values) * 1000
         p99 = values[int(len(values) * 0.99) - 1] * 1000
-        print(f"\n{path}: {len(values)} requests, p50 {p50:.1f} ms, p99 {p99:.1f} ms, "
-              f"max {values[-1] * 1000:.1f} ms")
+        print(
+            f"\n{path}: {len(values)} requests, p50 {p50:.1f} ms, p99 {p99:.1f} ms, "
+            f"max {values[-1] * 1000:.1f} ms"
+        )
         assert len(values) >= 50
         assert p99 < 100, f"{path} p99 {p99:.1f} ms"
 
@@ -284,20 +292,29 @@ def test_whole_file_md5_is_stored_on_block_blobs_only_when_asked(
     by block; this test does that too.
     """
     block = 1 * MiB
-    overrides = {"APP_AZURE_MAX_BLOCK_SIZE": str(block), "APP_AZURE_MAX_SINGLE_PUT_SIZE": str(block)}
+    overrides = {
+        "APP_AZURE_MAX_BLOCK_SIZE": str(block),
+        "APP_AZURE_MAX_SINGLE_PUT_SIZE": str(block),
+    }
     if put_md5:
         overrides["APP_AZURE_PUT_MD5"] = put_md5
     service = make_service(**overrides)
     session = service.start_session("md5")
     prefix = f"{session['date_prefix']}/md5/"
-    expected = {"small.bin": write_random(layout.incoming / "small.bin", 700_000),
-                "large.bin": write_random(layout.incoming / "large.bin", 5 * block + 123)}
+    expected = {
+        "small.bin": write_random(layout.incoming / "small.bin", 700_000),
+        "large.bin": write_random(layout.incoming / "large.bin", 5 * block + 123),
+    }
     service.wait_processed(2, timeout=60)
     assert_all_arrived(azurite, azurite_container, prefix, expected)
 
     container = azurite.container_client(azurite_container)
-    stored = {name: container.get_blob_client(prefix + name).get_blob_properties()
-              .content_settings.content_md5 for name in expected}
+    stored = {
+        name: container.get_blob_client(prefix + name)
+        .get_blob_properties()
+        .content_settings.content_md5
+        for name in expected
+    }
     assert bytes(stored["small.bin"]).hex() == expected["small.bin"]
     if put_md5:
         assert bytes(stored["large.bin"]).hex() == expected["large.bin"]
@@ -310,5 +327,6 @@ def test_whole_file_md5_is_stored_on_block_blobs_only_when_asked(
     data = large.download_blob().readall()
     offsets = range(0, len(data), block)
     assert [b.id[:32] for b in committed] == [
-        hashlib.md5(data[o:o + block]).hexdigest() for o in offsets]
+        hashlib.md5(data[o : o + block]).hexdigest() for o in offsets
+    ]
     assert_nothing_left(layout)

@@ -64,8 +64,7 @@ class Findings:
 
 def blob_contents(azurite: Azurite, container: str) -> dict[str, str]:
     """Blob name -> MD5 of its downloaded bytes (what landed, not what was claimed)."""
-    return {name: azurite.blob_md5(container, name)
-            for name in azurite.blob_names(container)}
+    return {name: azurite.blob_md5(container, name) for name in azurite.blob_names(container)}
 
 
 def md5_file(path: Path) -> str:
@@ -98,8 +97,9 @@ def nfs_contents(backing: Path) -> dict[str, set[str]]:
     return found
 
 
-def check_versions(versions: list[Version], blobs: dict[str, str],
-                   nfs: dict[str, set[str]], findings: Findings) -> None:
+def check_versions(
+    versions: list[Version], blobs: dict[str, str], nfs: dict[str, set[str]], findings: Findings
+) -> None:
     in_blobs: dict[str, set[str]] = defaultdict(set)
     for blob, md5 in blobs.items():
         in_blobs[blob.rsplit("/", 1)[-1]].add(md5)
@@ -109,7 +109,7 @@ def check_versions(versions: list[Version], blobs: dict[str, str],
     for name, history in by_name.items():
         history.sort(key=lambda v: v.finished_s)
         for position, version in enumerate(history):
-            later = history[position + 1:]
+            later = history[position + 1 :]
             if version.late_bytes:
                 findings.late += 1
             if version.md5 in in_blobs[name]:
@@ -122,28 +122,34 @@ def check_versions(versions: list[Version], blobs: dict[str, str],
                 findings.violations.append(_lost(version, later, in_blobs[name], nfs[name]))
 
 
-def _superseded(version: Version, later: list[Version], in_blobs: set[str],
-                on_nfs: set[str]) -> bool:
+def _superseded(
+    version: Version, later: list[Version], in_blobs: set[str], on_nfs: set[str]
+) -> bool:
     kept_later = [w for w in later if (w.md5 in in_blobs or w.md5 in on_nfs)]
     if not kept_later:
         return False
     return version.replaced_in_incoming or any(w.md5 in in_blobs for w in kept_later)
 
 
-def _lost(version: Version, later: list[Version], in_blobs: set[str],
-          on_nfs: set[str]) -> str:
+def _lost(version: Version, later: list[Version], in_blobs: set[str], on_nfs: set[str]) -> str:
     def held(md5s: set[str]) -> list[str]:
         return sorted(version.stages.get(m, m[:12]) for m in md5s)
 
-    return (f"LOST {version.name} (writer {version.writer}, {version.kind}, {version.size} "
-            f"bytes written while linked, {version.late_bytes} late, md5 {version.md5[:12]}, "
-            f"finished at {version.finished_s:.1f} s, "
-            f"{len(later)} later version(s)): not in any blob of that name (blobs hold "
-            f"{held(in_blobs)}) nor on NFS ({held(on_nfs)})")
+    return (
+        f"LOST {version.name} (writer {version.writer}, {version.kind}, {version.size} "
+        f"bytes written while linked, {version.late_bytes} late, md5 {version.md5[:12]}, "
+        f"finished at {version.finished_s:.1f} s, "
+        f"{len(later)} later version(s)): not in any blob of that name (blobs hold "
+        f"{held(in_blobs)}) nor on NFS ({held(on_nfs)})"
+    )
 
 
-def check_sessions(blobs: dict[str, str], versions: list[Version],
-                   sessions: dict[str, list[float]], findings: Findings) -> None:
+def check_sessions(
+    blobs: dict[str, str],
+    versions: list[Version],
+    sessions: dict[str, list[float]],
+    findings: Findings,
+) -> None:
     encoded = {quote(name, safe=""): name for name in sessions}
     created: dict[str, list[float]] = defaultdict(list)
     for version in versions:
@@ -161,7 +167,8 @@ def check_sessions(blobs: dict[str, str], versions: list[Version],
         if not any(when < end for when in created[name]):
             findings.violations.append(
                 f"blob {blob!r}: session {encoded[parts[1]]!r} ended at {end:.1f} s, before "
-                f"any version of {name} appeared (first at {min(created[name]):.1f} s)")
+                f"any version of {name} appeared (first at {min(created[name]):.1f} s)"
+            )
 
 
 def check_log_lines(logs: list[Path], names: set[str], findings: Findings) -> Counter[str]:
@@ -175,6 +182,7 @@ def check_log_lines(logs: list[Path], names: set[str], findings: Findings) -> Co
                     counts[name] += 1
     for name, count in counts.items():
         if count > LOG_LINES_PER_FILE:
-            findings.violations.append(f"{name}: {count} log lines (bound {LOG_LINES_PER_FILE}):"
-                                       f" endless retry?")
+            findings.violations.append(
+                f"{name}: {count} log lines (bound {LOG_LINES_PER_FILE}): endless retry?"
+            )
     return counts

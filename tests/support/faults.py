@@ -63,8 +63,11 @@ def folder_layout(nfs: Path, staging: Path) -> FolderLayout:
 def tmpfs(size: str) -> Iterator[Path]:
     """A fresh tmpfs of ``size`` (``32m``), unmounted on the way out (we run as root)."""
     mountpoint = Path(tempfile.mkdtemp(prefix="ingestd-tmpfs-", dir="/tmp"))
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mountpoint)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mountpoint)],
+        check=True,
+        capture_output=True,
+    )
     try:
         yield mountpoint
     finally:
@@ -83,25 +86,31 @@ def azurite_settings(azurite: Azurite, container: str) -> dict[str, str]:
     }
 
 
-def assert_all_arrived(azurite: Azurite, container: str, prefix: str,
-                       expected: dict[str, str]) -> None:
+def assert_all_arrived(
+    azurite: Azurite, container: str, prefix: str, expected: dict[str, str]
+) -> None:
     """Every expected file is a blob under ``prefix`` and its downloaded bytes match."""
     names = set(azurite.blob_names(container, prefix=prefix))
     missing = {prefix + name for name in expected} - names
     assert not missing, f"missing blobs: {sorted(missing)}"
-    wrong = [name for name, md5 in expected.items()
-             if azurite.blob_md5(container, prefix + name) != md5]
+    wrong = [
+        name for name, md5 in expected.items() if azurite.blob_md5(container, prefix + name) != md5
+    ]
     assert not wrong, f"blobs whose bytes differ from the source: {wrong}"
 
 
 def leftovers(layout: Layout) -> dict[str, list[str]]:
     """Files still in incoming, ``.processing`` (bookkeeping included) or staging."""
     found = {}
-    for label, folder in (("incoming", layout.incoming), ("processing", layout.processing),
-                          ("staging", layout.staging)):
+    for label, folder in (
+        ("incoming", layout.incoming),
+        ("processing", layout.processing),
+        ("staging", layout.staging),
+    ):
         if folder.exists():
-            found[label] = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
-                                  if not p.is_dir())
+            found[label] = sorted(
+                str(p.relative_to(folder)) for p in folder.rglob("*") if not p.is_dir()
+            )
         else:
             found[label] = []
     return found

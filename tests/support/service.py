@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,17 +22,14 @@ from typing import Any
 import httpx
 import psutil
 
+from tests.support.devstore import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.1,
-               what: str = "condition") -> Any:
+def wait_until(
+    predicate: Callable[[], Any], timeout: float, interval: float = 0.1, what: str = "condition"
+) -> Any:
     """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
@@ -116,9 +112,9 @@ class Layout:
         if not folder.exists():
             return []
         return sorted(
-            p for p in folder.rglob("*")
-            if p.is_file() and not any(part.startswith(".") for part in
-                                       p.relative_to(folder).parts)
+            p
+            for p in folder.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
         )
 
 
@@ -164,16 +160,15 @@ class Service:
     # Lifecycle
 
     def start(self, wait: bool = True, timeout: float = 60.0) -> Service:
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ingestd"],
-            env=self.env,
-            cwd=REPO,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        log.close()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "ingestd"],
+                env=self.env,
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         if wait:
             self.wait_ready(timeout)
         return self
@@ -183,7 +178,8 @@ class Service:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise AssertionError(
-                    f"ingestd exited with {self.proc.returncode}:\n{self.log_text()[-4000:]}")
+                    f"ingestd exited with {self.proc.returncode}:\n{self.log_text()[-4000:]}"
+                )
             try:
                 return self.http.get("/readyz").status_code == 200
             except httpx.HTTPError:
@@ -225,8 +221,9 @@ class Service:
         # SIGKILL is delivered at once but each process still has to run its
         # exit; on a busy machine (uploaders run at nice 10) that takes some
         # milliseconds, so "all dead" is awaited, briefly, not assumed.
-        wait_until(lambda: not self.survivors(), 10, interval=0.01,
-                   what="every killed process to exit")
+        wait_until(
+            lambda: not self.survivors(), 10, interval=0.01, what="every killed process to exit"
+        )
 
     def terminate(self) -> None:
         assert self.proc is not None
@@ -274,6 +271,7 @@ class Service:
 
     def wait_processed(self, count: int, timeout: float) -> dict[str, Any]:
         """Wait until ``processed_ok`` reaches ``count`` and nothing is in flight."""
+
         def done() -> dict[str, Any] | None:
             status = self.status()
             if status["processed_ok"] >= count and not status["in_flight"]:
