@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import pytest
 
 from tests.support.azurite import Azurite
-from tests.support.faults import MiB, assert_nothing_left, folder_layout
+from tests.support.checks import assert_nothing_left
+from tests.support.faults import MiB, folder_layout
 from tests.support.fusefs import FreezableMount
 from tests.support.service import md5_of, wait_until, write_random
 

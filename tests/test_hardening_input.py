@@ -22,14 +22,8 @@ import httpx
 import pytest
 
 from tests.support.azurite import Azurite
-from tests.support.faults import (
-    MiB,
-    assert_all_arrived,
-    assert_nothing_left,
-    drop,
-    failed_files,
-    folder_layout,
-)
+from tests.support.checks import assert_all_arrived, assert_nothing_left, failed_files
+from tests.support.faults import MiB, drop, folder_layout
 from tests.support.fusefs import FreezableMount
 from tests.support.service import Layout, md5_of, wait_until, write_random
 

@@ -23,14 +23,9 @@ from __future__ import annotations
 import pytest
 
 from tests.support.azurite import Azurite
-from tests.support.faults import (
-    MiB,
-    assert_all_arrived,
-    assert_nothing_left,
-    azurite_settings,
-    failed_files,
-)
-from tests.support.service import Layout, wait_until, write_random
+from tests.support.checks import assert_all_arrived, assert_nothing_left, failed_files
+from tests.support.faults import MiB
+from tests.support.service import Layout, azurite_env, wait_until, write_random
 
 CONTAINER = "outage"
 
@@ -49,7 +44,7 @@ def test_outage_mid_batch_is_retried_never_counted_and_loses_nothing(
     storage: Azurite = azurite_factory(persistent=True)
     storage.create_container(CONTAINER)
     service = make_service(
-        **azurite_settings(storage, CONTAINER),
+        **azurite_env(storage, CONTAINER),
         APP_MAX_ATTEMPTS="1",
         APP_WORKER_CONCURRENCY="2",
         APP_AZURE_MAX_CONCURRENCY="1",
@@ -139,7 +134,7 @@ def test_uploader_killed_for_silence_during_an_outage_loses_nothing(
     storage: Azurite = azurite_factory(persistent=True)
     storage.create_container(CONTAINER)
     service = make_service(
-        **azurite_settings(storage, CONTAINER),
+        **azurite_env(storage, CONTAINER),
         APP_MAX_ATTEMPTS="1",
         APP_WORKER_CONCURRENCY="1",
         APP_CHILD_STALL_TIMEOUT_S="3",

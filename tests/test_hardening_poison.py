@@ -18,15 +18,14 @@ from pathlib import Path
 import pytest
 
 from tests.support.azurite import Azurite
-from tests.support.faults import (
-    MiB,
+from tests.support.checks import (
     assert_all_arrived,
     assert_nothing_left,
     failed_files,
-    folder_layout,
     metric,
     sidecar,
 )
+from tests.support.faults import MiB, folder_layout
 from tests.support.fusefs import FreezableMount
 from tests.support.service import md5_of, wait_until, write_random
 

@@ -18,7 +18,8 @@ import time
 import pytest
 
 from tests.support.azurite import Azurite
-from tests.support.faults import MiB, assert_all_arrived, assert_nothing_left, failed_files
+from tests.support.checks import assert_all_arrived, assert_nothing_left, failed_files
+from tests.support.faults import MiB
 from tests.support.service import Layout, Service, wait_until, write_random
 
 RESTARTS = 20

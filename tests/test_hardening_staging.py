@@ -22,15 +22,8 @@ from pathlib import Path
 import pytest
 
 from tests.support.azurite import Azurite
-from tests.support.faults import (
-    MiB,
-    assert_all_arrived,
-    assert_nothing_left,
-    failed_files,
-    folder_layout,
-    sidecar,
-    tmpfs,
-)
+from tests.support.checks import assert_all_arrived, assert_nothing_left, failed_files, sidecar
+from tests.support.faults import MiB, folder_layout, tmpfs
 from tests.support.service import Layout, md5_of, wait_until, write_random
 
 

@@ -22,14 +22,8 @@ import time
 import pytest
 
 from tests.support.azurite import Azurite
-from tests.support.faults import (
-    MiB,
-    assert_nothing_left,
-    failed_files,
-    folder_layout,
-    sidecar,
-    tmpfs,
-)
+from tests.support.checks import assert_nothing_left, failed_files, sidecar
+from tests.support.faults import MiB, folder_layout, tmpfs
 from tests.support.fusefs import FreezableMount
 from tests.support.service import Layout, md5_of, run_once, scrape, wait_until, write_random
 

@@ -20,8 +20,7 @@ import pytest
 import ingestd
 from tests.support import devstore
 from tests.support.azurite import Azurite
-from tests.support.service import Layout, run_once, write_random
-from tests.test_hung_nfs import nfs  # noqa: F401 - the FUSE rig, a fixture
+from tests.support.service import Layout, azurite_env, run_once, write_random
 
 MiB = 1024 * 1024
 ODD_NAME = "odd name 100% ünï 文件 #1.bin"
@@ -90,7 +89,6 @@ def test_a_bad_value_stops_the_start_naming_the_variable(
     value: str,
     words: list[str],
 ) -> None:
-    from tests.conftest import azurite_env
     from tests.support.service import base_env
 
     env = base_env({**layout.env(), **azurite_env(azurite, azurite_container), variable: value})

@@ -39,7 +39,6 @@ Also:
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ from urllib.parse import quote
 
 from tests.campaign.writers import Version
 from tests.support.azurite import Azurite
+from tests.support.service import md5_of
 
 LOG_LINES_PER_FILE = 150
 
@@ -67,24 +67,16 @@ def blob_contents(azurite: Azurite, container: str) -> dict[str, str]:
     return {name: azurite.blob_md5(container, name) for name in azurite.blob_names(container)}
 
 
-def md5_file(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as stream:
-        while chunk := stream.read(4 * 1024 * 1024):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def nfs_contents(backing: Path) -> dict[str, set[str]]:
     """File name -> MD5s of its copies still on NFS (incoming, .processing, .failed + sidecar)."""
     found: dict[str, set[str]] = defaultdict(set)
     incoming = backing / "incoming"
     for path in incoming.iterdir():
         if path.is_file() and not path.name.startswith("."):
-            found[path.name].add(md5_file(path))
+            found[path.name].add(md5_of(path))
     for path in (backing / ".processing").glob("*/*/*"):
         if path.is_file() and not path.name.startswith("."):
-            found[path.name].add(md5_file(path))
+            found[path.name].add(md5_of(path))
     for path in (backing / ".failed").glob("*/*/*"):
         if not path.is_file() or path.name.startswith("."):
             continue
@@ -93,7 +85,7 @@ def nfs_contents(backing: Path) -> dict[str, set[str]]:
             name = json.loads(sidecar.read_text())["name"]
         except (OSError, ValueError, KeyError):
             continue  # quarantined without its reason: not "kept"
-        found[name].add(md5_file(path))
+        found[name].add(md5_of(path))
     return found
 
 
