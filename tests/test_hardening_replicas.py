@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from tests.support.azurite import Azurite
-from tests.support.faults import MiB, assert_all_arrived, assert_nothing_left, folder_layout
+from tests.support.checks import assert_all_arrived, assert_nothing_left
+from tests.support.faults import MiB, folder_layout
 from tests.support.fusefs import FreezableMount
 from tests.support.service import Layout, wait_until, write_random
 
@@ -34,7 +35,7 @@ def size_of(index: int) -> int:
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("replicas", [2, 3])
-def test_replicas_share_the_work_without_loss_errors_or_crashes(
+def test_replicas_on_one_share_lose_nothing_and_upload_nothing_twice(
     replicas: int,
     make_service,
     layout: Layout,
@@ -97,8 +98,9 @@ def test_replicas_share_the_work_without_loss_errors_or_crashes(
         f"{uploads}, skipped_gone {skipped}, duplicate uploads {duplicates}"
     )
     # The rename is the lock: a replica that loses it skips the file (skipped_gone).
+    # How the files spread over the replicas is printed, not asserted: nothing
+    # coordinates them, and on a busy machine one replica may take them all.
     assert duplicates == 0, f"{duplicates} files uploaded by more than one replica"
-    assert all(n > 0 for n in uploads), "every replica should have taken some work"
 
 
 @pytest.mark.timeout(90)
