@@ -25,7 +25,7 @@ Layout: daemon side (``ControlState``, ``PassthroughFS``, ``serve``) and test si
     python -m tests.support.fusefs BACKING MOUNTPOINT CONTROL_SOCKET
 
 Kernel facts this design relies on (measured on this machine, Linux 6.18,
-libfuse 3.14.0, see tests/test_fusefs.py):
+libfuse 3.14.0, see tests/rig/test_fusefs.py):
 
 * Once the daemon has READ a request, the caller's wait is uninterruptible
   after a fatal signal (``request_wait_answer`` falls through to ``wait_event``):

@@ -81,7 +81,10 @@ class Violation:
     pid: int
 
     def __str__(self) -> str:
-        return f"{self.operation} to {self.address} ({self.family}, pid {self.pid}, thread {self.thread})"
+        return (
+            f"{self.operation} to {self.address} "
+            f"({self.family}, pid {self.pid}, thread {self.thread})"
+        )
 
 
 def is_loopback_host(host: Any) -> bool:
@@ -360,8 +363,8 @@ def imds_risks(env: Mapping[str, str]) -> list[str]:
                 pod_host = env.get("AZURE_POD_IDENTITY_AUTHORITY_HOST", "http://169.254.169.254")
                 if not _url_is_loopback(pod_host):
                     risks.append(
-                        "managed identity has no loopback source (IDENTITY_ENDPOINT+IDENTITY_HEADER "
-                        f"both needed): it would call IMDS at {pod_host}"
+                        "managed identity has no loopback source (IDENTITY_ENDPOINT+"
+                        f"IDENTITY_HEADER both needed): it would call IMDS at {pod_host}"
                     )
     if uses_env_or_wi:
         wants_authority = any(
@@ -506,7 +509,9 @@ if os.environ.get(_CHILD_FLAG) != "1":
 
     @pytest.fixture
     def netguard_child_env(tmp_path: Path) -> Iterator[Callable[..., dict[str, str]]]:
-        """Factory ``make(extra) -> env`` for guarded Python children; fails the test on their violations."""
+        """Factory ``make(extra) -> env`` for guarded Python children.
+
+        The test fails on any violation they logged."""
         guard_dir = tmp_path / "netguard-child"
 
         def make(extra: Mapping[str, str] | None = None, **kwargs: Any) -> dict[str, str]:

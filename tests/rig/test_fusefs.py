@@ -622,7 +622,7 @@ def test_lifeline_unmounts_when_test_process_disappears(tmp_path: Path) -> None:
 @pytest.mark.timeout(60, method="thread")
 def test_fixture_fails_instead_of_skipping_without_fuse(tmp_path: Path) -> None:
     """Run a tiny pytest session whose /dev/fuse is missing: it must error, not skip."""
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     test_file = tmp_path / "test_needs_fuse.py"
     test_file.write_text(
         textwrap.dedent(

@@ -36,7 +36,7 @@ pytest_plugins = ["tests.support.tokens"]
 STORAGE_RESOURCE = "https://storage.azure.com"
 
 SCOPE = "https://storage.azure.com/.default"
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # A stand-in for the real service: a separate process that only has the
 # environment the test gives it, and uses DefaultAzureCredential.
@@ -347,7 +347,8 @@ def test_guard_allows_loopback_and_unix_sockets(tmp_path: Path) -> None:
 @pytest.mark.timeout(10)
 def test_guard_survives_pytest_socket_restoring_connect() -> None:
     """pytest-socket (auto-loaded) resets socket.socket.connect after each test."""
-    pytest_socket = pytest.importorskip("pytest_socket")
+    import pytest_socket  # declared in the test extra: a missing one fails, never skips
+
     pytest_socket._remove_restrictions()
     assert ng.GUARD.installed
     assert socket.socket.connect.__doc__ and "netguard" in socket.socket.connect.__doc__
