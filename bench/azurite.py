@@ -1,7 +1,8 @@
 """One in-memory Azurite on 127.0.0.1 for the benchmark, telemetry off.
 
-Leaner than ``tests/support/azurite.py`` (no pytest, no HTTPS), so the bench
-needs nothing from the test suite.
+Leaner than ``tests/support/azurite.py`` (no pytest, no HTTPS); the bench takes
+only the dev account and ``free_port`` from ``tests/support/devstore.py``, which
+is plain standard library.
 """
 
 from __future__ import annotations
@@ -14,17 +15,12 @@ import subprocess
 import time
 from pathlib import Path
 
+from tests.support import devstore
+from tests.support.devstore import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 BINARY = REPO / "tools" / "node_modules" / ".bin" / "azurite-blob"
-ACCOUNT = "devstoreaccount1"
-KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
-HOST = "127.0.0.1"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
+HOST = devstore.LOOPBACK
 
 
 class Azurite:
@@ -38,17 +34,24 @@ class Azurite:
 
     @property
     def account_url(self) -> str:
-        return f"http://{HOST}:{self.port}/{ACCOUNT}"
+        return devstore.account_url(self.port)
 
     @property
     def connection_string(self) -> str:
-        return (f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={KEY};"
-                f"BlobEndpoint={self.account_url};")
+        return devstore.connection_string(self.account_url)
 
     def command(self) -> list[str]:
-        args = [str(BINARY), "--disableTelemetry", "--skipApiVersionCheck",
-                "--blobHost", HOST, "--blobPort", str(self.port), "--inMemoryPersistence",
-                "--silent"]
+        args = [
+            str(BINARY),
+            "--disableTelemetry",
+            "--skipApiVersionCheck",
+            "--blobHost",
+            HOST,
+            "--blobPort",
+            str(self.port),
+            "--inMemoryPersistence",
+            "--silent",
+        ]
         setpriv = shutil.which("setpriv")
         return [setpriv, "--pdeathsig", "KILL", "--", *args] if setpriv else args
 
@@ -57,9 +60,14 @@ class Azurite:
             raise RuntimeError(f"azurite-blob not found at {BINARY} (run npm ci in tools/)")
         self.workdir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, cwd=self.workdir,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.command(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -80,24 +80,34 @@ class Result:
 
     def summary(self) -> dict[str, Any]:
         return {
-            "scenario": self.scenario, "contender": self.contender, "round": self.round,
-            "files": self.files, "bytes": self.bytes, "seconds": round(self.seconds, 3),
-            "mb_s": round(self.mb_s, 1), "files_s": round(self.files_s, 1),
-            "cpu_s": round(self.cpu_s, 2), "cpu_s_per_gib": round(self.cpu_s_per_gib, 2),
+            "scenario": self.scenario,
+            "contender": self.contender,
+            "round": self.round,
+            "files": self.files,
+            "bytes": self.bytes,
+            "seconds": round(self.seconds, 3),
+            "mb_s": round(self.mb_s, 1),
+            "files_s": round(self.files_s, 1),
+            "cpu_s": round(self.cpu_s, 2),
+            "cpu_s_per_gib": round(self.cpu_s_per_gib, 2),
             "peak_rss_mib": round(self.peak_rss / MiB, 1),
             "peak_rss_sampled_mib": round(self.peak_rss_sampled / MiB, 1),
             "status_p50_ms": _round(self.latency_pct(50)),
             "status_p99_ms": _round(self.latency_pct(99)),
             "status_samples": len(self.latencies),
-            "md5_ok": self.md5_ok, "md5_checked": self.md5_checked,
-            "sources_gone": self.sources_gone, **self.extra,
+            "md5_ok": self.md5_ok,
+            "md5_checked": self.md5_checked,
+            "sources_gone": self.sources_gone,
+            **self.extra,
         }
 
 
 def machine_extra(usage, nbytes: int) -> dict[str, Any]:
     """Where the machine's time went during the section (Azurite, all cores)."""
-    out: dict[str, Any] = {"machine_busy": round(usage.machine_busy, 3),
-                           "machine_iowait": round(usage.machine_iowait, 3)}
+    out: dict[str, Any] = {
+        "machine_busy": round(usage.machine_busy, 3),
+        "machine_iowait": round(usage.machine_iowait, 3),
+    }
     for name, cpu in usage.watched_cpu_s.items():
         out[f"{name}_cpu_s_per_gib"] = round(cpu / (nbytes / GiB), 2)
     return out
@@ -123,28 +133,59 @@ def median(values: list[float]) -> float:
 # The floor: raw SDK
 
 
-def run_sdk(corpus: Corpus, names: list[str], src: Path, connection_string: str,
-            container: str, prefix: str, shape: Shape, scenario: str, round_: int,
-            mode: str = "processes", validate_content: bool = True) -> Result:
+def run_sdk(
+    corpus: Corpus,
+    names: list[str],
+    src: Path,
+    connection_string: str,
+    container: str,
+    prefix: str,
+    shape: Shape,
+    scenario: str,
+    round_: int,
+    mode: str = "processes",
+    validate_content: bool = True,
+) -> Result:
     """``mode="processes"``: ``workers`` processes, each uploading its share of the files
     one at a time (ingestd's shape, minus staging); ``"threads"``: one process with
     ``workers`` threads."""
     paths = corpus.link_into(src, names)
-    groups = ([paths[i::shape.workers] for i in range(shape.workers)]
-              if mode == "processes" else [paths])
+    groups = (
+        [paths[i :: shape.workers] for i in range(shape.workers)]
+        if mode == "processes"
+        else [paths]
+    )
     per_process_workers = 1 if mode == "processes" else shape.workers
     procs = []
     for group in groups:
         if not group:
             continue
-        cmd = [sys.executable, "-m", "bench.sdk_worker", "--connection-string",
-               connection_string, "--container", container, "--prefix", prefix,
-               "--block-size", str(shape.block_size),
-               "--single-put-size", str(shape.single_put_size),
-               "--concurrency", str(shape.concurrency), "--workers", str(per_process_workers),
-               *([] if validate_content else ["--no-validate-content"]), *map(str, group)]
-        procs.append(subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, text=True, bufsize=1))
+        cmd = [
+            sys.executable,
+            "-m",
+            "bench.sdk_worker",
+            "--connection-string",
+            connection_string,
+            "--container",
+            container,
+            "--prefix",
+            prefix,
+            "--block-size",
+            str(shape.block_size),
+            "--single-put-size",
+            str(shape.single_put_size),
+            "--concurrency",
+            str(shape.concurrency),
+            "--workers",
+            str(per_process_workers),
+            *([] if validate_content else ["--no-validate-content"]),
+            *map(str, group),
+        ]
+        procs.append(
+            subprocess.Popen(
+                cmd, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
+            )
+        )
     reports: list[dict[str, Any]] = [{} for _ in procs]
     progress = [0] * len(procs)
     timeline: list[tuple[float, int]] = [(0.0, 0)]
@@ -173,15 +214,15 @@ def run_sdk(corpus: Corpus, names: list[str], src: Path, connection_string: str,
                     reports[index]["finished"] = time.monotonic() - started
                     return
 
-        readers = [threading.Thread(target=follow, args=(i, p), daemon=True)
-                   for i, p in enumerate(procs)]
+        readers = [
+            threading.Thread(target=follow, args=(i, p), daemon=True) for i, p in enumerate(procs)
+        ]
         for reader in readers:
             reader.start()
         for reader in readers:
             reader.join()
         if not all(reports):
-            raise RuntimeError("an sdk worker failed: " +
-                               ", ".join(str(p.poll()) for p in procs))
+            raise RuntimeError("an sdk worker failed: " + ", ".join(str(p.poll()) for p in procs))
         seconds = max(r["finished"] for r in reports)
         usage = sampler.stop()
         for proc in procs:
@@ -196,14 +237,24 @@ def run_sdk(corpus: Corpus, names: list[str], src: Path, connection_string: str,
     for path in paths:  # the floor does not delete its sources; do it off the clock
         path.unlink(missing_ok=True)
     maxrss = sum(r["maxrss_kib"] for r in reports) * 1024
-    return Result(scenario, "sdk", round_, len(names), corpus.total(names), seconds,
-                  cpu_s=sum(r["cpu_s"] for r in reports),
-                  peak_rss=usage.peak_rss if usage.peak_rss_hwm_sum else
-                  max(maxrss, usage.peak_rss_sampled),
-                  peak_rss_sampled=usage.peak_rss_sampled, received=usage.received,
-                  timeline=sorted(timeline),
-                  extra={"sdk_mode": mode, "validate_content": validate_content,
-                         **machine_extra(usage, corpus.total(names))})
+    return Result(
+        scenario,
+        "sdk",
+        round_,
+        len(names),
+        corpus.total(names),
+        seconds,
+        cpu_s=sum(r["cpu_s"] for r in reports),
+        peak_rss=usage.peak_rss if usage.peak_rss_hwm_sum else max(maxrss, usage.peak_rss_sampled),
+        peak_rss_sampled=usage.peak_rss_sampled,
+        received=usage.received,
+        timeline=sorted(timeline),
+        extra={
+            "sdk_mode": mode,
+            "validate_content": validate_content,
+            **machine_extra(usage, corpus.total(names)),
+        },
+    )
 
 
 # The peer: rclone move
@@ -217,38 +268,78 @@ def rclone_binary() -> str:
 
 
 def rclone_version() -> str:
-    out = subprocess.run([rclone_binary(), "--config", "/dev/null", "version"],
-                         capture_output=True, text=True, timeout=30).stdout
+    out = subprocess.run(
+        [rclone_binary(), "--config", "/dev/null", "version"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout
     return out.splitlines()[0] if out else "unknown"
 
 
-def rclone_command(src: Path, account_url: str, container: str, prefix: str,
-                   shape: Shape) -> list[str]:
+def rclone_command(
+    src: Path, account_url: str, container: str, prefix: str, shape: Shape
+) -> list[str]:
     """``rclone move`` into Azurite; the emulator's well-known key, our port, nothing else."""
-    return [rclone_binary(), "--config", "/dev/null", "move", str(src),
-            f":azureblob:{container}/{prefix}",
-            "--azureblob-use-emulator", "--azureblob-endpoint", account_url,
-            "--azureblob-chunk-size", f"{shape.block_size // 1024}Ki",
-            "--azureblob-upload-concurrency", str(shape.concurrency),
-            "--transfers", str(shape.workers),
-            "--stats", "250ms", "--stats-log-level", "NOTICE", "--use-json-log"]
+    return [
+        rclone_binary(),
+        "--config",
+        "/dev/null",
+        "move",
+        str(src),
+        f":azureblob:{container}/{prefix}",
+        "--azureblob-use-emulator",
+        "--azureblob-endpoint",
+        account_url,
+        "--azureblob-chunk-size",
+        f"{shape.block_size // 1024}Ki",
+        "--azureblob-upload-concurrency",
+        str(shape.concurrency),
+        "--transfers",
+        str(shape.workers),
+        "--stats",
+        "250ms",
+        "--stats-log-level",
+        "NOTICE",
+        "--use-json-log",
+    ]
 
 
 def rclone_env(home: Path) -> dict[str, str]:
     home.mkdir(parents=True, exist_ok=True)
-    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home),
-            "XDG_CONFIG_HOME": str(home), "XDG_CACHE_HOME": str(home), "LANG": "C.UTF-8"}
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(home),
+        "XDG_CONFIG_HOME": str(home),
+        "XDG_CACHE_HOME": str(home),
+        "LANG": "C.UTF-8",
+    }
 
 
-def run_rclone(corpus: Corpus, names: list[str], src: Path, account_url: str, container: str,
-               prefix: str, shape: Shape, scenario: str, round_: int, home: Path) -> Result:
+def run_rclone(
+    corpus: Corpus,
+    names: list[str],
+    src: Path,
+    account_url: str,
+    container: str,
+    prefix: str,
+    shape: Shape,
+    scenario: str,
+    round_: int,
+    home: Path,
+) -> Result:
     corpus.link_into(src, names)
     timeline: list[tuple[float, int]] = [(0.0, 0)]
     errors: list[str] = []
     started = time.monotonic()
-    proc = subprocess.Popen(rclone_command(src, account_url, container, prefix, shape),
-                            env=rclone_env(home), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        rclone_command(src, account_url, container, prefix, shape),
+        env=rclone_env(home),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     sampler = TreeSampler(proc.pid).start()
 
     def read_stats() -> None:
@@ -276,13 +367,21 @@ def run_rclone(corpus: Corpus, names: list[str], src: Path, account_url: str, co
         raise RuntimeError(f"rclone exited with {proc.returncode}: {errors[-5:]}")
     timeline.append((seconds, corpus.total(names)))
     left = [n for n in names if (src / n).exists()]
-    return Result(scenario, "rclone", round_, len(names), corpus.total(names), seconds,
-                  cpu_s=rusage.ru_utime + rusage.ru_stime,
-                  peak_rss=max(rusage.ru_maxrss * 1024, usage.peak_rss_sampled),
-                  peak_rss_sampled=usage.peak_rss_sampled, received=usage.received,
-                  timeline=timeline,
-                  sources_gone=not left,
-                  extra={"errors": errors[-5:], **machine_extra(usage, corpus.total(names))})
+    return Result(
+        scenario,
+        "rclone",
+        round_,
+        len(names),
+        corpus.total(names),
+        seconds,
+        cpu_s=rusage.ru_utime + rusage.ru_stime,
+        peak_rss=max(rusage.ru_maxrss * 1024, usage.peak_rss_sampled),
+        peak_rss_sampled=usage.peak_rss_sampled,
+        received=usage.received,
+        timeline=timeline,
+        sources_gone=not left,
+        extra={"errors": errors[-5:], **machine_extra(usage, corpus.total(names))},
+    )
 
 
 # ingestd, the real service
@@ -326,11 +425,20 @@ class Folders:
 class Ingestd:
     """One ``python -m ingestd`` process tree, watching from boot (autostart)."""
 
-    def __init__(self, folders: Folders, account_url: str, connection_string: str,
-                 container: str, shape: Shape, poll_interval_s: float, log_path: Path,
-                 min_file_age_s: float | None = None,
-                 extra_env: dict[str, str] | None = None, source: Path | None = None) -> None:
-        from bench.azurite import free_port
+    def __init__(
+        self,
+        folders: Folders,
+        account_url: str,
+        connection_string: str,
+        container: str,
+        shape: Shape,
+        poll_interval_s: float,
+        log_path: Path,
+        min_file_age_s: float | None = None,
+        extra_env: dict[str, str] | None = None,
+        source: Path | None = None,
+    ) -> None:
+        from tests.support.devstore import free_port
 
         self.folders = folders
         self.port = free_port()
@@ -376,18 +484,27 @@ class Ingestd:
 
     def start(self, timeout: float = 60.0) -> Ingestd:
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "ingestd"], env=self.env,
-                                         cwd=self.source, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "ingestd"],
+                env=self.env,
+                cwd=self.source,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"ingestd exited with {self.proc.returncode}: "
-                                   f"{self.log_path.read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"ingestd exited with {self.proc.returncode}: "
+                    f"{self.log_path.read_text()[-3000:]}"
+                )
             try:
-                if (self.http.get("/readyz").status_code == 200
-                        and self.status().get("recovery_done")
-                        and self.status().get("enabled")):
+                if (
+                    self.http.get("/readyz").status_code == 200
+                    and self.status().get("recovery_done")
+                    and self.status().get("enabled")
+                ):
                     return self
             except httpx.HTTPError:
                 pass
@@ -428,8 +545,9 @@ class Ingestd:
 class StatusSampler:
     """GET /v1/status every ``interval``: the latency samples, the progress, the clock."""
 
-    def __init__(self, url: str, started: float, base: dict[str, Any], target_ok: int,
-                 interval: float = 0.05) -> None:
+    def __init__(
+        self, url: str, started: float, base: dict[str, Any], target_ok: int, interval: float = 0.05
+    ) -> None:
         self.url = url
         self.started = started
         self.base_ok = base["processed_ok"]
@@ -465,10 +583,12 @@ class StatusSampler:
                     time.sleep(self.interval)
                     continue
                 self.latencies.append((sent - self.started, (received - sent) * 1000))
-                uploading = sum(f["bytes_done"] for f in data["in_flight"]
-                                if f["stage"] == "uploading")
-                self.timeline.append((received - self.started,
-                                      data["bytes_ok"] - self.base_bytes + uploading))
+                uploading = sum(
+                    f["bytes_done"] for f in data["in_flight"] if f["stage"] == "uploading"
+                )
+                self.timeline.append(
+                    (received - self.started, data["bytes_ok"] - self.base_bytes + uploading)
+                )
                 self.scans.append(data.get("scan", {}))
                 if data["in_flight"] and self.first_dispatch is None:
                     self.first_dispatch = received - self.started
@@ -494,13 +614,14 @@ def _names_in(folder: Path) -> list[str]:
 
 def _left_in(folder: Path, names: set[str]) -> list[str]:
     found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
+    for _dirpath, _dirnames, filenames in os.walk(folder):
         found += [n for n in filenames if n in names]
     return found
 
 
-def run_ingestd(service: Ingestd, corpus: Corpus, names: list[str], scenario: str,
-                round_: int, timeout: float) -> Result:
+def run_ingestd(
+    service: Ingestd, corpus: Corpus, names: list[str], scenario: str, round_: int, timeout: float
+) -> Result:
     folders = service.folders
     corpus.link_into(folders.drop, names)
     base = service.status()
@@ -528,32 +649,50 @@ def run_ingestd(service: Ingestd, corpus: Corpus, names: list[str], scenario: st
         if now > deadline or status.errors:
             status.stop()
             sampler.stop()
-            raise RuntimeError(f"ingestd did not finish {len(names)} files in {timeout} s "
-                               f"({status.errors[-3:]}); last status: "
-                               f"{json.dumps(status.last)[:2000]}")
+            raise RuntimeError(
+                f"ingestd did not finish {len(names)} files in {timeout} s "
+                f"({status.errors[-3:]}); last status: "
+                f"{json.dumps(status.last)[:2000]}"
+            )
         time.sleep(0.005)
     if not status.done.wait(30):  # and it must say so: every file counted as done
         status.stop()
         sampler.stop()
         raise RuntimeError(f"sources gone but ingestd reports {status.last.get('processed_ok')}")
     # Done is sent only after the commit and both deletions; check the disk anyway.
-    left = _left_in(folders.incoming, wanted) + _left_in(folders.processing, wanted) + \
-        _left_in(folders.staging, wanted)
+    left = (
+        _left_in(folders.incoming, wanted)
+        + _left_in(folders.processing, wanted)
+        + _left_in(folders.staging, wanted)
+    )
     usage = sampler.stop()
     status.stop()
     status.timeline.append((seconds, corpus.total(names)))
-    return Result(scenario, "ingestd", round_, len(names), corpus.total(names), seconds,
-                  cpu_s=usage.cpu_s, peak_rss=usage.peak_rss,
-                  peak_rss_sampled=usage.peak_rss_sampled, received=usage.received,
-                  timeline=[p for p in status.timeline if p[0] <= seconds],
-                  latencies=status.latencies, sources_gone=not left,
-                  extra={"errors": status.errors[-5:],
-                         "first_dispatch_seen_s": _round(status.first_dispatch, 3),
-                         "status_confirmed_s": _round((status.reached_at or started) - started,
-                                                      3),
-                         **machine_extra(usage, corpus.total(names)),
-                         "per_process_peak_mib": {k: round(v / MiB, 1) for k, v in
-                                                  usage.per_process_peak.items()},
-                         "per_process_cpu_s": usage.per_process_cpu,
-                         "polls": (status.scans[-1].get("polls", 0) -
-                                   base.get("scan", {}).get("polls", 0)) if status.scans else 0})
+    return Result(
+        scenario,
+        "ingestd",
+        round_,
+        len(names),
+        corpus.total(names),
+        seconds,
+        cpu_s=usage.cpu_s,
+        peak_rss=usage.peak_rss,
+        peak_rss_sampled=usage.peak_rss_sampled,
+        received=usage.received,
+        timeline=[p for p in status.timeline if p[0] <= seconds],
+        latencies=status.latencies,
+        sources_gone=not left,
+        extra={
+            "errors": status.errors[-5:],
+            "first_dispatch_seen_s": _round(status.first_dispatch, 3),
+            "status_confirmed_s": _round((status.reached_at or started) - started, 3),
+            **machine_extra(usage, corpus.total(names)),
+            "per_process_peak_mib": {
+                k: round(v / MiB, 1) for k, v in usage.per_process_peak.items()
+            },
+            "per_process_cpu_s": usage.per_process_cpu,
+            "polls": (status.scans[-1].get("polls", 0) - base.get("scan", {}).get("polls", 0))
+            if status.scans
+            else 0,
+        },
+    )

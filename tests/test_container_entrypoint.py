@@ -105,35 +105,48 @@ def test_entrypoint_as_non_root_with_image_env_and_configmap_uploads_a_file(
     env = {key: str(value) for key, value in configmap.items()}
     env.update(image_env(stage))
     port = free_port()
-    env.update({
-        # What the volumes and the cluster provide:
-        "APP_NFS_INCOMING_DIR": env["APP_NFS_INCOMING_DIR"].replace("/mnt/nfs", str(nfs)),
-        "APP_NFS_PROCESSING_ROOT": env["APP_NFS_PROCESSING_ROOT"].replace("/mnt/nfs", str(nfs)),
-        "APP_NFS_FAILED_ROOT": env["APP_NFS_FAILED_ROOT"].replace("/mnt/nfs", str(nfs)),
-        "APP_LOCAL_STAGING_ROOT": str(staging),
-        "APP_AZURE_ACCOUNT_URL": azurite.account_url,
-        "APP_AZURE_CONTAINER": azurite_container,
-        "APP_AZURE_CONNECTION_STRING": azurite.connection_string,  # from the Secret
-        "APP_HTTP_HOST": "127.0.0.1",
-        "APP_HTTP_PORT": str(port),
-        "APP_AUTOSTART": "true",
-        "APP_AUTOSTART_SESSION": "container",
-        "HOME": "/",
-        "PATH": f"{IMAGE_VENV / 'bin'}:/usr/bin:/bin",
-        # AZURE_TOKEN_CREDENTIALS=prod from the image includes managed identity;
-        # point it at a closed loopback port so it can never probe IMDS.
-        "IDENTITY_ENDPOINT": f"http://127.0.0.1:{free_port()}/token",
-        "IDENTITY_HEADER": "test",
-    })
+    env.update(
+        {
+            # What the volumes and the cluster provide:
+            "APP_NFS_INCOMING_DIR": env["APP_NFS_INCOMING_DIR"].replace("/mnt/nfs", str(nfs)),
+            "APP_NFS_PROCESSING_ROOT": env["APP_NFS_PROCESSING_ROOT"].replace("/mnt/nfs", str(nfs)),
+            "APP_NFS_FAILED_ROOT": env["APP_NFS_FAILED_ROOT"].replace("/mnt/nfs", str(nfs)),
+            "APP_LOCAL_STAGING_ROOT": str(staging),
+            "APP_AZURE_ACCOUNT_URL": azurite.account_url,
+            "APP_AZURE_CONTAINER": azurite_container,
+            "APP_AZURE_CONNECTION_STRING": azurite.connection_string,  # from the Secret
+            "APP_HTTP_HOST": "127.0.0.1",
+            "APP_HTTP_PORT": str(port),
+            "APP_AUTOSTART": "true",
+            "APP_AUTOSTART_SESSION": "container",
+            "HOME": "/",
+            "PATH": f"{IMAGE_VENV / 'bin'}:/usr/bin:/bin",
+            # AZURE_TOKEN_CREDENTIALS=prod from the image includes managed identity;
+            # point it at a closed loopback port so it can never probe IMDS.
+            "IDENTITY_ENDPOINT": f"http://127.0.0.1:{free_port()}/token",
+            "IDENTITY_HEADER": "test",
+        }
+    )
     assert env["AZURE_TOKEN_CREDENTIALS"] == "prod"
     assert env["APP_LOG_FORMAT"] == "json"
 
     log_path = volumes / "container.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            ["setpriv", "--reuid=10001", "--regid=10001", "--clear-groups", tini, "--",
-             *command[2:]],
-            env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                "setpriv",
+                "--reuid=10001",
+                "--regid=10001",
+                "--clear-groups",
+                tini,
+                "--",
+                *command[2:],
+            ],
+            env=env,
+            cwd=workdir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
         url = f"http://127.0.0.1:{port}"
@@ -151,8 +164,7 @@ def test_entrypoint_as_non_root_with_image_env_and_configmap_uploads_a_file(
         source = nfs / "incoming" / "from-the-pod.bin"
         md5 = write_random(source, 3 * MiB)
         os.chown(source, 10001, 10001)
-        wait_until(lambda: (status() or {}).get("processed_ok") == 1, 60,
-                   what="the upload")
+        wait_until(lambda: (status() or {}).get("processed_ok") == 1, 60, what="the upload")
         blob = f"{first['session']['date_prefix']}/container/from-the-pod.bin"
         assert azurite.blob_md5(azurite_container, blob) == md5
         assert not source.exists()

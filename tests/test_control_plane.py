@@ -88,8 +88,9 @@ def test_without_a_token_every_endpoint_is_open_and_the_start_says_so(make_servi
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("reads_protected", [False, True], ids=["reads-open", "reads-protected"])
 def test_token_matrix_on_every_endpoint(make_service, reads_protected: bool) -> None:
-    service = make_service(APP_API_TOKEN=TOKEN,
-                           APP_API_TOKEN_FOR_READS=str(reads_protected).lower())
+    service = make_service(
+        APP_API_TOKEN=TOKEN, APP_API_TOKEN_FOR_READS=str(reads_protected).lower()
+    )
     protected = CONTROL + (READS if reads_protected else [])
     for method, path in EVERY_ENDPOINT:
         for name, headers in CREDENTIALS.items():
@@ -100,8 +101,10 @@ def test_token_matrix_on_every_endpoint(make_service, reads_protected: bool) -> 
                 assert_refused(response, what)
                 after = authorized_status(service)
                 # A refused call changed nothing.
-                assert (after["enabled"], after["active_session"]) == \
-                    (before["enabled"], before["active_session"]), what
+                assert (after["enabled"], after["active_session"]) == (
+                    before["enabled"],
+                    before["active_session"],
+                ), what
                 assert len(after["sessions"]) == len(before["sessions"]), what
             else:
                 assert response.status_code == 200, (what, response.text)
@@ -118,7 +121,7 @@ def test_token_matrix_on_every_endpoint(make_service, reads_protected: bool) -> 
 def test_openapi_declares_the_bearer_scheme_where_it_applies(make_service) -> None:
     service = make_service(APP_API_TOKEN=TOKEN, APP_API_TOKEN_FOR_READS="true")
     spec = service.http.get("/openapi.json").json()
-    (name, scheme), = spec["components"]["securitySchemes"].items()
+    ((name, scheme),) = spec["components"]["securitySchemes"].items()
     assert scheme["type"] == "http" and scheme["scheme"] == "bearer"
     for method, path in CONTROL + READS:
         assert spec["paths"][path][method.lower()]["security"] == [{name: []}], path
@@ -136,31 +139,36 @@ def test_the_token_is_in_no_log_line_response_or_metric(
     One session name carries the token on purpose (a client's mistake), so a
     log line would hold it if the redactor missed it.
     """
-    service = make_service(APP_API_TOKEN=TOKEN, APP_API_TOKEN_FOR_READS="true",
-                           APP_LOG_LEVEL="DEBUG")
+    service = make_service(
+        APP_API_TOKEN=TOKEN, APP_API_TOKEN_FOR_READS="true", APP_LOG_LEVEL="DEBUG"
+    )
     right = CREDENTIALS["right"]
     responses: list[httpx.Response] = []
     for _, headers in CREDENTIALS.items():
         for method, path in EVERY_ENDPOINT:
             responses.append(call(service, method, path, headers))
-    responses.append(service.http.post("/v1/watch/start", headers=right,
-                                       json={"session_name": "secret run"}))
+    responses.append(
+        service.http.post("/v1/watch/start", headers=right, json={"session_name": "secret run"})
+    )
     md5 = write_random(layout.incoming / "t.bin", 3 * MiB)
-    wait_until(lambda: authorized_status(service)["processed_ok"] == 1, 60, interval=0.2,
-               what="the upload")
+    wait_until(
+        lambda: authorized_status(service)["processed_ok"] == 1, 60, interval=0.2, what="the upload"
+    )
     date = responses[-1].json()["date_prefix"]
     assert azurite.blob_md5(azurite_container, f"{date}/secret%20run/t.bin") == md5
     # Validation errors, an unknown route, a refused read: none may echo the token.
-    responses.append(service.http.post("/v1/watch/start", headers=right,
-                                       json={"session_name": 5, "x": 1}))
+    responses.append(
+        service.http.post("/v1/watch/start", headers=right, json={"session_name": 5, "x": 1})
+    )
     responses.append(service.http.get(f"/v1/{TOKEN}", headers=right))
     responses.append(call(service, "GET", "/v1/status", {"Authorization": TOKEN}))
     responses.append(service.http.get("/metrics", headers=right))
     responses.append(service.http.get("/v1/status", headers=right))
     # The mistake: a session named after the token. Its own response echoes the
     # name the client sent (not checked); the logs must not.
-    leaky = service.http.post("/v1/watch/start", headers=right,
-                              json={"session_name": f"oops-{TOKEN}"})
+    leaky = service.http.post(
+        "/v1/watch/start", headers=right, json={"session_name": f"oops-{TOKEN}"}
+    )
     assert leaky.status_code == 200
     responses.append(service.http.get("/metrics", headers=right))
     service.stop()
@@ -178,15 +186,26 @@ def test_the_token_is_in_no_log_line_response_or_metric(
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize(("env", "says"), [
-    ({"APP_API_TOKEN": "short"}, "APP_API_TOKEN: Value error, must be at least 16 characters"),
-    ({"APP_API_TOKEN": ""}, "APP_API_TOKEN: Value error, must be at least 16 characters"),
-    ({"APP_API_TOKEN": "sixteen or more but with spaces"}, "printable ASCII without spaces"),
-    ({"APP_API_TOKEN_FOR_READS": "true"}, "APP_API_TOKEN_FOR_READS=true needs APP_API_TOKEN"),
-])
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        ({"APP_API_TOKEN": "short"}, "APP_API_TOKEN: Value error, must be at least 16 characters"),
+        ({"APP_API_TOKEN": ""}, "APP_API_TOKEN: Value error, must be at least 16 characters"),
+        ({"APP_API_TOKEN": "sixteen or more but with spaces"}, "printable ASCII without spaces"),
+        ({"APP_API_TOKEN_FOR_READS": "true"}, "APP_API_TOKEN_FOR_READS=true needs APP_API_TOKEN"),
+    ],
+)
 def test_an_unusable_token_setting_stops_the_start(layout: Layout, env: dict, says: str) -> None:
-    result = run_once(base_env({**layout.env(), "APP_AZURE_ACCOUNT_URL": "https://127.0.0.1:9/x",
-                                "APP_AZURE_CONTAINER": "c", **env}))
+    result = run_once(
+        base_env(
+            {
+                **layout.env(),
+                "APP_AZURE_ACCOUNT_URL": "https://127.0.0.1:9/x",
+                "APP_AZURE_CONTAINER": "c",
+                **env,
+            }
+        )
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 2, output
     assert says in output
@@ -211,10 +230,11 @@ def test_open_api_beyond_loopback_warns(caplog: pytest.LogCaptureFixture) -> Non
         log_protection(settings(http_host="127.0.0.1"))
         log_protection(settings(http_host="0.0.0.0", api_token=TOKEN))
     levels = [(r.levelname, r.getMessage().split(":")[0]) for r in caplog.records]
-    assert levels == [("WARNING", "control API NOT protected"),
-                      ("INFO", "control API not protected (APP_API_TOKEN unset); it listens on "
-                               "127.0.0.1"),
-                      ("INFO", "control API protected")]
+    assert levels == [
+        ("WARNING", "control API NOT protected"),
+        ("INFO", "control API not protected (APP_API_TOKEN unset); it listens on 127.0.0.1"),
+        ("INFO", "control API protected"),
+    ]
 
 
 def test_every_state_changing_route_requires_the_token() -> None:
@@ -228,11 +248,13 @@ def test_every_state_changing_route_requires_the_token() -> None:
     from ingestd.config import Settings
     from ingestd.supervisor import Supervisor
 
-    settings = Settings(azure_account_url="https://127.0.0.1:9/x", azure_container="c",
-                        http_host="127.0.0.1")
+    settings = Settings(
+        azure_account_url="https://127.0.0.1:9/x", azure_container="c", http_host="127.0.0.1"
+    )
     spec = api.create_app(Supervisor(settings, "test")).openapi()
-    operations = [(method, path, op) for path, ops in spec["paths"].items()
-                  for method, op in ops.items()]
+    operations = [
+        (method, path, op) for path, ops in spec["paths"].items() for method, op in ops.items()
+    ]
     changing = [(m, p, op) for m, p, op in operations if m in ("post", "put", "patch", "delete")]
     assert {p for _, p, _ in changing} >= {"/v1/watch/start", "/v1/watch/stop"}
     for method, path, op in changing:
@@ -279,8 +301,11 @@ def test_status_stays_small_after_10000_starts_without_a_name(
     seconds = time.monotonic() - started
     status = service.status()
     print(f"\n10,000 starts in {seconds:.1f} s; /v1/status size and latency (p50/p99):")
-    for label, (size, p50, p99) in [("fresh", fresh), ("after 1,000", figures[1_000]),
-                                    ("after 10,000", figures[10_000])]:
+    for label, (size, p50, p99) in [
+        ("fresh", fresh),
+        ("after 1,000", figures[1_000]),
+        ("after 10,000", figures[10_000]),
+    ]:
         print(f"  {label:>13}: {size:6d} bytes, {p50:6.2f} / {p99:6.2f} ms")
 
     assert status["active_session"] == response.json()["session_name"]
@@ -289,8 +314,9 @@ def test_status_stays_small_after_10000_starts_without_a_name(
     assert sessions[-1]["session"] == response.json()["encoded_session"]
     older = status["older_sessions"]
     assert older["count"] == 1 + 10_000 - len(sessions)
-    assert older["files_done"] == 1 and older["bytes_done"] == 2 * MiB, \
+    assert older["files_done"] == 1 and older["bytes_done"] == 2 * MiB, (
         "the folded first session's upload is kept in the totals"
+    )
     assert sum(s["files_done"] for s in sessions) + older["files_done"] == status["processed_ok"]
     size_1k, size_10k = figures[1_000][0], figures[10_000][0]
     assert size_10k < 64 * 1024, size_10k
@@ -354,16 +380,26 @@ def test_a_newline_in_a_file_name_forges_no_log_line(
 def test_text_format_escapes_messages_and_indents_tracebacks() -> None:
     from ingestd.logs import TextFormatter, escape
 
-    assert escape("a\nb\rc\td\x00e\x1bf\x85g\u2028h\\i") == \
-        "a\\nb\\rc\\td\\x00e\\x1bf\\x85g\\u2028h\\\\i"
+    assert (
+        escape("a\nb\rc\td\x00e\x1bf\x85g\u2028h\\i")
+        == "a\\nb\\rc\\td\\x00e\\x1bf\\x85g\\u2028h\\\\i"
+    )
     formatter = TextFormatter()
-    record = logging.LogRecord("x", logging.ERROR, __file__, 1, "copy of %s failed: %s",
-                               (f"n\n{FAKE_PREFIX} a", f"e\r\n{FAKE_PREFIX} b"), None)
+    record = logging.LogRecord(
+        "x",
+        logging.ERROR,
+        __file__,
+        1,
+        "copy of %s failed: %s",
+        (f"n\n{FAKE_PREFIX} a", f"e\r\n{FAKE_PREFIX} b"),
+        None,
+    )
     record.role = "uploader-1"
     try:
         raise OSError(f"bad\n{FAKE_PREFIX} c")
     except OSError:
         import sys
+
         record.exc_info = sys.exc_info()
     text = formatter.format(record)
     lines = text.split("\n")
@@ -376,8 +412,9 @@ def test_text_format_escapes_messages_and_indents_tracebacks() -> None:
 # SIGHUP
 # ---------------------------------------------------------------------------
 def uploading(service: Service) -> bool:
-    return any(f["stage"] == "uploading" and f["bytes_done"] > 0
-               for f in service.status()["in_flight"])
+    return any(
+        f["stage"] == "uploading" and f["bytes_done"] > 0 for f in service.status()["in_flight"]
+    )
 
 
 @pytest.mark.timeout(240)
@@ -394,13 +431,18 @@ def test_sighup_drains_exits_0_and_the_file_in_flight_arrives_intact(
     assert service.proc is not None
     service.track_pids()
     os.killpg(service.proc.pid, signal.SIGHUP)
-    wait_until(lambda: service.http.get("/readyz").status_code == 503, 5, interval=0.02,
-               what="/readyz to turn 503 (draining)")
+    wait_until(
+        lambda: service.http.get("/readyz").status_code == 503,
+        5,
+        interval=0.02,
+        what="/readyz to turn 503 (draining)",
+    )
     assert service.http.get("/healthz").status_code == 200
     during = service.status()
     assert during["draining"] and during["in_flight"], "still uploading while draining"
-    assert {c["pid"] for c in during["children"] if c["role"].startswith("uploader")} \
-        == uploaders, "the uploaders ignored SIGHUP"
+    assert {
+        c["pid"] for c in during["children"] if c["role"].startswith("uploader")
+    } == uploaders, "the uploaders ignored SIGHUP"
     assert service.wait_exit(timeout=120) == 0
     wait_until(lambda: not service.survivors(), 10, what="no process left")
     logs = service.log_text()
@@ -412,8 +454,11 @@ def test_sighup_drains_exits_0_and_the_file_in_flight_arrives_intact(
     assert azurite.blob_md5(azurite_container, blob) == md5
 
     restarted = make_service()
-    wait_until(lambda: not restarted.status()["in_flight"] and
-               not restarted.status()["queue"]["depth"], 60, what="an idle restart")
+    wait_until(
+        lambda: not restarted.status()["in_flight"] and not restarted.status()["queue"]["depth"],
+        60,
+        what="an idle restart",
+    )
     assert azurite.blob_md5(azurite_container, blob) == md5
     assert layout.files_under(layout.processing) == []
     assert layout.files_under(layout.staging) == []

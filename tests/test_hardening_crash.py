@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import pytest
 
 from tests.support.azurite import Azurite
-from tests.support.faults import MiB, assert_nothing_left, folder_layout
+from tests.support.checks import assert_nothing_left
+from tests.support.faults import MiB, folder_layout
 from tests.support.fusefs import FreezableMount
 from tests.support.service import md5_of, wait_until, write_random
 
@@ -46,8 +47,9 @@ STEPS = {
     "mid-copy": Step("read", "claimed", "copying", from_offset=8 * MiB),
     "mid-upload": Step("read", "staged", "uploading", from_offset=8 * MiB),
     "after the commit, before the NFS delete": Step("unlink", "claimed", "cleaning"),
-    "after the NFS delete, before the staging delete": Step("unlink", "staged", "cleaning",
-                                                            uploads_after_restart=0),
+    "after the NFS delete, before the staging delete": Step(
+        "unlink", "staged", "cleaning", uploads_after_restart=0
+    ),
 }
 
 
@@ -63,21 +65,29 @@ def mount_path(where: str, date: str, session: str) -> str:
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("step", list(STEPS), ids=lambda s: s.replace(" ", "-"))
 def test_kill_9_at_each_step_then_restart_uploads_once_and_leaves_nothing(
-    step: str, fuse_mount: FreezableMount, make_service, azurite: Azurite,
+    step: str,
+    fuse_mount: FreezableMount,
+    make_service,
+    azurite: Azurite,
     azurite_container: str,
 ) -> None:
     rule = STEPS[step]
     session = f"crash-{list(STEPS).index(step)}"  # a blob prefix of its own per case
     mount = fuse_mount.mountpoint
     layout = folder_layout(mount, mount / "staging")
-    settings = {"APP_AUTOSTART": "true", "APP_AUTOSTART_SESSION": session,
-                "APP_AZURE_MAX_BLOCK_SIZE": str(BLOCK), "APP_AZURE_MAX_CONCURRENCY": "1",
-                "APP_WORKER_CONCURRENCY": "1"}
+    settings = {
+        "APP_AUTOSTART": "true",
+        "APP_AUTOSTART_SESSION": session,
+        "APP_AZURE_MAX_BLOCK_SIZE": str(BLOCK),
+        "APP_AZURE_MAX_CONCURRENCY": "1",
+        "APP_WORKER_CONCURRENCY": "1",
+    }
     service = make_service(layout_=layout, **settings)
     date = service.status()["session"]["date_prefix"]
     blob = f"{date}/{session}/{NAME}"
-    fuse_mount.freeze(rule.op, glob=mount_path(rule.where, date, session),
-                      from_offset=rule.from_offset)
+    fuse_mount.freeze(
+        rule.op, glob=mount_path(rule.where, date, session), from_offset=rule.from_offset
+    )
     # Written in the backing folder: the test process never waits on its own freeze.
     md5 = write_random(fuse_mount.backing_path("incoming", NAME), SIZE)
 
@@ -85,6 +95,7 @@ def test_kill_9_at_each_step_then_restart_uploads_once_and_leaves_nothing(
     blocked = fuse_mount.wait_blocked(1, op=rule.op, timeout=20)
     paths = (mount_path(rule.where, date, session), mount_path("incoming", date, session))
     assert all(b["path"] in paths for b in blocked), blocked
+
     def at_stage() -> dict | None:
         flights = service.status()["in_flight"]
         return flights[0] if flights and flights[0]["stage"] == rule.stage else None
@@ -95,11 +106,13 @@ def test_kill_9_at_each_step_then_restart_uploads_once_and_leaves_nothing(
     # reaches the freeze faster; the partial staging copy is checked below.)
     if rule.stage == "uploading":
         blocks = azurite.container_client(azurite_container).get_blob_client(blob)
-        staged_blocks = wait_until(lambda: blocks.get_block_list("all")[1], 10,
-                                   what="a block staged in Azure")
+        staged_blocks = wait_until(
+            lambda: blocks.get_block_list("all")[1], 10, what="a block staged in Azure"
+        )
         assert 1 <= len(staged_blocks) < SIZE // BLOCK
-        assert blob not in azurite.blob_names(azurite_container, prefix=blob), \
+        assert blob not in azurite.blob_names(azurite_container, prefix=blob), (
             "nothing may be committed mid-upload"
+        )
     if rule.stage == "cleaning":
         assert azurite.blob_md5(azurite_container, blob) == md5, "committed before cleanup"
 

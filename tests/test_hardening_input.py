@@ -22,14 +22,8 @@ import httpx
 import pytest
 
 from tests.support.azurite import Azurite
-from tests.support.faults import (
-    MiB,
-    assert_all_arrived,
-    assert_nothing_left,
-    drop,
-    failed_files,
-    folder_layout,
-)
+from tests.support.checks import assert_all_arrived, assert_nothing_left, failed_files
+from tests.support.faults import MiB, drop, folder_layout
 from tests.support.fusefs import FreezableMount
 from tests.support.service import Layout, md5_of, wait_until, write_random
 
@@ -47,13 +41,21 @@ BAD_REQUESTS = {
     "wrong type": (dict(json={"session_name": 5}), 422, "string_type"),
     "extra field": (dict(json={"session_name": "a", "admin": True}), 422, "extra_forbidden"),
     "not an object": (dict(json=["a"]), 422, "model_attributes_type"),
-    "form body": (dict(content=b"session_name=a",
-                       headers={"content-type": "application/x-www-form-urlencoded"}), 422, ""),
+    "form body": (
+        dict(
+            content=b"session_name=a", headers={"content-type": "application/x-www-form-urlencoded"}
+        ),
+        422,
+        "",
+    ),
     "over 16 KiB declared": (dict(json={"session_name": "x" * 17000}), 413, "16384"),
     "over 16 KiB chunked": (dict(content=chunks(20 * 1024), headers=JSON), 413, "16384"),
     "nested 8000 deep": (dict(content=b"[" * 8000 + b"]" * 8000, headers=JSON), 400, ""),
-    "lone surrogate": (dict(content=b'{"session_name": "\\ud800"}', headers=JSON), 422,
-                       "not valid Unicode"),
+    "lone surrogate": (
+        dict(content=b'{"session_name": "\\ud800"}', headers=JSON),
+        422,
+        "not valid Unicode",
+    ),
     "dot": (dict(json={"session_name": "."}), 422, "not allowed"),
     "dot dot": (dict(json={"session_name": ".."}), 422, "not allowed"),
     "300 characters": (dict(json={"session_name": "s" * 300}), 422, "too long"),
@@ -93,7 +95,11 @@ SESSIONS = {  # name -> its folder (the percent-encoding, no safe characters)
 
 @pytest.mark.timeout(90)
 def test_session_names_become_one_folder_under_each_root_and_nowhere_else(
-    make_service, layout: Layout, tmp_path: Path, azurite: Azurite, azurite_container: str,
+    make_service,
+    layout: Layout,
+    tmp_path: Path,
+    azurite: Azurite,
+    azurite_container: str,
 ) -> None:
     service = make_service(APP_POLL_INTERVAL_S="0.1", APP_MIN_FILE_AGE_S="0")
     expected: dict[str, tuple[str, str]] = {}  # blob name -> (md5, folder)
@@ -116,8 +122,12 @@ def test_session_names_become_one_folder_under_each_root_and_nowhere_else(
         assert not (root / date).exists(), sorted(map(str, (root / date).rglob("*")))
     # Nothing anywhere else: the test's whole tree holds only the configured roots.
     allowed = (layout.incoming, layout.processing, layout.failed, layout.staging)
-    strays = [p for p in tmp_path.rglob("*") if not p.name.startswith("ingestd-")
-              and not any(p == a or a in p.parents or p in a.parents for a in allowed)]
+    strays = [
+        p
+        for p in tmp_path.rglob("*")
+        if not p.name.startswith("ingestd-")
+        and not any(p == a or a in p.parents or p in a.parents for a in allowed)
+    ]
     assert strays == []
     assert_nothing_left(layout)
 
@@ -140,7 +150,7 @@ FILE_NAMES = [
     "%00",
     "?q=1&x=2#frag",
     "~[]{}$!@^().bin",
-    "emoji-\U0001F600.bin",
+    "emoji-\U0001f600.bin",
     unicodedata.normalize("NFC", "café.bin"),  # two names that look the same:
     unicodedata.normalize("NFD", "café.bin"),  # two files, two blobs
     "division\u2215slash.bin",
@@ -153,18 +163,23 @@ FILE_NAMES = [
 
 @pytest.mark.timeout(90)
 def test_odd_file_names_become_exactly_those_blob_names(
-    make_service, layout: Layout, azurite: Azurite, azurite_container: str,
+    make_service,
+    layout: Layout,
+    azurite: Azurite,
+    azurite_container: str,
 ) -> None:
     assert len(set(FILE_NAMES)) == len(FILE_NAMES)
     service = make_service(APP_MAX_ATTEMPTS="1")
     date = service.start_session("odd names")["date_prefix"]
     prefix = f"{date}/odd%20names/"
-    expected = {name: drop(layout.incoming / name, os.urandom(700 + i))
-                for i, name in enumerate(FILE_NAMES)}
+    expected = {
+        name: drop(layout.incoming / name, os.urandom(700 + i)) for i, name in enumerate(FILE_NAMES)
+    }
     service.wait_processed(len(expected), timeout=60)
     assert_all_arrived(azurite, azurite_container, prefix, expected)
     assert azurite.blob_names(azurite_container, prefix=prefix) == sorted(
-        prefix + name for name in expected), "no blob under any other name"
+        prefix + name for name in expected
+    ), "no blob under any other name"
 
     # Sent unchanged, but the storage side has its own rules. A backslash is
     # stored as "/" (Azure and Azurite alike; the exact name still reads it).
@@ -172,14 +187,19 @@ def test_odd_file_names_become_exactly_those_blob_names(
     # ends in .failed); Azurite stores them but its List Blobs then answers
     # 500, so these are checked by name only, each under a session of its own.
     service.start_session("storage rules")
-    odd = {"back\\slash.bin": drop(layout.incoming / "back\\slash.bin", os.urandom(998)),
-           "ctrl-\x01-\x1f-\x7f.bin": drop(layout.incoming / "ctrl-\x01-\x1f-\x7f.bin",
-                                          os.urandom(999))}
+    odd = {
+        "back\\slash.bin": drop(layout.incoming / "back\\slash.bin", os.urandom(998)),
+        "ctrl-\x01-\x1f-\x7f.bin": drop(
+            layout.incoming / "ctrl-\x01-\x1f-\x7f.bin", os.urandom(999)
+        ),
+    }
     service.wait_processed(len(expected) + len(odd), timeout=20)
     for name, md5 in odd.items():
         assert azurite.blob_md5(azurite_container, f"{date}/storage%20rules/{name}") == md5
-    assert azurite.blob_md5(azurite_container, f"{date}/storage%20rules/back/slash.bin") == \
-        odd["back\\slash.bin"]
+    assert (
+        azurite.blob_md5(azurite_container, f"{date}/storage%20rules/back/slash.bin")
+        == odd["back\\slash.bin"]
+    )
 
     # A name that is not UTF-8 cannot be a blob name: it is quarantined, says why,
     # and /v1/status keeps answering while the name is in last_error.
@@ -201,7 +221,11 @@ def test_odd_file_names_become_exactly_those_blob_names(
 
 @pytest.mark.timeout(60)
 def test_file_replaced_while_it_waits_for_stability_uploads_the_final_bytes(
-    make_service, layout: Layout, tmp_path: Path, azurite: Azurite, azurite_container: str,
+    make_service,
+    layout: Layout,
+    tmp_path: Path,
+    azurite: Azurite,
+    azurite_container: str,
 ) -> None:
     service = make_service(APP_MIN_FILE_AGE_S="2")
     date = service.start_session("replaced")["date_prefix"]
@@ -215,8 +239,11 @@ def test_file_replaced_while_it_waits_for_stability_uploads_the_final_bytes(
     # 3. Rewritten in place, truncated then written slowly, smaller than before.
     rewritten = layout.incoming / "rewritten.bin"
     write_random(rewritten, 2 * MiB)
-    wait_until(lambda: service.status()["scan"]["polls"] >= polls + 2, 5,
-               what="the first versions to be seen")
+    wait_until(
+        lambda: service.status()["scan"]["polls"] >= polls + 2,
+        5,
+        what="the first versions to be seen",
+    )
 
     final = {"swapped.bin": write_random(tmp_path / "v2-swapped", 3 * MiB)}
     os.rename(tmp_path / "v2-swapped", layout.incoming / "swapped.bin")
@@ -228,7 +255,7 @@ def test_file_replaced_while_it_waits_for_stability_uploads_the_final_bytes(
     with open(rewritten, "r+b") as stream:
         stream.truncate(0)
         for start in range(0, len(data), 64 * 1024):
-            stream.write(data[start:start + 64 * 1024])
+            stream.write(data[start : start + 64 * 1024])
             stream.flush()
             time.sleep(0.05)
             assert rewritten.exists(), "claimed while being rewritten"
@@ -241,14 +268,21 @@ def test_file_replaced_while_it_waits_for_stability_uploads_the_final_bytes(
 
 @pytest.mark.timeout(60)
 def test_file_rewritten_after_it_was_found_stable_is_not_taken_half_written(
-    fuse_mount: FreezableMount, make_service, tmp_path: Path, azurite: Azurite,
+    fuse_mount: FreezableMount,
+    make_service,
+    tmp_path: Path,
+    azurite: Azurite,
     azurite_container: str,
 ) -> None:
     """Stable, queued behind a busy uploader, then rewritten in place: the claim must
     notice the file is no longer what was found stable and leave it until it is again."""
     layout = folder_layout(fuse_mount.mountpoint, tmp_path / "staging")
-    service = make_service(layout_=layout, APP_WORKER_CONCURRENCY="1",
-                           APP_AUTOSTART="true", APP_AUTOSTART_SESSION="queued")
+    service = make_service(
+        layout_=layout,
+        APP_WORKER_CONCURRENCY="1",
+        APP_AUTOSTART="true",
+        APP_AUTOSTART_SESSION="queued",
+    )
     date = service.status()["session"]["date_prefix"]
     # The only uploader sits in the kernel opening the first file.
     fuse_mount.freeze("open", glob=f"/.processing/{date}/queued/blocker.bin")
@@ -256,8 +290,11 @@ def test_file_rewritten_after_it_was_found_stable_is_not_taken_half_written(
     fuse_mount.wait_blocked(1, op="open", timeout=15)
     victim = fuse_mount.backing_path("incoming", "victim.bin")
     write_random(victim, 2 * MiB)
-    wait_until(lambda: service.status()["queue"]["depth"] == 1, 15,
-               what="victim.bin found stable and queued")
+    wait_until(
+        lambda: service.status()["queue"]["depth"] == 1,
+        15,
+        what="victim.bin found stable and queued",
+    )
 
     data = os.urandom(3 * MiB)
     with open(victim, "r+b") as stream:  # the writer starts over, in place
@@ -266,12 +303,23 @@ def test_file_rewritten_after_it_was_found_stable_is_not_taken_half_written(
         stream.flush()
         fuse_mount.thaw()
         # The uploader finishes the blocker, then reaches victim.bin mid-rewrite.
-        wait_until(lambda: (s := service.status())["processed_ok"] >= 1 and not s["in_flight"]
-                   and s["queue"]["depth"] == 0, 15, what="victim.bin's turn")
+        wait_until(
+            lambda: (
+                (s := service.status())["processed_ok"] >= 1
+                and not s["in_flight"]
+                and s["queue"]["depth"] == 0
+            ),
+            15,
+            what="victim.bin's turn",
+        )
         stream.write(data[MiB:])
     service.wait_processed(2, timeout=20)
-    assert_all_arrived(azurite, azurite_container, f"{date}/queued/",
-                       {"blocker.bin": blocker, "victim.bin": hashlib.md5(data).hexdigest()})
+    assert_all_arrived(
+        azurite,
+        azurite_container,
+        f"{date}/queued/",
+        {"blocker.bin": blocker, "victim.bin": hashlib.md5(data).hexdigest()},
+    )
     assert service.status()["skipped_gone"] >= 1
     assert_nothing_left(layout)
     assert failed_files(layout) == []

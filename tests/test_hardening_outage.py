@@ -23,14 +23,9 @@ from __future__ import annotations
 import pytest
 
 from tests.support.azurite import Azurite
-from tests.support.faults import (
-    MiB,
-    assert_all_arrived,
-    assert_nothing_left,
-    azurite_settings,
-    failed_files,
-)
-from tests.support.service import Layout, wait_until, write_random
+from tests.support.checks import assert_all_arrived, assert_nothing_left, failed_files
+from tests.support.faults import MiB
+from tests.support.service import Layout, azurite_env, wait_until, write_random
 
 CONTAINER = "outage"
 
@@ -42,26 +37,36 @@ def failures_logged(service, blob: str) -> int:
 
 @pytest.mark.timeout(150)
 def test_outage_mid_batch_is_retried_never_counted_and_loses_nothing(
-    make_service, layout: Layout, azurite_factory,
+    make_service,
+    layout: Layout,
+    azurite_factory,
 ) -> None:
     storage: Azurite = azurite_factory(persistent=True)
     storage.create_container(CONTAINER)
-    service = make_service(**azurite_settings(storage, CONTAINER), APP_MAX_ATTEMPTS="1",
-                           APP_WORKER_CONCURRENCY="2", APP_AZURE_MAX_CONCURRENCY="1",
-                           APP_AZURE_MAX_BLOCK_SIZE="1MiB")
+    service = make_service(
+        **azurite_env(storage, CONTAINER),
+        APP_MAX_ATTEMPTS="1",
+        APP_WORKER_CONCURRENCY="2",
+        APP_AZURE_MAX_CONCURRENCY="1",
+        APP_AZURE_MAX_BLOCK_SIZE="1MiB",
+    )
     date = service.start_session("outage")["date_prefix"]
     prefix = f"{date}/outage/"
     claimed_dir = layout.processing / date / "outage"
-    expected = {f"before-{i}.bin": write_random(layout.incoming / f"before-{i}.bin", MiB)
-                for i in range(3)}
+    expected = {
+        f"before-{i}.bin": write_random(layout.incoming / f"before-{i}.bin", MiB) for i in range(3)
+    }
     service.wait_processed(3, timeout=30)
 
     expected["mid.bin"] = write_random(layout.incoming / "mid.bin", 64 * MiB)
 
     def mid_upload() -> bool:
-        return any(f["file"] == "mid.bin" and f["stage"] == "uploading"
-                   and 0 < f["bytes_done"] < f["bytes_total"]
-                   for f in service.status()["in_flight"])
+        return any(
+            f["file"] == "mid.bin"
+            and f["stage"] == "uploading"
+            and 0 < f["bytes_done"] < f["bytes_total"]
+            for f in service.status()["in_flight"]
+        )
 
     wait_until(mid_upload, 30, interval=0.01, what="mid.bin to be mid-upload")
     storage.stop()
@@ -76,17 +81,24 @@ def test_outage_mid_batch_is_retried_never_counted_and_loses_nothing(
 
     def retried_past_the_limit() -> bool:
         still_on_nfs()
-        return (failures_logged(service, prefix + "during.bin") >= 2
-                and failures_logged(service, prefix + "mid.bin") >= 1)
+        return (
+            failures_logged(service, prefix + "during.bin") >= 2
+            and failures_logged(service, prefix + "mid.bin") >= 1
+        )
 
-    wait_until(retried_past_the_limit, 100, interval=0.25,
-               what="during.bin failed twice and mid.bin once (APP_MAX_ATTEMPTS=1)")
+    wait_until(
+        retried_past_the_limit,
+        100,
+        interval=0.25,
+        what="during.bin failed twice and mid.bin once (APP_MAX_ATTEMPTS=1)",
+    )
     status = service.status()
     assert status["quarantined"] == 0
     assert status["processed_err"] >= 3
     assert "cannot reach the blob endpoint" in status["last_error"], status["last_error"]
-    assert not (claimed_dir / ".attempts").exists() or \
-        not any((claimed_dir / ".attempts").iterdir()), "an outage must not count"
+    assert not (claimed_dir / ".attempts").exists() or not any(
+        (claimed_dir / ".attempts").iterdir()
+    ), "an outage must not count"
 
     # One more file while the endpoint is still down: waiting or claimed, never lost.
     expected["late.bin"] = write_random(layout.incoming / "late.bin", MiB)
@@ -102,14 +114,18 @@ def test_outage_mid_batch_is_retried_never_counted_and_loses_nothing(
     status = service.status()
     assert status["quarantined"] == 0
     assert status["processed_ok"] == len(expected)
-    print(f"\noutage: failed attempts mid.bin {failures_logged(service, prefix + 'mid.bin')}, "
-          f"during.bin {failures_logged(service, prefix + 'during.bin')}; processed_err "
-          f"{status['processed_err']}, uploader kills {status['kills']}")
+    print(
+        f"\noutage: failed attempts mid.bin {failures_logged(service, prefix + 'mid.bin')}, "
+        f"during.bin {failures_logged(service, prefix + 'during.bin')}; processed_err "
+        f"{status['processed_err']}, uploader kills {status['kills']}"
+    )
 
 
 @pytest.mark.timeout(90)
 def test_uploader_killed_for_silence_during_an_outage_loses_nothing(
-    make_service, layout: Layout, azurite_factory,
+    make_service,
+    layout: Layout,
+    azurite_factory,
 ) -> None:
     """An uploader inside the SDK's retries sends no heartbeat. With a stall
     timeout shorter than those retries it is SIGKILLed and replaced, again and
@@ -117,8 +133,12 @@ def test_uploader_killed_for_silence_during_an_outage_loses_nothing(
     and arrives once the endpoint is back."""
     storage: Azurite = azurite_factory(persistent=True)
     storage.create_container(CONTAINER)
-    service = make_service(**azurite_settings(storage, CONTAINER), APP_MAX_ATTEMPTS="1",
-                           APP_WORKER_CONCURRENCY="1", APP_CHILD_STALL_TIMEOUT_S="3")
+    service = make_service(
+        **azurite_env(storage, CONTAINER),
+        APP_MAX_ATTEMPTS="1",
+        APP_WORKER_CONCURRENCY="1",
+        APP_CHILD_STALL_TIMEOUT_S="3",
+    )
     date = service.start_session("stalled")["date_prefix"]
     claimed = layout.processing / date / "stalled" / "victim.bin"
     storage.stop()
@@ -135,5 +155,6 @@ def test_uploader_killed_for_silence_during_an_outage_loses_nothing(
     assert status["interrupted"] >= 2 and status["quarantined"] == 0
     assert_all_arrived(storage, CONTAINER, f"{date}/stalled/", {"victim.bin": md5})
     assert_nothing_left(layout)
-    wait_until(lambda: service.status()["killed_unreaped"] == 0, 10,
-               what="every killed uploader reaped")
+    wait_until(
+        lambda: service.status()["killed_unreaped"] == 0, 10, what="every killed uploader reaped"
+    )

@@ -18,15 +18,14 @@ from pathlib import Path
 import pytest
 
 from tests.support.azurite import Azurite
-from tests.support.faults import (
-    MiB,
+from tests.support.checks import (
     assert_all_arrived,
     assert_nothing_left,
     failed_files,
-    folder_layout,
     metric,
     sidecar,
 )
+from tests.support.faults import MiB, folder_layout
 from tests.support.fusefs import FreezableMount
 from tests.support.service import md5_of, wait_until, write_random
 
@@ -48,7 +47,10 @@ def attempts_on_record(mount: FreezableMount, date: str, session: str, name: str
 
 @pytest.mark.timeout(90)
 def test_unreadable_file_is_quarantined_with_a_sidecar_while_healthy_files_flow(
-    fuse_mount: FreezableMount, make_service, tmp_path: Path, azurite: Azurite,
+    fuse_mount: FreezableMount,
+    make_service,
+    tmp_path: Path,
+    azurite: Azurite,
     azurite_container: str,
 ) -> None:
     layout = nfs_on_mount(fuse_mount, tmp_path)
@@ -59,19 +61,28 @@ def test_unreadable_file_is_quarantined_with_a_sidecar_while_healthy_files_flow(
     fuse_mount.fail("read", errno.EIO, glob=f"/.processing/{date}/poison/bad.bin")
 
     poison_md5 = write_random(layout.incoming / "bad.bin", MiB)
-    healthy = {f"good-{i}.bin": write_random(layout.incoming / f"good-{i}.bin", MiB + i)
-               for i in range(4)}
+    healthy = {
+        f"good-{i}.bin": write_random(layout.incoming / f"good-{i}.bin", MiB + i) for i in range(4)
+    }
 
     # After the first counted failure the file waits, claimed, for its retry.
-    wait_until(lambda: attempts_on_record(fuse_mount, date, "poison", "bad.bin") == 1, 30,
-               interval=0.05, what="the first counted failure")
+    wait_until(
+        lambda: attempts_on_record(fuse_mount, date, "poison", "bad.bin") == 1,
+        30,
+        interval=0.05,
+        what="the first counted failure",
+    )
     claimed = fuse_mount.backing_path(".processing", date, "poison", "bad.bin")
     assert claimed.exists()
-    assert not (layout.staging / date / "poison" / "bad.bin").exists(), \
+    assert not (layout.staging / date / "poison" / "bad.bin").exists(), (
         "a failed copy must not leave a staging file"
+    )
 
-    status = wait_until(lambda: (s := service.status())["quarantined"] == 1 and s, 30,
-                        what="the poison file to be quarantined")
+    status = wait_until(
+        lambda: (s := service.status())["quarantined"] == 1 and s,
+        30,
+        what="the poison file to be quarantined",
+    )
     service.wait_processed(len(healthy), timeout=30)
     assert_all_arrived(azurite, azurite_container, f"{date}/poison/", healthy)
 
@@ -82,8 +93,9 @@ def test_unreadable_file_is_quarantined_with_a_sidecar_while_healthy_files_flow(
     assert record["attempts"] == 2
     assert "EIO" in record["last_error"] and "copy" in record["last_error"], record
     assert record["name"] == "bad.bin" and record["session"] == "poison"
-    assert f"{date}/poison/bad.bin" not in azurite.blob_names(azurite_container,
-                                                              prefix=f"{date}/poison/")
+    assert f"{date}/poison/bad.bin" not in azurite.blob_names(
+        azurite_container, prefix=f"{date}/poison/"
+    )
 
     status = service.status()
     assert status["quarantined"] == 1
@@ -101,20 +113,30 @@ def test_unreadable_file_is_quarantined_with_a_sidecar_while_healthy_files_flow(
 
 @pytest.mark.timeout(90)
 def test_attempt_count_survives_kill_9_of_the_whole_tree(
-    fuse_mount: FreezableMount, make_service, tmp_path: Path, azurite: Azurite,
+    fuse_mount: FreezableMount,
+    make_service,
+    tmp_path: Path,
+    azurite: Azurite,
     azurite_container: str,
 ) -> None:
     layout = nfs_on_mount(fuse_mount, tmp_path)
-    settings = {"APP_MAX_ATTEMPTS": "3", "APP_AUTOSTART": "true",
-                "APP_AUTOSTART_SESSION": "survivor"}
+    settings = {
+        "APP_MAX_ATTEMPTS": "3",
+        "APP_AUTOSTART": "true",
+        "APP_AUTOSTART_SESSION": "survivor",
+    }
     service = make_service(layout_=layout, **settings)
     date = service.status()["session"]["date_prefix"]
     fuse_mount.fail("read", errno.EIO, glob=f"/.processing/{date}/survivor/bad.bin")
     poison_md5 = write_random(layout.incoming / "bad.bin", MiB)
 
     # Two counted failures; the third attempt would come 2**2 = 4 s later.
-    wait_until(lambda: attempts_on_record(fuse_mount, date, "survivor", "bad.bin") == 2, 30,
-               interval=0.05, what="two counted failures")
+    wait_until(
+        lambda: attempts_on_record(fuse_mount, date, "survivor", "bad.bin") == 2,
+        30,
+        interval=0.05,
+        what="two counted failures",
+    )
     service.kill_tree()
     assert not service.survivors()
     assert attempts_on_record(fuse_mount, date, "survivor", "bad.bin") == 2
@@ -122,8 +144,9 @@ def test_attempt_count_survives_kill_9_of_the_whole_tree(
 
     healthy = {"after-restart.bin": write_random(layout.incoming / "after-restart.bin", MiB)}
     restarted = make_service(layout_=layout, **settings)
-    wait_until(lambda: restarted.status()["quarantined"] == 1, 30,
-               what="quarantine after one more failure")
+    wait_until(
+        lambda: restarted.status()["quarantined"] == 1, 30, what="quarantine after one more failure"
+    )
     restarted.wait_processed(1, timeout=30)
     status = restarted.status()
     assert status["recovered"] == 1
@@ -137,7 +160,9 @@ def test_attempt_count_survives_kill_9_of_the_whole_tree(
 
 @pytest.mark.timeout(90)
 def test_a_second_poison_file_of_the_same_name_does_not_replace_the_first(
-    fuse_mount: FreezableMount, make_service, tmp_path: Path,
+    fuse_mount: FreezableMount,
+    make_service,
+    tmp_path: Path,
 ) -> None:
     """``.failed`` never loses a file: the second ``bad.bin`` becomes ``bad.bin.1``."""
     layout = nfs_on_mount(fuse_mount, tmp_path)

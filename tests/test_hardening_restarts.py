@@ -18,7 +18,8 @@ import time
 import pytest
 
 from tests.support.azurite import Azurite
-from tests.support.faults import MiB, assert_all_arrived, assert_nothing_left, failed_files
+from tests.support.checks import assert_all_arrived, assert_nothing_left, failed_files
+from tests.support.faults import MiB
 from tests.support.service import Layout, Service, wait_until, write_random
 
 RESTARTS = 20
@@ -66,13 +67,22 @@ def stop_once(service: Service, rng: random.Random, round_: int) -> str:
 
 @pytest.mark.timeout(150)
 def test_twenty_restarts_while_files_flow_lose_nothing(
-    make_service, layout: Layout, azurite: Azurite, azurite_container: str,
+    make_service,
+    layout: Layout,
+    azurite: Azurite,
+    azurite_container: str,
 ) -> None:
     rng = random.Random(SEED)
-    service = make_service(start=False, APP_AUTOSTART="true", APP_AUTOSTART_SESSION="restarts",
-                           APP_SHUTDOWN_GRACE_S="3", APP_WORKER_CONCURRENCY="2",
-                           APP_AZURE_MAX_BLOCK_SIZE="1MiB", APP_POLL_INTERVAL_S="0.2",
-                           APP_MIN_FILE_AGE_S="0.3")
+    service = make_service(
+        start=False,
+        APP_AUTOSTART="true",
+        APP_AUTOSTART_SESSION="restarts",
+        APP_SHUTDOWN_GRACE_S="3",
+        APP_WORKER_CONCURRENCY="2",
+        APP_AZURE_MAX_BLOCK_SIZE="1MiB",
+        APP_POLL_INTERVAL_S="0.2",
+        APP_MIN_FILE_AGE_S="0.3",
+    )
     writer = Writer(layout, rng)
     started = time.monotonic()
     writer.start()
@@ -93,9 +103,12 @@ def test_twenty_restarts_while_files_flow_lose_nothing(
 
     def drained() -> bool:
         status = service.status()
-        return (not status["in_flight"] and status["queue"]["depth"] == 0
-                and not layout.files_under(layout.incoming)
-                and not layout.files_under(layout.processing))
+        return (
+            not status["in_flight"]
+            and status["queue"]["depth"] == 0
+            and not layout.files_under(layout.incoming)
+            and not layout.files_under(layout.processing)
+        )
 
     wait_until(drained, 60, interval=0.3, what="every file through")
     seconds = time.monotonic() - started
@@ -106,7 +119,9 @@ def test_twenty_restarts_while_files_flow_lose_nothing(
     assert_nothing_left(layout)
     status = service.status()
     assert status["quarantined"] == 0
-    print(f"\n{RESTARTS} restarts ({ways.count('kill -9')} kill -9, {ways.count('SIGTERM')} "
-          f"SIGTERM, {ways.count('kill -9 while starting')} kill -9 while starting), "
-          f"{len(expected)} files, {len(blobs)} blobs, {seconds:.1f} s, "
-          f"{status['recovered']} recovered by the last start")
+    print(
+        f"\n{RESTARTS} restarts ({ways.count('kill -9')} kill -9, {ways.count('SIGTERM')} "
+        f"SIGTERM, {ways.count('kill -9 while starting')} kill -9 while starting), "
+        f"{len(expected)} files, {len(blobs)} blobs, {seconds:.1f} s, "
+        f"{status['recovered']} recovered by the last start"
+    )

@@ -22,15 +22,8 @@ from pathlib import Path
 import pytest
 
 from tests.support.azurite import Azurite
-from tests.support.faults import (
-    MiB,
-    assert_all_arrived,
-    assert_nothing_left,
-    failed_files,
-    folder_layout,
-    sidecar,
-    tmpfs,
-)
+from tests.support.checks import assert_all_arrived, assert_nothing_left, failed_files, sidecar
+from tests.support.faults import MiB, folder_layout, tmpfs
 from tests.support.service import Layout, md5_of, wait_until, write_random
 
 
@@ -47,15 +40,19 @@ def used_bytes(folder: Path) -> int:
 
 @pytest.mark.timeout(60)
 def test_file_larger_than_staging_fails_clearly_and_ends_in_failed(
-    small_staging: Path, make_service, layout: Layout, azurite: Azurite,
+    small_staging: Path,
+    make_service,
+    layout: Layout,
+    azurite: Azurite,
     azurite_container: str,
 ) -> None:
     layout = folder_layout(layout.nfs, small_staging)
     service = make_service(layout_=layout, APP_MAX_ATTEMPTS="2", APP_WORKER_CONCURRENCY="2")
     date = service.start_session("full")["date_prefix"]
     big_md5 = write_random(layout.incoming / "huge.bin", 40 * MiB)
-    small = {f"small-{i}.bin": write_random(layout.incoming / f"small-{i}.bin", MiB)
-             for i in range(5)}
+    small = {
+        f"small-{i}.bin": write_random(layout.incoming / f"small-{i}.bin", MiB) for i in range(5)
+    }
 
     def first_failure() -> dict | None:
         status = service.status()
@@ -65,10 +62,12 @@ def test_file_larger_than_staging_fails_clearly_and_ends_in_failed(
     status = wait_until(first_failure, 30, interval=0.05, what="the staging failure")
     assert "staging" in status["last_error"] and "ENOSPC" in status["last_error"], status
     assert "larger than the whole staging filesystem" in status["last_error"]
-    assert (layout.processing / date / "full" / "huge.bin").exists(), \
+    assert (layout.processing / date / "full" / "huge.bin").exists(), (
         "the claimed file stays in .processing until it is quarantined"
-    assert not (layout.staging / date / "full" / "huge.bin").exists(), \
+    )
+    assert not (layout.staging / date / "full" / "huge.bin").exists(), (
         "the partial staging copy must be removed"
+    )
 
     wait_until(lambda: service.status()["quarantined"] == 1, 30, what="the quarantine")
     service.wait_processed(len(small), timeout=30)
@@ -85,7 +84,10 @@ def test_file_larger_than_staging_fails_clearly_and_ends_in_failed(
 
 @pytest.mark.timeout(60)
 def test_staging_full_for_now_is_retried_without_counting(
-    small_staging: Path, make_service, layout: Layout, azurite: Azurite,
+    small_staging: Path,
+    make_service,
+    layout: Layout,
+    azurite: Azurite,
     azurite_container: str,
 ) -> None:
     # 24 MiB of someone else's data: a 16 MiB file fits the disk, not what is left of it.
@@ -97,15 +99,17 @@ def test_staging_full_for_now_is_retried_without_counting(
     md5 = write_random(layout.incoming / "fits-later.bin", 16 * MiB)
 
     # With APP_MAX_ATTEMPTS=1 a single counted failure would quarantine it.
-    status = wait_until(lambda: (s := service.status())["processed_err"] >= 2 and s, 30,
-                        what="two failed attempts")
+    status = wait_until(
+        lambda: (s := service.status())["processed_err"] >= 2 and s, 30, what="two failed attempts"
+    )
     assert "staging is full" in status["last_error"] and "ENOSPC" in status["last_error"]
     assert status["quarantined"] == 0
     assert failed_files(layout) == []
     assert (layout.processing / date / "later" / "fits-later.bin").exists()
     assert not (layout.staging / date / "later" / "fits-later.bin").exists()
-    assert not (layout.processing / date / "later" / ".attempts" / "fits-later.bin").exists(), \
+    assert not (layout.processing / date / "later" / ".attempts" / "fits-later.bin").exists(), (
         "a full staging disk must not count against the file"
+    )
 
     filler.unlink()
     service.wait_processed(1, timeout=30)

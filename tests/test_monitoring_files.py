@@ -59,8 +59,11 @@ def test_alert_rules_are_well_formed() -> None:
         assert "for" not in rule or DURATION.match(rule["for"]), rule["alert"]
         assert rule["labels"]["severity"] in ("warning", "critical")
         assert rule["annotations"]["summary"] and rule["annotations"]["description"]
-    for wanted in ("IngestdNoUploadsWhileFilesWait", "IngestdStuckChildren",
-                   "IngestdUploadErrorRate"):
+    for wanted in (
+        "IngestdNoUploadsWhileFilesWait",
+        "IngestdStuckChildren",
+        "IngestdUploadErrorRate",
+    ):
         assert wanted in names
 
 

@@ -42,17 +42,22 @@ def autostart(session: str, **settings: str) -> dict[str, str]:
 
 def uploader_pid(service, name: str) -> int:
     """The pid of the uploader working on ``name`` (from /v1/status)."""
+
     def find() -> int | None:
         for child in service.children():
             if child["file"] == name and child["role"].startswith("uploader") and child["pid"]:
                 return child["pid"]
         return None
+
     return wait_until(find, 20, what=f"an uploader on {name}")
 
 
 def error_lines(service, name: str) -> list[str]:
-    return [line for line in service.log_text().splitlines()
-            if name in line and ("ERROR" in line or "CRITICAL" in line)]
+    return [
+        line
+        for line in service.log_text().splitlines()
+        if name in line and ("ERROR" in line or "CRITICAL" in line)
+    ]
 
 
 # 1. Delete only what was uploaded
@@ -60,7 +65,9 @@ def error_lines(service, name: str) -> list[str]:
 
 @pytest.mark.timeout(120)
 def test_bytes_appended_through_an_open_descriptor_after_the_copy_are_not_lost(
-    make_service, layout: Layout, azurite_factory,
+    make_service,
+    layout: Layout,
+    azurite_factory,
 ) -> None:
     """A writer pauses (so the file is claimed), then appends while the blocks are on the wire.
 
@@ -71,10 +78,13 @@ def test_bytes_appended_through_an_open_descriptor_after_the_copy_are_not_lost(
     """
     private = azurite_factory()
     private.create_container("appends")
-    service = make_service(**autostart("appends"), APP_AZURE_ACCOUNT_URL=private.account_url,
-                           APP_AZURE_CONTAINER="appends",
-                           APP_AZURE_CONNECTION_STRING=private.connection_string,
-                           APP_AZURE_MAX_BLOCK_SIZE=str(4 * MiB))
+    service = make_service(
+        **autostart("appends"),
+        APP_AZURE_ACCOUNT_URL=private.account_url,
+        APP_AZURE_CONTAINER="appends",
+        APP_AZURE_CONNECTION_STRING=private.connection_string,
+        APP_AZURE_MAX_BLOCK_SIZE=str(4 * MiB),
+    )
     date = service.status()["session"]["date_prefix"]
     path = layout.incoming / "growing.bin"
     digest = hashlib.md5()
@@ -85,9 +95,14 @@ def test_bytes_appended_through_an_open_descriptor_after_the_copy_are_not_lost(
         digest.update(first)
         os.kill(private.pid, signal.SIGSTOP)
         try:
-            wait_until(lambda: service.status()["in_flight"] and
-                       service.status()["in_flight"][0]["stage"] == "uploading", 30,
-                       what="the copy to reach the end of the file")
+            wait_until(
+                lambda: (
+                    service.status()["in_flight"]
+                    and service.status()["in_flight"][0]["stage"] == "uploading"
+                ),
+                30,
+                what="the copy to reach the end of the file",
+            )
             more = os.urandom(1 * MiB)
             writer.write(more)
             writer.flush()
@@ -108,7 +123,10 @@ def test_bytes_appended_through_an_open_descriptor_after_the_copy_are_not_lost(
 
 @pytest.mark.timeout(90)
 def test_a_retry_after_a_death_before_the_rename_does_not_claim_a_file_being_written(
-    fuse_mount: FreezableMount, make_service, azurite: Azurite, azurite_container: str,
+    fuse_mount: FreezableMount,
+    make_service,
+    azurite: Azurite,
+    azurite_container: str,
 ) -> None:
     """The uploader dies in the rename (which never happens); a writer then rewrites the file.
 
@@ -127,8 +145,11 @@ def test_a_retry_after_a_death_before_the_rename_does_not_claim_a_file_being_wri
     # The killed rename must be refused, not carried out late at the thaw (a
     # rename the server carries out anyway is the other case: the retry then
     # finds the file in .processing).
-    wait_until(lambda: fuse_mount.stats()["interrupted"].get("rename"), 10,
-               what="the frozen rename to be interrupted")
+    wait_until(
+        lambda: fuse_mount.stats()["interrupted"].get("rename"),
+        10,
+        what="the frozen rename to be interrupted",
+    )
     digest = hashlib.md5()
     with open(backing, "wb") as writer:  # the writer starts over: a new version
         fuse_mount.thaw()
@@ -140,11 +161,13 @@ def test_a_retry_after_a_death_before_the_rename_does_not_claim_a_file_being_wri
             digest.update(piece)
             assert backing.exists(), "claimed while the writer was still writing"
             time.sleep(0.1)
-    wait_until(lambda: azurite.blob_names(azurite_container, f"{date}/claim/"), 30,
-               what="the finished file's blob")
+    wait_until(
+        lambda: azurite.blob_names(azurite_container, f"{date}/claim/"),
+        30,
+        what="the finished file's blob",
+    )
     service.wait_processed(1, timeout=30)
-    assert azurite.blob_md5(azurite_container, f"{date}/claim/rewritten.bin") == \
-        digest.hexdigest()
+    assert azurite.blob_md5(azurite_container, f"{date}/claim/rewritten.bin") == digest.hexdigest()
     assert_nothing_left(layout)
 
 
@@ -153,7 +176,8 @@ def test_a_retry_after_a_death_before_the_rename_does_not_claim_a_file_being_wri
 
 @pytest.mark.timeout(60)
 def test_a_taken_port_exits_at_once_with_code_2_even_with_nfs_frozen(
-    fuse_mount: FreezableMount, make_service,
+    fuse_mount: FreezableMount,
+    make_service,
 ) -> None:
     mount = fuse_mount.mountpoint
     layout = folder_layout(mount, mount.parent / "staging-port")
@@ -162,8 +186,9 @@ def test_a_taken_port_exits_at_once_with_code_2_even_with_nfs_frozen(
         taken.listen()
         port = taken.getsockname()[1]
         fuse_mount.freeze(killable=False)  # a child that touched NFS could never die
-        service = make_service(start=False, layout_=layout, APP_HTTP_PORT=str(port),
-                               **autostart("port"))
+        service = make_service(
+            start=False, layout_=layout, APP_HTTP_PORT=str(port), **autostart("port")
+        )
         service.start(wait=False)
         code = service.wait_exit(timeout=30)
     assert code == 2
@@ -173,7 +198,8 @@ def test_a_taken_port_exits_at_once_with_code_2_even_with_nfs_frozen(
 
 @pytest.mark.timeout(60)
 def test_an_unusable_autostart_session_exits_with_code_2_even_with_nfs_frozen(
-    fuse_mount: FreezableMount, make_service,
+    fuse_mount: FreezableMount,
+    make_service,
 ) -> None:
     mount = fuse_mount.mountpoint
     layout = folder_layout(mount, mount.parent / "staging-name")
@@ -189,7 +215,10 @@ def test_an_unusable_autostart_session_exits_with_code_2_even_with_nfs_frozen(
 
 @pytest.mark.timeout(60)
 def test_recovered_files_of_one_name_in_two_sessions_are_both_uploaded(
-    make_service, layout: Layout, azurite: Azurite, azurite_container: str,
+    make_service,
+    layout: Layout,
+    azurite: Azurite,
+    azurite_container: str,
 ) -> None:
     expected = {}
     for date, session in (("20260101", "one"), ("20260101", "two"), ("20260102", "one")):
@@ -208,7 +237,10 @@ def test_recovered_files_of_one_name_in_two_sessions_are_both_uploaded(
 
 @pytest.mark.timeout(90)
 def test_a_cleanup_that_keeps_failing_is_retried_without_uploading_again_then_given_up(
-    fuse_mount: FreezableMount, make_service, azurite: Azurite, azurite_container: str,
+    fuse_mount: FreezableMount,
+    make_service,
+    azurite: Azurite,
+    azurite_container: str,
 ) -> None:
     mount = fuse_mount.mountpoint
     layout = folder_layout(mount, mount.parent / "staging-cleanup")
@@ -216,16 +248,16 @@ def test_a_cleanup_that_keeps_failing_is_retried_without_uploading_again_then_gi
     date = service.status()["session"]["date_prefix"]
     fuse_mount.fail("unlink", errno.EIO, glob="/.processing/*/cleanup/stuck.bin")
     md5 = write_random(layout.incoming / "stuck.bin", 6 * MiB)
-    blob = azurite.container_client(azurite_container).get_blob_client(
-        f"{date}/cleanup/stuck.bin")
+    blob = azurite.container_client(azurite_container).get_blob_client(f"{date}/cleanup/stuck.bin")
     wait_until(lambda: service.status()["processed_err"] >= 1, 30, what="the first cleanup")
     etag = blob.get_blob_properties().etag
-    status = wait_until(lambda: (s := service.status())["gave_up"] and s, 40,
-                        what="the file to be given up")
+    status = wait_until(
+        lambda: (s := service.status())["gave_up"] and s, 40, what="the file to be given up"
+    )
     assert status["gave_up"][0]["stage"] == "cleanup"
     assert status["gave_up"][0]["stays_at"].endswith("/cleanup/stuck.bin")
     assert blob.get_blob_properties().etag == etag, "the retries uploaded the file again"
-    assert scrape(service)['ingestd_files_given_up_total{stage=cleanup}'] == 1
+    assert scrape(service)["ingestd_files_given_up_total{stage=cleanup}"] == 1
     time.sleep(3)  # no more tries: the log stays as it is
     assert len(error_lines(service, "stuck.bin")) == 3, error_lines(service, "stuck.bin")
     assert (layout.processing / date / "cleanup" / "stuck.bin").exists()
@@ -239,7 +271,8 @@ def test_a_cleanup_that_keeps_failing_is_retried_without_uploading_again_then_gi
 
 @pytest.mark.timeout(90)
 def test_an_unreadable_attempts_record_cannot_make_a_poison_file_immortal(
-    fuse_mount: FreezableMount, make_service,
+    fuse_mount: FreezableMount,
+    make_service,
 ) -> None:
     mount = fuse_mount.mountpoint
     layout = folder_layout(mount, mount.parent / "staging-record")
@@ -258,7 +291,10 @@ def test_an_unreadable_attempts_record_cannot_make_a_poison_file_immortal(
 
 @pytest.mark.timeout(90)
 def test_a_claim_that_keeps_failing_is_given_up_and_the_file_stays_in_incoming(
-    fuse_mount: FreezableMount, make_service, azurite: Azurite, azurite_container: str,
+    fuse_mount: FreezableMount,
+    make_service,
+    azurite: Azurite,
+    azurite_container: str,
 ) -> None:
     mount = fuse_mount.mountpoint
     layout = folder_layout(mount, mount.parent / "staging-unclaimable")
@@ -266,10 +302,11 @@ def test_a_claim_that_keeps_failing_is_given_up_and_the_file_stays_in_incoming(
     date = service.status()["session"]["date_prefix"]
     fuse_mount.fail("rename", errno.EIO, glob="/incoming/locked.bin")
     write_random(fuse_mount.backing_path("incoming", "locked.bin"), 1 * MiB)
-    status = wait_until(lambda: (s := service.status())["gave_up"] and s, 40,
-                        what="the claim to be given up")
+    status = wait_until(
+        lambda: (s := service.status())["gave_up"] and s, 40, what="the claim to be given up"
+    )
     assert status["gave_up"][0]["stage"] == "claim"
-    assert scrape(service)['ingestd_files_given_up_total{stage=claim}'] == 1
+    assert scrape(service)["ingestd_files_given_up_total{stage=claim}"] == 1
     time.sleep(4)  # many polls: the unchanged file is not offered again
     assert len(error_lines(service, "locked.bin")) == 3, error_lines(service, "locked.bin")
     assert fuse_mount.backing_path("incoming", "locked.bin").exists()
@@ -285,15 +322,22 @@ def test_a_claim_that_keeps_failing_is_given_up_and_the_file_stays_in_incoming(
 
 @pytest.mark.timeout(60)
 def test_processing_on_another_filesystem_is_one_clear_error_and_no_claim(
-    make_service, layout: Layout,
+    make_service,
+    layout: Layout,
 ) -> None:
     with tmpfs("4m") as elsewhere:
-        service = make_service(start=False, **autostart("sanity"),
-                               APP_NFS_PROCESSING_ROOT=str(elsewhere / ".processing"))
+        service = make_service(
+            start=False,
+            **autostart("sanity"),
+            APP_NFS_PROCESSING_ROOT=str(elsewhere / ".processing"),
+        )
         write_random(layout.incoming / "waits.bin", 1000)
         service.start(wait=False)
-        status = wait_until(lambda: _status_or_none(service, "setup_problems"), 30,
-                            what="the setup problem in /v1/status")
+        status = wait_until(
+            lambda: _status_or_none(service, "setup_problems"),
+            30,
+            what="the setup problem in /v1/status",
+        )
         assert "one filesystem" in status["setup_problems"][0]
         health = service.http.get("/healthz")
         assert health.status_code == 503 and "one filesystem" in health.json()["reason"]
@@ -307,16 +351,23 @@ def test_processing_on_another_filesystem_is_one_clear_error_and_no_claim(
 
 @pytest.mark.timeout(60)
 def test_unwritable_staging_is_reported_then_picked_up_once_fixed(
-    make_service, layout: Layout, azurite: Azurite, azurite_container: str,
+    make_service,
+    layout: Layout,
+    azurite: Azurite,
+    azurite_container: str,
 ) -> None:
     with tmpfs("8m") as staging:
         subprocess_run(["mount", "-o", "remount,ro", str(staging)])
-        service = make_service(start=False, **autostart("staging"),
-                               APP_LOCAL_STAGING_ROOT=str(staging))
+        service = make_service(
+            start=False, **autostart("staging"), APP_LOCAL_STAGING_ROOT=str(staging)
+        )
         md5 = write_random(layout.incoming / "later.bin", 5000)
         service.start(wait=False)
-        status = wait_until(lambda: _status_or_none(service, "setup_problems"), 30,
-                            what="the setup problem in /v1/status")
+        status = wait_until(
+            lambda: _status_or_none(service, "setup_problems"),
+            30,
+            what="the setup problem in /v1/status",
+        )
         assert "APP_LOCAL_STAGING_ROOT" in status["setup_problems"][0]
         assert "EROFS" in status["setup_problems"][0]
         assert service.http.get("/healthz").status_code == 503
@@ -347,7 +398,10 @@ def subprocess_run(command: list[str]) -> None:
 
 @pytest.mark.timeout(60)
 def test_a_rename_that_happened_but_reported_eio_is_recognised(
-    fuse_mount: FreezableMount, make_service, azurite: Azurite, azurite_container: str,
+    fuse_mount: FreezableMount,
+    make_service,
+    azurite: Azurite,
+    azurite_container: str,
 ) -> None:
     """A lost NFS reply: the rename was carried out, the answer to its retransmission is EIO."""
     mount = fuse_mount.mountpoint
@@ -366,7 +420,10 @@ def test_a_rename_that_happened_but_reported_eio_is_recognised(
 
 @pytest.mark.timeout(60)
 def test_a_rename_answered_enoent_is_a_lost_race_and_the_file_waits_for_recovery(
-    fuse_mount: FreezableMount, make_service, azurite: Azurite, azurite_container: str,
+    fuse_mount: FreezableMount,
+    make_service,
+    azurite: Azurite,
+    azurite_container: str,
 ) -> None:
     """ENOENT is also what the loser of a race between replicas is told: never upload twice.
 
@@ -390,7 +447,8 @@ def test_a_rename_answered_enoent_is_a_lost_race_and_the_file_waits_for_recovery
 
 @pytest.mark.timeout(60)
 def test_a_name_that_is_not_utf8_goes_to_failed_at_once(
-    make_service, layout: Layout,
+    make_service,
+    layout: Layout,
 ) -> None:
     service = make_service(**autostart("bytes"), APP_MAX_ATTEMPTS="5")
     date = service.status()["session"]["date_prefix"]
@@ -407,13 +465,15 @@ def test_a_name_that_is_not_utf8_goes_to_failed_at_once(
 
 @pytest.mark.timeout(90)
 def test_a_killed_uploaders_staging_copy_is_removed_during_the_run(
-    fuse_mount: FreezableMount, make_service,
+    fuse_mount: FreezableMount,
+    make_service,
 ) -> None:
     """The uploader dies mid-copy; its file is then finished elsewhere (it vanishes)."""
     mount = fuse_mount.mountpoint
     layout = folder_layout(mount, mount.parent / "staging-leftover")
-    service = make_service(layout_=layout, **autostart("leftover"),
-                           APP_AZURE_MAX_BLOCK_SIZE=str(4 * MiB))
+    service = make_service(
+        layout_=layout, **autostart("leftover"), APP_AZURE_MAX_BLOCK_SIZE=str(4 * MiB)
+    )
     date = service.status()["session"]["date_prefix"]
     fuse_mount.freeze("read", glob="/.processing/*/leftover/half.bin", from_offset=8 * MiB)
     write_random(layout.incoming / "half.bin", 16 * MiB)
@@ -431,9 +491,14 @@ def test_a_killed_uploaders_staging_copy_is_removed_during_the_run(
 def test_max_stuck_children_0_is_refused_at_startup(layout: Layout) -> None:
     from tests.support.service import base_env
 
-    env = base_env({**layout.env(), "APP_AZURE_ACCOUNT_URL": "http://127.0.0.1:9/x",
-                    "APP_AZURE_CONTAINER": "c", "APP_MAX_STUCK_CHILDREN": "0"})
+    env = base_env(
+        {
+            **layout.env(),
+            "APP_AZURE_ACCOUNT_URL": "http://127.0.0.1:9/x",
+            "APP_AZURE_CONTAINER": "c",
+            "APP_MAX_STUCK_CHILDREN": "0",
+        }
+    )
     result = run_once(env, timeout=30)
     assert result.returncode == 2
     assert "APP_MAX_STUCK_CHILDREN" in result.stderr + result.stdout
-

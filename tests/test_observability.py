@@ -17,8 +17,6 @@ from tests.support.service import Layout, scrape, write_random
 MiB = 1024 * 1024
 
 
-
-
 @pytest.mark.timeout(90)
 def test_metrics_move_by_the_right_amounts(
     make_service, layout: Layout, azurite: Azurite, azurite_container: str
@@ -32,12 +30,15 @@ def test_metrics_move_by_the_right_amounts(
 
     session = service.start_session("metrics")
     sizes = [3 * MiB, 5 * MiB, 1000]
-    md5s = {f"m{i}.bin": write_random(layout.incoming / f"m{i}.bin", size)
-            for i, size in enumerate(sizes)}
+    md5s = {
+        f"m{i}.bin": write_random(layout.incoming / f"m{i}.bin", size)
+        for i, size in enumerate(sizes)
+    }
     service.wait_processed(len(sizes), timeout=60)
     for name, md5 in md5s.items():
-        assert azurite.blob_md5(azurite_container,
-                                f"{session['date_prefix']}/metrics/{name}") == md5
+        assert (
+            azurite.blob_md5(azurite_container, f"{session['date_prefix']}/metrics/{name}") == md5
+        )
 
     after = scrape(service)
     assert after["ingestd_files_uploaded_total{}"] == len(sizes)
@@ -45,8 +46,12 @@ def test_metrics_move_by_the_right_amounts(
     assert after["ingestd_upload_duration_seconds_count{}"] == len(sizes)
     assert after["ingestd_file_size_bytes_count{}"] == len(sizes)
     assert after["ingestd_file_size_bytes_sum{}"] == sum(sizes)
-    small = [v for k, v in after.items() if k.startswith("ingestd_file_size_bytes_bucket{le=")
-             and float(k.split("le=")[1].rstrip("}")) == MiB]
+    small = [
+        v
+        for k, v in after.items()
+        if k.startswith("ingestd_file_size_bytes_bucket{le=")
+        and float(k.split("le=")[1].rstrip("}")) == MiB
+    ]
     assert small == [1], "exactly one file is at most 1 MiB"
     assert after["ingestd_upload_failures_total{}"] == 0
     assert after["ingestd_files_in_flight{}"] == 0

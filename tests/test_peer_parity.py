@@ -18,9 +18,9 @@ from urllib.parse import unquote
 import pytest
 
 import ingestd
+from tests.support import devstore
 from tests.support.azurite import Azurite
-from tests.support.service import Layout, run_once, write_random
-from tests.test_hung_nfs import nfs  # noqa: F401 - the FUSE rig, a fixture
+from tests.support.service import Layout, azurite_env, run_once, write_random
 
 MiB = 1024 * 1024
 ODD_NAME = "odd name 100% ünï 文件 #1.bin"
@@ -73,16 +73,22 @@ def test_every_blob_lands_in_the_configured_tier(
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize(("variable", "value", "words"), [
-    ("APP_AZURE_ACCESS_TIER", "Frozen", ["Hot", "Cool", "Cold", "Archive"]),
-    ("APP_AZURE_MAX_MBPS", "-5", ["greater than or equal to 0"]),
-    ("APP_AZURE_MAX_MBPS", "fast", ["number"]),
-])
+@pytest.mark.parametrize(
+    ("variable", "value", "words"),
+    [
+        ("APP_AZURE_ACCESS_TIER", "Frozen", ["Hot", "Cool", "Cold", "Archive"]),
+        ("APP_AZURE_MAX_MBPS", "-5", ["greater than or equal to 0"]),
+        ("APP_AZURE_MAX_MBPS", "fast", ["number"]),
+    ],
+)
 def test_a_bad_value_stops_the_start_naming_the_variable(
-    azurite: Azurite, azurite_container: str, layout: Layout,
-    variable: str, value: str, words: list[str]
+    azurite: Azurite,
+    azurite_container: str,
+    layout: Layout,
+    variable: str,
+    value: str,
+    words: list[str],
 ) -> None:
-    from tests.conftest import azurite_env
     from tests.support.service import base_env
 
     env = base_env({**layout.env(), **azurite_env(azurite, azurite_container), variable: value})
@@ -107,8 +113,9 @@ def test_every_blob_says_where_it_came_from(
     A file that goes in one request always has its whole MD5; a file sent
     in blocks has it only with APP_AZURE_PUT_MD5=true.
     """
-    service = make_service(HOSTNAME=POD, APP_AZURE_MAX_BLOCK_SIZE="4MiB",
-                           APP_AZURE_PUT_MD5=str(put_md5).lower())
+    service = make_service(
+        HOSTNAME=POD, APP_AZURE_MAX_BLOCK_SIZE="4MiB", APP_AZURE_PUT_MD5=str(put_md5).lower()
+    )
     session_name = "provenance 50% süß"
     session = service.start_session(session_name)
     prefix = f"{session['date_prefix']}/{session['encoded_session']}/"
@@ -119,7 +126,7 @@ def test_every_blob_says_where_it_came_from(
     }
     service.wait_processed(len(files), timeout=60)
 
-    for i, (name, (md5, size)) in enumerate(sorted(files.items())):
+    for name, (md5, size) in sorted(files.items()):
         blob_name = prefix + name
         assert azurite.blob_md5(azurite_container, blob_name) == md5, name
         meta = blob_properties(azurite, azurite_container, blob_name).metadata
@@ -174,20 +181,21 @@ def through(proxy, azurite: Azurite) -> dict[str, str]:
     endpoint = proxy.endpoint(azurite.account_name)
     return {
         "APP_AZURE_ACCOUNT_URL": endpoint,
-        "APP_AZURE_CONNECTION_STRING": (
-            f"DefaultEndpointsProtocol=http;AccountName={azurite.account_name};"
-            f"AccountKey={azurite.account_key};BlobEndpoint={endpoint};"),
+        "APP_AZURE_CONNECTION_STRING": devstore.connection_string(endpoint),
     }
 
 
 def drop_files(layout: Layout, count: int, size: int, stem: str) -> dict[str, str]:
     """``count`` random files in incoming (before the session starts); name -> MD5."""
-    return {f"{stem}-{i}.bin": write_random(layout.incoming / f"{stem}-{i}.bin", size)
-            for i in range(count)}
+    return {
+        f"{stem}-{i}.bin": write_random(layout.incoming / f"{stem}-{i}.bin", size)
+        for i in range(count)
+    }
 
 
-def check_and_delete(azurite: Azurite, container: str, prefix: str,
-                     expected: dict[str, str]) -> None:
+def check_and_delete(
+    azurite: Azurite, container: str, prefix: str, expected: dict[str, str]
+) -> None:
     """Every blob's bytes match its source; then free the in-memory emulator's RAM."""
     for name, md5 in expected.items():
         assert azurite.blob_md5(container, prefix + name) == md5, name
@@ -235,10 +243,12 @@ class StatusProbe:
         self._stop.set()
         self._thread.join(timeout=10)
         ordered = sorted(self.latencies) or [0.0]
-        return (f"/v1/status: {len(self.latencies)} answers, p50 "
-                f"{ordered[len(ordered) // 2] * 1000:.1f} ms, p99 "
-                f"{ordered[int(len(ordered) * 0.99)] * 1000:.1f} ms, max "
-                f"{ordered[-1] * 1000:.1f} ms, failures {len(self.failures)}")
+        return (
+            f"/v1/status: {len(self.latencies)} answers, p50 "
+            f"{ordered[len(ordered) // 2] * 1000:.1f} ms, p99 "
+            f"{ordered[int(len(ordered) * 0.99)] * 1000:.1f} ms, max "
+            f"{ordered[-1] * 1000:.1f} ms, failures {len(self.failures)}"
+        )
 
 
 def cap_metric(service) -> float:
@@ -260,8 +270,11 @@ def test_the_cap_holds_the_pod_to_40_mb_per_s(
     from tests.support.countingproxy import transfer_span
 
     cap = 40.0
-    service = make_service(APP_AZURE_MAX_MBPS=str(cap), **through(proxy, azurite),
-                           APP_LOG_LEVEL=os.environ.get("PEER_PARITY_LOG_LEVEL", "INFO"))
+    service = make_service(
+        APP_AZURE_MAX_MBPS=str(cap),
+        **through(proxy, azurite),
+        APP_LOG_LEVEL=os.environ.get("PEER_PARITY_LOG_LEVEL", "INFO"),
+    )
     assert service.status()["upload_rate_cap"]["max_mbps"] == cap
     assert cap_metric(service) == cap * 1e6
     expected = drop_files(layout, CAP_FILES, CAP_FILE_SIZE, "capped")
@@ -274,13 +287,16 @@ def test_the_cap_holds_the_pod_to_40_mb_per_s(
     samples = proxy.samples()
     if os.environ.get("PEER_PARITY_SAMPLES"):
         import json
+
         Path(os.environ["PEER_PARITY_SAMPLES"]).write_text(json.dumps(samples))
     first, last = transfer_span(samples, baseline)
     moved = samples[-1][1] - baseline
     rates = windows(samples, first + UNDER_WAY_S, last)
-    print(f"\ncap {cap} MB/s: {moved / 1e6:.1f} MB in {last - first:.2f} s = "
-          f"{moved / 1e6 / (last - first):.2f} MB/s overall; 5 s windows (start s: MB/s): "
-          + ", ".join(f"{at:.1f}: {mbps:.2f}" for at, mbps in rates))
+    print(
+        f"\ncap {cap} MB/s: {moved / 1e6:.1f} MB in {last - first:.2f} s = "
+        f"{moved / 1e6 / (last - first):.2f} MB/s overall; 5 s windows (start s: MB/s): "
+        + ", ".join(f"{at:.1f}: {mbps:.2f}" for at, mbps in rates)
+    )
     print(api)
     prefix = f"{session['date_prefix']}/{session['encoded_session']}/"
     check_and_delete(azurite, azurite_container, prefix, expected)
@@ -315,19 +331,24 @@ def test_the_cap_changes_at_runtime_within_seconds(
     time.sleep(settle_s + WINDOW_S + 0.3)
     samples = proxy.samples()
     after = windows(samples, changed + settle_s, changed + settle_s + WINDOW_S)
-    per_second = [(round(t - changed, 1), round(rate_mbps, 1)) for t, rate_mbps in
-                  one_second_rates(samples, changed - 3, changed + settle_s + WINDOW_S)]
-    assert samples[-1][1] - baseline < len(expected) * CAP_FILE_SIZE, \
+    per_second = [
+        (round(t - changed, 1), round(rate_mbps, 1))
+        for t, rate_mbps in one_second_rates(samples, changed - 3, changed + settle_s + WINDOW_S)
+    ]
+    assert samples[-1][1] - baseline < len(expected) * CAP_FILE_SIZE, (
         "the transfer ended before the window could be measured"
+    )
 
     answer = service.http.post("/v1/limits", json={"max_mbps": 0})
     assert answer.status_code == 200 and answer.json()["max_mbps"] == 0
     assert cap_metric(service) == 0
     service.wait_processed(len(expected), timeout=120)
     first, last = transfer_span(proxy.samples(), baseline)
-    print(f"\n40 -> 15 MB/s at t=0; 1 s rates (t: MB/s): {per_second}; "
-          f"5 s window from t={settle_s}: {after[0][1]:.2f} MB/s; whole transfer "
-          f"{last - first:.1f} s")
+    print(
+        f"\n40 -> 15 MB/s at t=0; 1 s rates (t: MB/s): {per_second}; "
+        f"5 s window from t={settle_s}: {after[0][1]:.2f} MB/s; whole transfer "
+        f"{last - first:.1f} s"
+    )
     prefix = f"{session['date_prefix']}/{session['encoded_session']}/"
     check_and_delete(azurite, azurite_container, prefix, expected)
     assert abs(after[0][1] - 15) <= 15 * TOLERANCE, after
@@ -343,12 +364,13 @@ def one_second_rates(samples, start: float, end: float) -> list[tuple[float, flo
     """For the printout only: MB/s in each second of ``[start, end]``."""
     from tests.support.countingproxy import rate
 
-    return [(start + i, rate(samples, start + i, 1.0) / 1e6)
-            for i in range(int(end - start))]
+    return [(start + i, rate(samples, start + i, 1.0) / 1e6) for i in range(int(end - start))]
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("body", [{"max_mbps": -1}, {"max_mbps": "fast"}, {}, {"max_mbps": 5, "x": 1}])
+@pytest.mark.parametrize(
+    "body", [{"max_mbps": -1}, {"max_mbps": "fast"}, {}, {"max_mbps": 5, "x": 1}]
+)
 def test_a_bad_limit_is_refused_and_changes_nothing(make_service, body: dict) -> None:
     service = make_service(APP_AZURE_MAX_MBPS="25")
     answer = service.http.post("/v1/limits", json=body)
@@ -423,28 +445,38 @@ def test_waiting_for_the_budget_is_not_a_stall(
     thread waits for budget all the time. Nobody may be killed. Then the cap
     is lifted at runtime and the file completes, bytes checked.
     """
-    service = make_service(APP_CHILD_STALL_TIMEOUT_S=STALL_TIMEOUT_S, APP_WORKER_CONCURRENCY="1",
-                           APP_AZURE_MAX_BLOCK_SIZE="1MiB", APP_AZURE_MAX_MBPS="0.5")
+    service = make_service(
+        APP_CHILD_STALL_TIMEOUT_S=STALL_TIMEOUT_S,
+        APP_WORKER_CONCURRENCY="1",
+        APP_AZURE_MAX_BLOCK_SIZE="1MiB",
+        APP_AZURE_MAX_MBPS="0.5",
+    )
     md5 = write_random(layout.incoming / "slow.bin", 260 * MiB)
     session = service.start_session("slow")
     time.sleep(10)  # over three stall timeouts of waiting
     status = service.status()
     stages = [flight["stage"] for flight in status["in_flight"]]
-    print(f"\nafter 10 s at 0.5 MB/s: in flight {stages}, kills {status['kills']}, "
-          f"restarts {status['restarts']}")
+    print(
+        f"\nafter 10 s at 0.5 MB/s: in flight {stages}, kills {status['kills']}, "
+        f"restarts {status['restarts']}"
+    )
     assert not status["kills"].get("uploader"), status["kills"]
     assert stages == ["copying"], "the copy must be waiting for room, not done"
     assert service.http.post("/v1/limits", json={"max_mbps": 0}).status_code == 200
     status = service.wait_processed(1, timeout=90)
     assert not status["kills"].get("uploader"), status["kills"]
-    check_and_delete(azurite, azurite_container, f"{session['date_prefix']}/slow/",
-                     {"slow.bin": md5})
+    check_and_delete(
+        azurite, azurite_container, f"{session['date_prefix']}/slow/", {"slow.bin": md5}
+    )
     assert not status["restarts"].get("uploader"), status["restarts"]
 
 
 @pytest.mark.timeout(150)
 def test_a_frozen_copy_under_a_cap_is_still_a_stall(
-    nfs, layout: Layout, azurite: Azurite, azurite_container: str  # noqa: F811 - fixture
+    nfs,
+    layout: Layout,
+    azurite: Azurite,
+    azurite_container: str,  # noqa: F811 - fixture
 ) -> None:
     """Reads of the claimed file stop answering at 64 MiB while the block threads
     wait for their budget: the uploader must still be killed after the stall
@@ -452,8 +484,9 @@ def test_a_frozen_copy_under_a_cap_is_still_a_stall(
     with the cap lifted at runtime, the file arrives intact."""
     from tests.test_hung_nfs import STALL_S, child, new_pid
 
-    service = nfs.start(APP_CHILD_STALL_TIMEOUT_S=str(STALL_S), APP_WORKER_CONCURRENCY="1",
-                        APP_AZURE_MAX_MBPS="1")
+    service = nfs.start(
+        APP_CHILD_STALL_TIMEOUT_S=str(STALL_S), APP_WORKER_CONCURRENCY="1", APP_AZURE_MAX_MBPS="1"
+    )
     session = service.start_session("capped-freeze")
     nfs.mount.freeze(["read"], glob="/.processing/*", from_offset=64 * MiB)
     md5 = write_random(layout.incoming / "big.bin", 128 * MiB)
@@ -463,14 +496,21 @@ def test_a_frozen_copy_under_a_cap_is_still_a_stall(
     assert first["state"] == "copying", first
     from tests.support.service import wait_until
 
-    wait_until(lambda: new_pid(service, "uploader-1", first["pid"]),
-                                STALL_S * 4, interval=0.02, what="a new uploader")
+    wait_until(
+        lambda: new_pid(service, "uploader-1", first["pid"]),
+        STALL_S * 4,
+        interval=0.02,
+        what="a new uploader",
+    )
     detected = time.monotonic() - frozen_at
-    print(f"\nfrozen copy under a 1 MB/s cap: uploader replaced {detected:.2f} s after the "
-          f"read blocked (stall timeout {STALL_S} s)")
+    print(
+        f"\nfrozen copy under a 1 MB/s cap: uploader replaced {detected:.2f} s after the "
+        f"read blocked (stall timeout {STALL_S} s)"
+    )
     assert service.status()["kills"]["uploader"] >= 1
     assert service.http.post("/v1/limits", json={"max_mbps": 0}).status_code == 200
     nfs.mount.thaw()
     service.wait_processed(1, timeout=90)
-    check_and_delete(azurite, azurite_container,
-                     f"{session['date_prefix']}/capped-freeze/", {"big.bin": md5})
+    check_and_delete(
+        azurite, azurite_container, f"{session['date_prefix']}/capped-freeze/", {"big.bin": md5}
+    )

@@ -22,11 +22,13 @@ class _Paths:
         self.staged = root / "staging" / "claimed.bin"
 
 
-@pytest.mark.parametrize("size", [0, 1000, 4 * MiB, 4 * MiB + 1, 3 * MiB + 5, 6 * MiB,
-                                  uploader.COPY_CHUNK * 5 + 17])
+@pytest.mark.parametrize(
+    "size", [0, 1000, 4 * MiB, 4 * MiB + 1, 3 * MiB + 5, 6 * MiB, uploader.COPY_CHUNK * 5 + 17]
+)
 @pytest.mark.parametrize("whole_md5", [True, False], ids=["put-md5", "blocks-only"])
-def test_stage_hashes_the_file_and_each_block_in_one_pass(tmp_path: Path, size: int,
-                                                          whole_md5: bool) -> None:
+def test_stage_hashes_the_file_and_each_block_in_one_pass(
+    tmp_path: Path, size: int, whole_md5: bool
+) -> None:
     block, single_put = 2 * MiB + 512 * 1024, 4 * MiB  # a block size that does not divide the chunk
     data = os.urandom(size)
     paths = _Paths(tmp_path)
@@ -34,9 +36,15 @@ def test_stage_hashes_the_file_and_each_block_in_one_pass(tmp_path: Path, size: 
     parent, child = Pipe()
     blocks: list[tuple[int, int, bytes]] = []
 
-    staged = uploader.stage(paths, Channel(child), "claimed.bin", block, single_put,
-                            lambda offset, length, md5: blocks.append((offset, length, md5)),
-                            whole_md5)
+    staged = uploader.stage(
+        paths,
+        Channel(child),
+        "claimed.bin",
+        block,
+        single_put,
+        lambda offset, length, md5: blocks.append((offset, length, md5)),
+        whole_md5,
+    )
 
     assert paths.staged.read_bytes() == data
     assert staged.size == size
@@ -46,16 +54,17 @@ def test_stage_hashes_the_file_and_each_block_in_one_pass(tmp_path: Path, size: 
         return
     assert staged.md5 == (hashlib.md5(data).digest() if whole_md5 else None)
     assert staged.data is None
-    expected = [(o, len(data[o:o + block]), hashlib.md5(data[o:o + block]).digest())
-                for o in range(0, size, block)]
+    expected = [
+        (o, len(data[o : o + block]), hashlib.md5(data[o : o + block]).digest())
+        for o in range(0, size, block)
+    ]
     assert blocks == expected
     assert list(staged.block_md5s) == [md5 for _, _, md5 in expected]
     assert len(staged.block_md5s) == max(1, -(-size // block))
     parent.close()
 
 
-def test_a_failing_block_upload_stops_the_copy_and_removes_the_partial_copy(
-        tmp_path: Path) -> None:
+def test_a_failing_block_upload_stops_the_copy_and_removes_the_partial_copy(tmp_path: Path) -> None:
     paths = _Paths(tmp_path)
     paths.claimed.write_bytes(os.urandom(8 * MiB))
     _, child = Pipe()
@@ -84,11 +93,11 @@ def test_file_range_reads_only_its_range_and_rewinds(tmp_path: Path) -> None:
         while chunk := body.read(32 * 1024):  # what the HTTP stack asks for
             assert len(chunk) <= blobstore.READ_SIZE
             chunks.append(bytes(chunk))
-        assert b"".join(chunks) == data[offset:offset + length]
+        assert b"".join(chunks) == data[offset : offset + length]
         assert body.tell() == length
         assert reads == [blobstore.READ_SIZE, 2 * blobstore.READ_SIZE, length]  # a beat per read
         body.seek(0)  # the SDK's retry rewinds the body
-        assert body.read() == data[offset:offset + length]
+        assert body.read() == data[offset : offset + length]
         assert body.seek(0, os.SEEK_END) == length and body.read(10) == b""
     finally:
         os.close(fd)

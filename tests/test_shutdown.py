@@ -19,8 +19,9 @@ MiB = 1024 * 1024
 
 
 def uploading(service) -> bool:
-    return any(f["stage"] == "uploading" and f["bytes_done"] > 0
-               for f in service.status()["in_flight"])
+    return any(
+        f["stage"] == "uploading" and f["bytes_done"] > 0 for f in service.status()["in_flight"]
+    )
 
 
 @pytest.mark.timeout(180)
@@ -34,8 +35,12 @@ def test_sigterm_lets_the_upload_in_flight_finish_then_exits_0(
 
     service.terminate()
     signalled = time.monotonic()
-    ready = wait_until(lambda: service.http.get("/readyz").status_code == 503, 5,
-                       interval=0.02, what="/readyz to turn 503")
+    ready = wait_until(
+        lambda: service.http.get("/readyz").status_code == 503,
+        5,
+        interval=0.02,
+        what="/readyz to turn 503",
+    )
     assert ready
     print(f"\n/readyz turned 503 {1000 * (time.monotonic() - signalled):.0f} ms after SIGTERM")
     assert service.http.get("/healthz").status_code == 200
@@ -58,8 +63,7 @@ def test_sigterm_past_the_grace_period_leaves_the_file_for_the_next_start(
     grace = 2.0
     staging = fuse_mount.mountpoint / "staging"
     fuse_mount.backing_path("staging").mkdir()
-    service = make_service(APP_SHUTDOWN_GRACE_S=str(grace),
-                           APP_LOCAL_STAGING_ROOT=str(staging))
+    service = make_service(APP_SHUTDOWN_GRACE_S=str(grace), APP_LOCAL_STAGING_ROOT=str(staging))
     session = service.start_session("cut short")
     fuse_mount.freeze(["read"], glob="/staging/*", from_offset=16 * MiB)
     md5 = write_random(layout.incoming / "long.bin", 64 * MiB)

@@ -39,8 +39,14 @@ def test_missing_container_setting_alone_is_named(layout: Layout) -> None:
 
 @pytest.mark.timeout(60)
 def test_invalid_setting_is_named(layout: Layout) -> None:
-    env = base_env({**layout.env(), "APP_AZURE_ACCOUNT_URL": "https://127.0.0.1:9/x",
-                    "APP_AZURE_CONTAINER": "c", "APP_AZURE_MAX_BLOCK_SIZE": "eight megs"})
+    env = base_env(
+        {
+            **layout.env(),
+            "APP_AZURE_ACCOUNT_URL": "https://127.0.0.1:9/x",
+            "APP_AZURE_CONTAINER": "c",
+            "APP_AZURE_MAX_BLOCK_SIZE": "eight megs",
+        }
+    )
     result = run_once(env)
     assert result.returncode == 2
     assert "APP_AZURE_MAX_BLOCK_SIZE" in result.stdout + result.stderr
@@ -50,8 +56,13 @@ def test_invalid_setting_is_named(layout: Layout) -> None:
 def test_no_usable_credentials_exit_non_zero_naming_the_fallback_keys(
     layout: Layout, azurite: Azurite, azurite_container: str
 ) -> None:
-    env = base_env({**layout.env(), "APP_AZURE_ACCOUNT_URL": azurite.account_url,
-                    "APP_AZURE_CONTAINER": azurite_container})
+    env = base_env(
+        {
+            **layout.env(),
+            "APP_AZURE_ACCOUNT_URL": azurite.account_url,
+            "APP_AZURE_CONTAINER": azurite_container,
+        }
+    )
     result = run_once(env)
     output = result.stdout + result.stderr
     assert result.returncode == 3, output
@@ -66,10 +77,15 @@ def test_wrong_account_key_says_the_key_was_rejected(
     layout: Layout, azurite: Azurite, azurite_container: str
 ) -> None:
     wrong_key = "d3Jvbmcta2V5LXdyb25nLWtleS13cm9uZy1rZXktd3Jvbmcta2V5LXdyb25nLWtleQ=="
-    env = base_env({**layout.env(), "APP_AZURE_ACCOUNT_URL": azurite.account_url,
-                    "APP_AZURE_CONTAINER": azurite_container,
-                    "APP_AZURE_ACCOUNT_NAME": "devstoreaccount1",
-                    "APP_AZURE_ACCOUNT_KEY": wrong_key})
+    env = base_env(
+        {
+            **layout.env(),
+            "APP_AZURE_ACCOUNT_URL": azurite.account_url,
+            "APP_AZURE_CONTAINER": azurite_container,
+            "APP_AZURE_ACCOUNT_NAME": "devstoreaccount1",
+            "APP_AZURE_ACCOUNT_KEY": wrong_key,
+        }
+    )
     result = run_once(env)
     output = result.stdout + result.stderr
     assert result.returncode == 3, output
@@ -78,12 +94,15 @@ def test_wrong_account_key_says_the_key_was_rejected(
 
 
 @pytest.mark.timeout(60)
-def test_missing_container_is_fatal_with_a_clear_message(
-    layout: Layout, azurite: Azurite
-) -> None:
-    env = base_env({**layout.env(), "APP_AZURE_ACCOUNT_URL": azurite.account_url,
-                    "APP_AZURE_CONTAINER": "no-such-container",
-                    "APP_AZURE_CONNECTION_STRING": azurite.connection_string})
+def test_missing_container_is_fatal_with_a_clear_message(layout: Layout, azurite: Azurite) -> None:
+    env = base_env(
+        {
+            **layout.env(),
+            "APP_AZURE_ACCOUNT_URL": azurite.account_url,
+            "APP_AZURE_CONTAINER": "no-such-container",
+            "APP_AZURE_CONNECTION_STRING": azurite.connection_string,
+        }
+    )
     result = run_once(env)
     output = result.stdout + result.stderr
     assert result.returncode == 3, output
@@ -99,10 +118,11 @@ def test_children_of_the_console_script_do_not_load_the_http_server() -> None:
     It must stay light: uvicorn and FastAPI in every child cost about 75 MiB
     over the tree (bench/RESULTS.md, Memory).
     """
-    probe = ("import sys, ingestd.cli; "
-             "print(sorted(m for m in ('uvicorn', 'fastapi', 'starlette', 'ingestd.api') "
-             "if m in sys.modules))")
-    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                         timeout=50)
+    probe = (
+        "import sys, ingestd.cli; "
+        "print(sorted(m for m in ('uvicorn', 'fastapi', 'starlette', 'ingestd.api') "
+        "if m in sys.modules))"
+    )
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=50)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "[]"

@@ -53,8 +53,9 @@ def test_names_longer_than_255_bytes_once_encoded_are_refused() -> None:
 
 
 def test_blank_names_are_generated_and_the_date_is_utc() -> None:
-    late_evening_in_new_york = dt.datetime(2026, 1, 31, 23, 30,
-                                           tzinfo=dt.timezone(dt.timedelta(hours=-5)))
+    late_evening_in_new_york = dt.datetime(
+        2026, 1, 31, 23, 30, tzinfo=dt.timezone(dt.timedelta(hours=-5))
+    )
     session = new_session("  ", now=late_evening_in_new_york)
     assert session.name.startswith("00-session-")
     assert session.date == "20260201"
@@ -63,8 +64,13 @@ def test_blank_names_are_generated_and_the_date_is_utc() -> None:
 
 @pytest.mark.parametrize(
     ("text", "size"),
-    [(8388608, 8388608), ("8MiB", 8 * 1024**2), ("4 MB", 4_000_000), ("1gib", 1024**3),
-     ("512", 512)],
+    [
+        (8388608, 8388608),
+        ("8MiB", 8 * 1024**2),
+        ("4 MB", 4_000_000),
+        ("1gib", 1024**3),
+        ("512", 512),
+    ],
 )
 def test_sizes_accept_bytes_and_units(text: object, size: int) -> None:
     assert parse_size(text) == size
@@ -80,8 +86,13 @@ def test_a_file_is_stable_only_when_unchanged_and_old_enough() -> None:
     now = 1_000 * 10**9
     old, young = now - 10 * 10**9, now - 1 * 10**9
     previous = {"a": (10, old, 1), "b": (10, old, 2), "c": (10, young, 3), "d": (5, old, 4)}
-    current = {"a": (10, old, 1), "b": (11, old, 2), "c": (10, young, 3), "d": (5, old, 9),
-               "e": (1, old, 5)}
+    current = {
+        "a": (10, old, 1),
+        "b": (11, old, 2),
+        "c": (10, young, 3),
+        "d": (5, old, 9),
+        "e": (1, old, 5),
+    }
     stable = stable_files(previous, current, now, min_age_s=5)
     # b grew, c is too young, d was replaced (new inode), e is new this poll
     assert stable == [("a", 10, old)]
@@ -116,10 +127,12 @@ def test_queue_knows_a_job_by_date_session_and_name() -> None:
     assert not queue.add_new(Job("same.bin", "20260101", "b")), "already queued"
     assert queue.add_new(Job("same.bin", "20260103", "a"))
     taken = [queue.take(now=0.0) for _ in range(4)]
-    assert {job.key for job in taken} == {("20260101", "a", "same.bin"),
-                                          ("20260101", "b", "same.bin"),
-                                          ("20260102", "a", "same.bin"),
-                                          ("20260103", "a", "same.bin")}
+    assert {job.key for job in taken} == {
+        ("20260101", "a", "same.bin"),
+        ("20260101", "b", "same.bin"),
+        ("20260102", "a", "same.bin"),
+        ("20260103", "a", "same.bin"),
+    }
 
 
 def test_redactor_scrubs_secrets_from_messages_args_and_tracebacks() -> None:
@@ -130,8 +143,9 @@ def test_redactor_scrubs_secrets_from_messages_args_and_tracebacks() -> None:
     except RuntimeError:
         import sys
 
-        record = logging.LogRecord("t", logging.ERROR, __file__, 1, "using %s", (secret,),
-                                   sys.exc_info())
+        record = logging.LogRecord(
+            "t", logging.ERROR, __file__, 1, "using %s", (secret,), sys.exc_info()
+        )
     redactor.filter(record)
     assert secret not in record.getMessage()
     assert secret not in (record.exc_text or "")

@@ -39,7 +39,6 @@ Also:
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ from urllib.parse import quote
 
 from tests.campaign.writers import Version
 from tests.support.azurite import Azurite
+from tests.support.service import md5_of
 
 LOG_LINES_PER_FILE = 150
 
@@ -64,16 +64,7 @@ class Findings:
 
 def blob_contents(azurite: Azurite, container: str) -> dict[str, str]:
     """Blob name -> MD5 of its downloaded bytes (what landed, not what was claimed)."""
-    return {name: azurite.blob_md5(container, name)
-            for name in azurite.blob_names(container)}
-
-
-def md5_file(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as stream:
-        while chunk := stream.read(4 * 1024 * 1024):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return {name: azurite.blob_md5(container, name) for name in azurite.blob_names(container)}
 
 
 def nfs_contents(backing: Path) -> dict[str, set[str]]:
@@ -82,10 +73,10 @@ def nfs_contents(backing: Path) -> dict[str, set[str]]:
     incoming = backing / "incoming"
     for path in incoming.iterdir():
         if path.is_file() and not path.name.startswith("."):
-            found[path.name].add(md5_file(path))
+            found[path.name].add(md5_of(path))
     for path in (backing / ".processing").glob("*/*/*"):
         if path.is_file() and not path.name.startswith("."):
-            found[path.name].add(md5_file(path))
+            found[path.name].add(md5_of(path))
     for path in (backing / ".failed").glob("*/*/*"):
         if not path.is_file() or path.name.startswith("."):
             continue
@@ -94,12 +85,13 @@ def nfs_contents(backing: Path) -> dict[str, set[str]]:
             name = json.loads(sidecar.read_text())["name"]
         except (OSError, ValueError, KeyError):
             continue  # quarantined without its reason: not "kept"
-        found[name].add(md5_file(path))
+        found[name].add(md5_of(path))
     return found
 
 
-def check_versions(versions: list[Version], blobs: dict[str, str],
-                   nfs: dict[str, set[str]], findings: Findings) -> None:
+def check_versions(
+    versions: list[Version], blobs: dict[str, str], nfs: dict[str, set[str]], findings: Findings
+) -> None:
     in_blobs: dict[str, set[str]] = defaultdict(set)
     for blob, md5 in blobs.items():
         in_blobs[blob.rsplit("/", 1)[-1]].add(md5)
@@ -109,7 +101,7 @@ def check_versions(versions: list[Version], blobs: dict[str, str],
     for name, history in by_name.items():
         history.sort(key=lambda v: v.finished_s)
         for position, version in enumerate(history):
-            later = history[position + 1:]
+            later = history[position + 1 :]
             if version.late_bytes:
                 findings.late += 1
             if version.md5 in in_blobs[name]:
@@ -122,28 +114,34 @@ def check_versions(versions: list[Version], blobs: dict[str, str],
                 findings.violations.append(_lost(version, later, in_blobs[name], nfs[name]))
 
 
-def _superseded(version: Version, later: list[Version], in_blobs: set[str],
-                on_nfs: set[str]) -> bool:
+def _superseded(
+    version: Version, later: list[Version], in_blobs: set[str], on_nfs: set[str]
+) -> bool:
     kept_later = [w for w in later if (w.md5 in in_blobs or w.md5 in on_nfs)]
     if not kept_later:
         return False
     return version.replaced_in_incoming or any(w.md5 in in_blobs for w in kept_later)
 
 
-def _lost(version: Version, later: list[Version], in_blobs: set[str],
-          on_nfs: set[str]) -> str:
+def _lost(version: Version, later: list[Version], in_blobs: set[str], on_nfs: set[str]) -> str:
     def held(md5s: set[str]) -> list[str]:
         return sorted(version.stages.get(m, m[:12]) for m in md5s)
 
-    return (f"LOST {version.name} (writer {version.writer}, {version.kind}, {version.size} "
-            f"bytes written while linked, {version.late_bytes} late, md5 {version.md5[:12]}, "
-            f"finished at {version.finished_s:.1f} s, "
-            f"{len(later)} later version(s)): not in any blob of that name (blobs hold "
-            f"{held(in_blobs)}) nor on NFS ({held(on_nfs)})")
+    return (
+        f"LOST {version.name} (writer {version.writer}, {version.kind}, {version.size} "
+        f"bytes written while linked, {version.late_bytes} late, md5 {version.md5[:12]}, "
+        f"finished at {version.finished_s:.1f} s, "
+        f"{len(later)} later version(s)): not in any blob of that name (blobs hold "
+        f"{held(in_blobs)}) nor on NFS ({held(on_nfs)})"
+    )
 
 
-def check_sessions(blobs: dict[str, str], versions: list[Version],
-                   sessions: dict[str, list[float]], findings: Findings) -> None:
+def check_sessions(
+    blobs: dict[str, str],
+    versions: list[Version],
+    sessions: dict[str, list[float]],
+    findings: Findings,
+) -> None:
     encoded = {quote(name, safe=""): name for name in sessions}
     created: dict[str, list[float]] = defaultdict(list)
     for version in versions:
@@ -161,7 +159,8 @@ def check_sessions(blobs: dict[str, str], versions: list[Version],
         if not any(when < end for when in created[name]):
             findings.violations.append(
                 f"blob {blob!r}: session {encoded[parts[1]]!r} ended at {end:.1f} s, before "
-                f"any version of {name} appeared (first at {min(created[name]):.1f} s)")
+                f"any version of {name} appeared (first at {min(created[name]):.1f} s)"
+            )
 
 
 def check_log_lines(logs: list[Path], names: set[str], findings: Findings) -> Counter[str]:
@@ -175,6 +174,7 @@ def check_log_lines(logs: list[Path], names: set[str], findings: Findings) -> Co
                     counts[name] += 1
     for name, count in counts.items():
         if count > LOG_LINES_PER_FILE:
-            findings.violations.append(f"{name}: {count} log lines (bound {LOG_LINES_PER_FILE}):"
-                                       f" endless retry?")
+            findings.violations.append(
+                f"{name}: {count} log lines (bound {LOG_LINES_PER_FILE}): endless retry?"
+            )
     return counts

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import psutil
 
+from tests.support import devstore
 from tests.support.azurite import Azurite
 from tests.support.faults import tmpfs
 from tests.support.fusefs import FreezableMount
@@ -169,11 +170,15 @@ class Rig:
         try:
             code = service.wait_exit(SIGTERM_EXIT_S)
             if code != 0:
-                self.findings.append(f"replica {replica.index} exited with {code} on SIGTERM "
-                                     f"(log {service.log_path})")
+                self.findings.append(
+                    f"replica {replica.index} exited with {code} on SIGTERM "
+                    f"(log {service.log_path})"
+                )
         except Exception:
-            self.findings.append(f"replica {replica.index} did not exit within "
-                                 f"{SIGTERM_EXIT_S:.0f} s of SIGTERM (log {service.log_path})")
+            self.findings.append(
+                f"replica {replica.index} did not exit within "
+                f"{SIGTERM_EXIT_S:.0f} s of SIGTERM (log {service.log_path})"
+            )
             service.kill_tree()
         self.ensure_running(replica, why=None)
 
@@ -182,10 +187,9 @@ class Rig:
         statvfs = os.statvfs(replica.staging)
         free = statvfs.f_bavail * statvfs.f_frsize
         ballast = replica.staging / f".campaign-ballast-{len(self.ballast)}"
-        with open(ballast, "wb") as stream:
-            with contextlib.suppress(OSError):
-                stream.truncate(0)
-                os.posix_fallocate(stream.fileno(), 0, max(free - 64 * 1024, 0))
+        with open(ballast, "wb") as stream, contextlib.suppress(OSError):
+            stream.truncate(0)
+            os.posix_fallocate(stream.fileno(), 0, max(free - 64 * 1024, 0))
         self.ballast.append(ballast)
 
     def ensure_running(self, replica: Replica, why: str | None) -> None:
@@ -212,7 +216,9 @@ class Rig:
                 return False
             if status["in_flight"] or status["queue"]["depth"]:
                 return False
-        return not visible_files(self.incoming()) and not visible_files(self.backing / ".processing")
+        return not visible_files(self.incoming()) and not visible_files(
+            self.backing / ".processing"
+        )
 
     def stop_all(self) -> None:
         """SIGTERM every replica; a replica that does not exit in time is a finding, then killed."""
@@ -224,8 +230,10 @@ class Rig:
             try:
                 service.wait_exit(SIGTERM_EXIT_S)
             except Exception:
-                self.findings.append(f"replica {replica.index} did not exit within "
-                                     f"{SIGTERM_EXIT_S:.0f} s of the final SIGTERM")
+                self.findings.append(
+                    f"replica {replica.index} did not exit within "
+                    f"{SIGTERM_EXIT_S:.0f} s of the final SIGTERM"
+                )
         for replica in self.replicas:
             for service in replica.services:
                 with contextlib.suppress(Exception):
@@ -244,13 +252,17 @@ def visible_files(folder: Path) -> list[Path]:
     """Regular files below ``folder`` whose path has no dot component (bookkeeping, temp)."""
     if not folder.exists():
         return []
-    return [p for p in folder.rglob("*") if p.is_file()
-            and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+    return [
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    ]
 
 
 @contextlib.contextmanager
-def rig(workdir: Path, replicas: int, small_staging: bool,
-        settings: dict[str, str]) -> Iterator[Rig]:
+def rig(
+    workdir: Path, replicas: int, small_staging: bool, settings: dict[str, str]
+) -> Iterator[Rig]:
     """Start every part; tear all of it down on the way out, whatever happened."""
     with contextlib.ExitStack() as stack:
         azurite = Azurite(workdir / "azurite")
@@ -267,29 +279,33 @@ def rig(workdir: Path, replicas: int, small_staging: bool,
         logs.mkdir()
         built = Rig(workdir, azurite, proxy, mount, [])
         for index in range(replicas):
-            staging = (stack.enter_context(tmpfs(STAGING_TMPFS)) if small_staging
-                       else Path(tempfile.mkdtemp(prefix=f"staging{index}-", dir=workdir)))
-            env = base_env({
-                "APP_NFS_INCOMING_DIR": str(mount.path("incoming")),
-                "APP_NFS_PROCESSING_ROOT": str(mount.path(".processing")),
-                "APP_NFS_FAILED_ROOT": str(mount.path(".failed")),
-                "APP_LOCAL_STAGING_ROOT": str(staging),
-                "APP_AZURE_ACCOUNT_URL": proxy.account_url(azurite.account_name),
-                "APP_AZURE_CONTAINER": CONTAINER,
-                "APP_AZURE_CONNECTION_STRING": (
-                    f"DefaultEndpointsProtocol=http;AccountName={azurite.account_name};"
-                    f"AccountKey={azurite.account_key};"
-                    f"BlobEndpoint={proxy.account_url(azurite.account_name)};"),
-                "APP_CHILD_STALL_TIMEOUT_S": "3",
-                "APP_LIVENESS_TIMEOUT_S": "30",
-                "APP_MIN_FILE_AGE_S": "0.5",
-                "APP_POLL_INTERVAL_S": "0.3",
-                "APP_SHUTDOWN_GRACE_S": "2",
-                "APP_AZURE_STARTUP_TIMEOUT_S": "20",
-                "APP_AZURE_MAX_BLOCK_SIZE": "4MiB",
-                "APP_AZURE_MAX_CONCURRENCY": "4",
-                **settings,
-            })
+            staging = (
+                stack.enter_context(tmpfs(STAGING_TMPFS))
+                if small_staging
+                else Path(tempfile.mkdtemp(prefix=f"staging{index}-", dir=workdir))
+            )
+            env = base_env(
+                {
+                    "APP_NFS_INCOMING_DIR": str(mount.path("incoming")),
+                    "APP_NFS_PROCESSING_ROOT": str(mount.path(".processing")),
+                    "APP_NFS_FAILED_ROOT": str(mount.path(".failed")),
+                    "APP_LOCAL_STAGING_ROOT": str(staging),
+                    "APP_AZURE_ACCOUNT_URL": proxy.account_url(azurite.account_name),
+                    "APP_AZURE_CONTAINER": CONTAINER,
+                    "APP_AZURE_CONNECTION_STRING": devstore.connection_string(
+                        proxy.account_url(azurite.account_name)
+                    ),
+                    "APP_CHILD_STALL_TIMEOUT_S": "3",
+                    "APP_LIVENESS_TIMEOUT_S": "30",
+                    "APP_MIN_FILE_AGE_S": "0.5",
+                    "APP_POLL_INTERVAL_S": "0.3",
+                    "APP_SHUTDOWN_GRACE_S": "2",
+                    "APP_AZURE_STARTUP_TIMEOUT_S": "20",
+                    "APP_AZURE_MAX_BLOCK_SIZE": "4MiB",
+                    "APP_AZURE_MAX_CONCURRENCY": "4",
+                    **settings,
+                }
+            )
             built.replicas.append(Replica(index, staging, env, logs))
         # Stop services before the mount and tmpfs go (ExitStack runs in reverse).
         stack.callback(built.stop_all)

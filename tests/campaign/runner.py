@@ -46,8 +46,10 @@ class Result:
         """The summary every run prints."""
         rows = [
             ("seed", str(self.seed)),
-            ("replicas / staging", f"{self.plan.replicas} / "
-                                   f"{'small tmpfs' if self.plan.small_staging else 'folder'}"),
+            (
+                "replicas / staging",
+                f"{self.plan.replicas} / {'small tmpfs' if self.plan.small_staging else 'folder'}",
+            ),
             ("run time", f"{self.seconds:.0f} s"),
             *((f"fault {kind}", str(self.faults.get(kind, 0))) for kind in FAULT_KINDS),
             ("files (names)", str(self.files)),
@@ -75,8 +77,15 @@ def session_name(seed: int, number: int) -> str:
     return f"campaign {seed}" if number == 0 else f"campaign {seed}/{number}"
 
 
-def run_seed(seed: int, duration_s: float = 25.0, writers: int = 30, big: bool = False,
-             append_writers: int = 2, keep: bool = False, log=print) -> Result:
+def run_seed(
+    seed: int,
+    duration_s: float = 25.0,
+    writers: int = 30,
+    big: bool = False,
+    append_writers: int = 2,
+    keep: bool = False,
+    log=print,
+) -> Result:
     plan = make_plan(seed, duration_s, writers, big, append_writers)
     log(f"=== campaign seed {seed} ===")
     log(plan.describe())
@@ -124,13 +133,15 @@ def _timeline(plan: Plan, parts: Rig, writers: Writers) -> list[tuple[float, obj
     for writer in plan.writers:
         events.append((writer.at_s, len(events), lambda w=writer: writers.launch(w)))
     for fault in plan.faults:
-        events.append((fault.at_s, len(events),
-                       lambda f=fault: parts.apply(f.kind, f.pick, f.replica)))
+        events.append(
+            (fault.at_s, len(events), lambda f=fault: parts.apply(f.kind, f.pick, f.replica))
+        )
         if fault.kind in LASTING:
             events.append((fault.at_s + fault.duration_s, len(events), parts.clear))
     for number, at_s in enumerate(plan.session_switches, start=1):
-        events.append((at_s, len(events),
-                       lambda n=number: parts.start_session(session_name(plan.seed, n))))
+        events.append(
+            (at_s, len(events), lambda n=number: parts.start_session(session_name(plan.seed, n)))
+        )
     events.sort(key=lambda e: (e[0], e[1]))
     return [(at_s, action) for at_s, _, action in events]
 
@@ -174,6 +185,8 @@ def _judge(parts: Rig, ledger: Ledger, result: Result) -> None:
     result.superseded = findings.superseded
     result.blobs = len(blobs)
     backing = parts.backing
-    result.left_on_nfs = [str(p.relative_to(backing)) for folder in
-                          ("incoming", ".processing", ".failed")
-                          for p in visible_files(backing / folder)]
+    result.left_on_nfs = [
+        str(p.relative_to(backing))
+        for folder in ("incoming", ".processing", ".failed")
+        for p in visible_files(backing / folder)
+    ]

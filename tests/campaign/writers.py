@@ -81,9 +81,10 @@ def content(seed: int, size: int) -> bytes:
 
 
 def rename_exchange(old: Path, new: Path) -> bool:
-    """Swap ``old`` and ``new`` atomically (renameat2 RENAME_EXCHANGE); False if ``new`` is absent."""
-    result = _libc.renameat2(_AT_FDCWD, os.fsencode(old), _AT_FDCWD, os.fsencode(new),
-                             RENAME_EXCHANGE)
+    """Swap ``old`` and ``new`` atomically (renameat2 RENAME_EXCHANGE); False if ``new`` is gone."""
+    result = _libc.renameat2(
+        _AT_FDCWD, os.fsencode(old), _AT_FDCWD, os.fsencode(new), RENAME_EXCHANGE
+    )
     if result == 0:
         return True
     code = ctypes.get_errno()
@@ -105,8 +106,9 @@ class Writers:
 
     def launch(self, writer: Writer) -> None:
         self.ledger.done[writer.index] = threading.Event()
-        thread = threading.Thread(target=self._run, args=(writer,), daemon=True,
-                                  name=f"writer-{writer.index}")
+        thread = threading.Thread(
+            target=self._run, args=(writer,), daemon=True, name=f"writer-{writer.index}"
+        )
         self.threads.append(thread)
         thread.start()
 
@@ -131,8 +133,9 @@ class Writers:
             else:
                 self._append_after_claim(writer)
         except Exception as exc:  # a writer bug must be loud, not a silent gap in the ledger
-            self.ledger.errors.append(f"writer {writer.index} ({writer.kind} {writer.name}): "
-                                      f"{type(exc).__name__}: {exc}")
+            self.ledger.errors.append(
+                f"writer {writer.index} ({writer.kind} {writer.name}): {type(exc).__name__}: {exc}"
+            )
         finally:
             self.ledger.done[writer.index].set()
 
@@ -151,9 +154,18 @@ class Writers:
             temp.unlink()
         else:
             os.rename(temp, target)
-        self.ledger.add(Version(writer.index, writer.kind, writer.name,
-                                hashlib.md5(data).hexdigest(), len(data), created, self.clock(),
-                                inode))
+        self.ledger.add(
+            Version(
+                writer.index,
+                writer.kind,
+                writer.name,
+                hashlib.md5(data).hexdigest(),
+                len(data),
+                created,
+                self.clock(),
+                inode,
+            )
+        )
 
     def _replaced(self, name: str, inode: int) -> None:
         with self.ledger.lock:
@@ -192,14 +204,25 @@ class Writers:
             os.close(fd)
         self.ledger.add(self._version(writer, data, linked, created, inode))
 
-    def _version(self, writer: Writer, data: bytes, linked: int, created: float,
-                 inode: int) -> Version:
-        return Version(writer.index, writer.kind, writer.name,
-                       hashlib.md5(data[:linked]).hexdigest(), linked, created, self.clock(),
-                       inode, late_bytes=len(data) - linked, stages=self.stages)
+    def _version(
+        self, writer: Writer, data: bytes, linked: int, created: float, inode: int
+    ) -> Version:
+        return Version(
+            writer.index,
+            writer.kind,
+            writer.name,
+            hashlib.md5(data[:linked]).hexdigest(),
+            linked,
+            created,
+            self.clock(),
+            inode,
+            late_bytes=len(data) - linked,
+            stages=self.stages,
+        )
 
-    def _write_pieces(self, fd: int, data: bytes, start: int, pieces: tuple[int, ...],
-                      pauses: tuple[float, ...]) -> int:
+    def _write_pieces(
+        self, fd: int, data: bytes, start: int, pieces: tuple[int, ...], pauses: tuple[float, ...]
+    ) -> int:
         """Write ``pieces`` of ``data`` from ``start``, each after its pause; return how far
         the file got while still linked.
 
@@ -212,11 +235,12 @@ class Writers:
         """
         offset = linked = start
         unlinked = False
-        for pause, piece in zip(pauses, pieces):
+        # An appending writer draws more pauses than pieces: the extra ones go unused.
+        for pause, piece in zip(pauses, pieces, strict=False):
             time.sleep(pause)
-            view = memoryview(data)[offset:offset + piece]
+            view = memoryview(data)[offset : offset + piece]
             while view:
-                view = view[os.write(fd, view[:CHUNK]):]
+                view = view[os.write(fd, view[:CHUNK]) :]
             offset += piece
             unlinked = unlinked or os.fstat(fd).st_nlink == 0
             if not unlinked:

@@ -35,40 +35,28 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any
 
 import pytest
 
+from tests.support import devstore
+from tests.support.devstore import ACCOUNT_KEY, ACCOUNT_NAME, LOOPBACK, free_port
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_BINARY = REPO_ROOT / "tools" / "node_modules" / ".bin" / "azurite-blob"
-
-ACCOUNT_NAME = "devstoreaccount1"
-# The well-known, public development key that Azurite ships with.
-ACCOUNT_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
-LOOPBACK = "127.0.0.1"
 
 _READY_MARKER = "successfully listens on"
 
 # Every instance started and not yet stopped; killed at interpreter exit so a
 # test that forgot stop() (or an aborted session) leaves no process behind.
-_LIVE: "set[Azurite]" = set()
+_LIVE: set[Azurite] = set()
 _LIVE_LOCK = threading.Lock()
 
 
 class AzuriteError(RuntimeError):
     """Azurite did not start, or died; the message carries its log tail."""
-
-
-def free_port(host: str = LOOPBACK) -> int:
-    """Ask the kernel for a currently free TCP port on ``host``.
-
-    There is a small race (another process may take it before Azurite binds);
-    ``Azurite.start`` detects EADDRINUSE and retries on a new port.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 class Azurite:
@@ -96,11 +84,11 @@ class Azurite:
         workdir: Path,
         *,
         https: bool = False,
-        oauth: Optional[bool] = None,
-        location: Optional[Path] = None,
-        port: Optional[int] = None,
-        binary: Optional[Path] = None,
-        extent_memory_limit_mb: Optional[int] = None,
+        oauth: bool | None = None,
+        location: Path | None = None,
+        port: int | None = None,
+        binary: Path | None = None,
+        extent_memory_limit_mb: int | None = None,
         startup_timeout: float = 30.0,
         extra_args: Sequence[str] = (),
     ) -> None:
@@ -124,16 +112,16 @@ class Azurite:
         if self.oauth and not https:
             raise ValueError("Azurite's --oauth basic needs HTTPS")
         self.location = Path(location) if location is not None else None
-        self.port: Optional[int] = port
+        self.port: int | None = port
         self.binary = Path(binary or os.environ.get("AZURITE_BLOB_BIN") or DEFAULT_BINARY)
         self.extent_memory_limit_mb = extent_memory_limit_mb
         self.startup_timeout = startup_timeout
         self.extra_args = list(extra_args)
         self.log_path = self.workdir / f"azurite-{uuid.uuid4().hex[:8]}.log"
-        self._proc: Optional[subprocess.Popen[bytes]] = None
-        self._cert_path: Optional[Path] = None
-        self._key_path: Optional[Path] = None
-        self._ca_path: Optional[Path] = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._cert_path: Path | None = None
+        self._key_path: Path | None = None
+        self._ca_path: Path | None = None
         if https:
             self._make_certs()
 
@@ -151,7 +139,7 @@ class Azurite:
         return self._proc is not None and self._proc.poll() is None
 
     @property
-    def pid(self) -> Optional[int]:
+    def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
     @property
@@ -161,14 +149,11 @@ class Azurite:
 
     @property
     def connection_string(self) -> str:
-        """Shared-key connection string; for HTTPS also pass ``connection_verify=ca_bundle_path``."""
-        return (
-            f"DefaultEndpointsProtocol={self.scheme};AccountName={self.account_name};"
-            f"AccountKey={self.account_key};BlobEndpoint={self.account_url};"
-        )
+        """Shared-key connection string; for HTTPS also pass ``connection_verify``."""
+        return devstore.connection_string(self.account_url)
 
     @property
-    def ca_bundle_path(self) -> Optional[str]:
+    def ca_bundle_path(self) -> str | None:
         """PEM of the CA that signed Azurite's certificate (HTTPS mode), else None."""
         return str(self._ca_path) if self._ca_path else None
 
@@ -239,7 +224,7 @@ class Azurite:
             args = [setpriv, "--pdeathsig", "KILL", "--", *args]
         return args
 
-    def start(self) -> "Azurite":
+    def start(self) -> Azurite:
         """Start (or restart on the same port) and wait until Azurite listens."""
         if self.running:
             return self
@@ -332,7 +317,7 @@ class Azurite:
         with _LIVE_LOCK:
             _LIVE.discard(self)
 
-    def __enter__(self) -> "Azurite":
+    def __enter__(self) -> Azurite:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -372,7 +357,7 @@ class Azurite:
                 raise
         return client
 
-    def blob_names(self, container: str, prefix: Optional[str] = None) -> list[str]:
+    def blob_names(self, container: str, prefix: str | None = None) -> list[str]:
         """Names of the committed blobs in ``container``."""
         with self.container_client(container) as client:
             return sorted(b.name for b in client.list_blobs(name_starts_with=prefix))
@@ -433,7 +418,9 @@ def azurite(tmp_path_factory: pytest.TempPathFactory, azurite_container: str) ->
 
 
 @pytest.fixture(scope="session")
-def azurite_https(tmp_path_factory: pytest.TempPathFactory, azurite_container: str) -> Iterator[Azurite]:
+def azurite_https(
+    tmp_path_factory: pytest.TempPathFactory, azurite_container: str
+) -> Iterator[Azurite]:
     """Session-wide HTTPS + ``--oauth basic`` Azurite (trustme CA at ``ca_bundle_path``)."""
     az = Azurite(tmp_path_factory.mktemp("azurite-https"), https=True)
     with az:

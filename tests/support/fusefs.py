@@ -25,7 +25,7 @@ Layout: daemon side (``ControlState``, ``PassthroughFS``, ``serve``) and test si
     python -m tests.support.fusefs BACKING MOUNTPOINT CONTROL_SOCKET
 
 Kernel facts this design relies on (measured on this machine, Linux 6.18,
-libfuse 3.14.0, see tests/test_fusefs.py):
+libfuse 3.14.0, see tests/rig/test_fusefs.py):
 
 * Once the daemon has READ a request, the caller's wait is uninterruptible
   after a fatal signal (``request_wait_answer`` falls through to ``wait_event``):
@@ -74,7 +74,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import pytest
 
@@ -84,7 +84,7 @@ import pytest
 try:
     import mfusepy as _fuse
 
-    _MFUSEPY_ERROR: Optional[BaseException] = None
+    _MFUSEPY_ERROR: BaseException | None = None
 except Exception as _exc:  # noqa: BLE001 - any load failure means "no usable FUSE"
     _fuse = None  # type: ignore[assignment]
     _MFUSEPY_ERROR = _exc
@@ -100,10 +100,32 @@ DEV_FUSE = "/dev/fuse"
 #: listing (libfuse serves the rest from its own buffer).
 OPS: frozenset[str] = frozenset(
     {
-        "access", "chmod", "chown", "create", "flush", "fsync", "fsyncdir", "getattr",
-        "link", "mkdir", "mknod", "open", "opendir", "read", "readdir", "readlink",
-        "release", "releasedir", "rename", "rmdir", "statfs", "symlink", "truncate",
-        "unlink", "utimens", "write",
+        "access",
+        "chmod",
+        "chown",
+        "create",
+        "flush",
+        "fsync",
+        "fsyncdir",
+        "getattr",
+        "link",
+        "mkdir",
+        "mknod",
+        "open",
+        "opendir",
+        "read",
+        "readdir",
+        "readlink",
+        "release",
+        "releasedir",
+        "rename",
+        "rmdir",
+        "statfs",
+        "symlink",
+        "truncate",
+        "unlink",
+        "utimens",
+        "write",
     }
 )
 
@@ -136,20 +158,18 @@ _AT_SYMLINK_NOFOLLOW = 0x100
 class FreezeRule:
     """Which calls must wait. ``ops=None`` means every operation."""
 
-    ops: Optional[frozenset[str]] = None
-    glob: Optional[str] = None
-    from_offset: Optional[int] = None
+    ops: frozenset[str] | None = None
+    glob: str | None = None
+    from_offset: int | None = None
     killable: bool = True
 
-    def matches(self, op: str, paths: Sequence[Optional[str]], offset: Optional[int]) -> bool:
+    def matches(self, op: str, paths: Sequence[str | None], offset: int | None) -> bool:
         """True if this call must block; offset-limited rules only catch read/write."""
         if self.ops is not None and op not in self.ops:
             return False
         if self.glob is not None and not _any_path_matches(paths, self.glob):
             return False
-        if self.from_offset is not None and (offset is None or offset < self.from_offset):
-            return False
-        return True
+        return self.from_offset is None or (offset is not None and offset >= self.from_offset)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -171,11 +191,11 @@ class FaultRule:
 
     ops: frozenset[str]
     error: int
-    glob: Optional[str] = None
-    remaining: Optional[int] = None
+    glob: str | None = None
+    remaining: int | None = None
     after: bool = False
 
-    def matches(self, op: str, paths: Sequence[Optional[str]]) -> bool:
+    def matches(self, op: str, paths: Sequence[str | None]) -> bool:
         if op not in self.ops:
             return False
         return self.glob is None or _any_path_matches(paths, self.glob)
@@ -196,12 +216,12 @@ class BlockedCall:
     """A handler thread currently held by a freeze (for stats and debugging)."""
 
     op: str
-    path: Optional[str]
+    path: str | None
     pid: int
     since: float
 
 
-def _any_path_matches(paths: Sequence[Optional[str]], pattern: str) -> bool:
+def _any_path_matches(paths: Sequence[str | None], pattern: str) -> bool:
     """fnmatch on mount-relative paths such as ``/incoming/a.bin`` (``*`` spans ``/``)."""
     return any(p is not None and fnmatch.fnmatchcase(p, pattern) for p in paths)
 
@@ -223,9 +243,8 @@ def _fatal_signal_pending(tid: int) -> bool:
     except OSError:
         return False
     for line in data.splitlines():
-        if line.startswith((b"SigPnd:", b"ShdPnd:")):
-            if int(line.split()[1], 16) & _SIGKILL_MASK:
-                return True
+        if line.startswith((b"SigPnd:", b"ShdPnd:")) and int(line.split()[1], 16) & _SIGKILL_MASK:
+            return True
     return False
 
 
@@ -238,7 +257,7 @@ class ControlState:
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._freeze: Optional[FreezeRule] = None
+        self._freeze: FreezeRule | None = None
         self._faults: list[FaultRule] = []
         self._blocked: dict[int, BlockedCall] = {}
         self._next_id = 0
@@ -250,7 +269,7 @@ class ControlState:
 
     # -- handler side ------------------------------------------------------------------
 
-    def gate(self, op: str, *paths: Optional[str], offset: Optional[int] = None) -> None:
+    def gate(self, op: str, *paths: str | None, offset: int | None = None) -> None:
         """Count the call, wait while a freeze matches it, then apply a matching fault.
 
         Freeze is checked first: a server that is gone answers nothing, not even errors.
@@ -262,13 +281,13 @@ class ControlState:
                 self._wait_frozen(op, paths, offset, pid)
             self._apply_fault(op, paths, after=False)
 
-    def done(self, op: str, *paths: Optional[str]) -> None:
+    def done(self, op: str, *paths: str | None) -> None:
         """The call was carried out; fail it now if an ``after`` rule matches."""
         with self._cond:
             self._apply_fault(op, paths, after=True)
 
     def _wait_frozen(
-        self, op: str, paths: Sequence[Optional[str]], offset: Optional[int], pid: int
+        self, op: str, paths: Sequence[str | None], offset: int | None, pid: int
     ) -> None:
         """Wait (lock held by the caller, released while waiting) for thaw or a killed caller."""
         call_id = self._next_id
@@ -290,7 +309,7 @@ class ControlState:
         finally:
             del self._blocked[call_id]
 
-    def _apply_fault(self, op: str, paths: Sequence[Optional[str]], after: bool) -> None:
+    def _apply_fault(self, op: str, paths: Sequence[str | None], after: bool) -> None:
         for rule in self._faults:
             if rule.after == after and rule.matches(op, paths):
                 if rule.remaining is not None:
@@ -455,7 +474,7 @@ class PassthroughFS(_OperationsBase):
         self.backing = os.path.realpath(backing)
         self.state = state
 
-    def _full(self, path: Optional[str]) -> str:
+    def _full(self, path: str | None) -> str:
         if path is None:
             raise OSError(_errno.ENOENT, "no path (unlinked file without handle)")
         return os.path.join(self.backing, path.lstrip("/"))
@@ -487,7 +506,7 @@ class PassthroughFS(_OperationsBase):
 
     # -- metadata ----------------------------------------------------------------------
 
-    def getattr(self, path: Optional[str], fh: Optional[int] = None) -> dict[str, Any]:
+    def getattr(self, path: str | None, fh: int | None = None) -> dict[str, Any]:
         self.state.gate("getattr", path)
         st = os.fstat(fh) if fh is not None else os.lstat(self._full(path))
         return {
@@ -511,17 +530,17 @@ class PassthroughFS(_OperationsBase):
             raise OSError(_errno.EACCES, "access denied")
         return 0
 
-    def chmod(self, path: Optional[str], mode: int) -> int:
+    def chmod(self, path: str | None, mode: int) -> int:
         self.state.gate("chmod", path)
         os.chmod(self._full(path), stat.S_IMODE(mode))
         return 0
 
-    def chown(self, path: Optional[str], uid: int, gid: int) -> int:
+    def chown(self, path: str | None, uid: int, gid: int) -> int:
         self.state.gate("chown", path)
         os.lchown(self._full(path), uid, gid)
         return 0
 
-    def truncate(self, path: Optional[str], length: int, fh: Optional[int] = None) -> int:
+    def truncate(self, path: str | None, length: int, fh: int | None = None) -> int:
         self.state.gate("truncate", path)
         if fh is not None:
             os.ftruncate(fh, length)
@@ -529,7 +548,7 @@ class PassthroughFS(_OperationsBase):
             os.truncate(self._full(path), length)
         return 0
 
-    def utimens(self, path: Optional[str], times: Any = None) -> int:
+    def utimens(self, path: str | None, times: Any = None) -> int:
         """``times`` is a ctypes (atime, mtime) timespec array or None (both now).
 
         Passed to utimensat(2) unchanged so UTIME_NOW/UTIME_OMIT keep their meaning.
@@ -549,8 +568,16 @@ class PassthroughFS(_OperationsBase):
         return {
             key: getattr(sv, key)
             for key in (
-                "f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail",
-                "f_files", "f_ffree", "f_favail", "f_flag", "f_namemax",
+                "f_bsize",
+                "f_frsize",
+                "f_blocks",
+                "f_bfree",
+                "f_bavail",
+                "f_files",
+                "f_ffree",
+                "f_favail",
+                "f_flag",
+                "f_namemax",
             )
         }
 
@@ -609,7 +636,7 @@ class PassthroughFS(_OperationsBase):
         self.state.gate("opendir", path)
         return os.open(self._full(path), os.O_RDONLY | os.O_DIRECTORY)
 
-    def readdir(self, path: Optional[str], fh: int) -> list[tuple[str, dict[str, int], int]]:
+    def readdir(self, path: str | None, fh: int) -> list[tuple[str, dict[str, int], int]]:
         """Entries with their real inode number and file type.
 
         With use_ino, libfuse reports the st_ino we give here as d_ino; a bare name
@@ -627,12 +654,12 @@ class PassthroughFS(_OperationsBase):
                 entries.append((entry.name, attrs, 0))
         return entries
 
-    def releasedir(self, path: Optional[str], fh: int) -> int:
+    def releasedir(self, path: str | None, fh: int) -> int:
         self.state.gate("releasedir", path)
         os.close(fh)
         return 0
 
-    def fsyncdir(self, path: Optional[str], datasync: int, fh: int) -> int:
+    def fsyncdir(self, path: str | None, datasync: int, fh: int) -> int:
         self.state.gate("fsyncdir", path)
         os.fsync(fh)
         return 0
@@ -643,32 +670,32 @@ class PassthroughFS(_OperationsBase):
         self.state.gate("open", path)
         return os.open(self._full(path), flags)
 
-    def create(self, path: str, mode: int, flags: Optional[int] = None) -> int:
+    def create(self, path: str, mode: int, flags: int | None = None) -> int:
         self.state.gate("create", path)
         open_flags = (flags if flags is not None else os.O_WRONLY | os.O_TRUNC) | os.O_CREAT
         return os.open(self._full(path), open_flags, stat.S_IMODE(mode))
 
-    def read(self, path: Optional[str], size: int, offset: int, fh: int) -> bytes:
+    def read(self, path: str | None, size: int, offset: int, fh: int) -> bytes:
         """Copying variant, kept because mfusepy registers callbacks by method name."""
         buf = bytearray(size)
         return bytes(buf[: self.read_into(path, memoryview(buf), offset, fh)])
 
-    def read_into(self, path: Optional[str], dest: memoryview, offset: int, fh: int) -> int:
+    def read_into(self, path: str | None, dest: memoryview, offset: int, fh: int) -> int:
         """Read straight into libfuse's reply buffer (see _FUSE.read): no extra copies."""
         self.state.gate("read", path, offset=offset)
         return os.preadv(fh, [dest], offset)
 
-    def write(self, path: Optional[str], data: bytes | memoryview, offset: int, fh: int) -> int:
+    def write(self, path: str | None, data: bytes | memoryview, offset: int, fh: int) -> int:
         self.state.gate("write", path, offset=offset)
         return os.pwrite(fh, data, offset)
 
-    def flush(self, path: Optional[str], fh: int) -> int:
+    def flush(self, path: str | None, fh: int) -> int:
         """close(2) of a dup reports deferred write errors of the backing fs, like NFS close."""
         self.state.gate("flush", path)
         os.close(os.dup(fh))
         return 0
 
-    def fsync(self, path: Optional[str], datasync: int, fh: int) -> int:
+    def fsync(self, path: str | None, datasync: int, fh: int) -> int:
         self.state.gate("fsync", path)
         if datasync:
             os.fdatasync(fh)
@@ -676,7 +703,7 @@ class PassthroughFS(_OperationsBase):
             os.fsync(fh)
         return 0
 
-    def release(self, path: Optional[str], fh: int) -> int:
+    def release(self, path: str | None, fh: int) -> int:
         self.state.gate("release", path)
         os.close(fh)
         return 0
@@ -703,25 +730,25 @@ class _FUSE(_FUSEBase):
       into bytes (about 2x the throughput for 1 MiB requests).
     """
 
-    def read(self, path: Optional[bytes], buf: Any, size: int, offset: int, fip: Any) -> int:
+    def read(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
         dest = (ctypes.c_char * size).from_address(ctypes.addressof(buf.contents))
         fh = fip.contents.fh
         return self.operations.read_into(self._path(path), memoryview(dest), offset, fh)
 
-    def write(self, path: Optional[bytes], buf: Any, size: int, offset: int, fip: Any) -> int:
+    def write(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
         src = (ctypes.c_char * size).from_address(ctypes.addressof(buf.contents))
         return self.operations.write(self._path(path), memoryview(src), offset, fip.contents.fh)
 
-    def _path(self, path: Optional[bytes]) -> Optional[str]:
+    def _path(self, path: bytes | None) -> str | None:
         return None if path is None else path.decode(self.encoding, self.errors)
 
     def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
         return self.operations.rename(self._path(old), self._path(new), flags)
 
-    def utimens_fuse_3(self, path: Optional[bytes], buf: Any, fip: Any) -> int:
+    def utimens_fuse_3(self, path: bytes | None, buf: Any, fip: Any) -> int:
         return self.operations.utimens(self._path(path), buf)
 
-    def truncate_fuse_3(self, path: Optional[bytes], length: int, fip: Any) -> int:
+    def truncate_fuse_3(self, path: bytes | None, length: int, fip: Any) -> int:
         fh = fip.contents.fh if fip else None
         return self.operations.truncate(self._path(path), length, fh)
 
@@ -800,7 +827,7 @@ def serve(
         log.info("FUSE loop ended")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Freezable passthrough FUSE filesystem for tests")
     parser.add_argument("backing", help="absolute path of the folder to serve")
     parser.add_argument("mountpoint", help="absolute path of the (empty) mount point")
@@ -890,7 +917,7 @@ class FreezableMount:
         control: Path,
         process: subprocess.Popen[bytes],
         log_path: Path,
-        workdir: Optional[Path],
+        workdir: Path | None,
     ) -> None:
         self.backing = backing
         self.mountpoint = mountpoint
@@ -910,7 +937,7 @@ class FreezableMount:
         *,
         timeout: float = 15.0,
         debug: bool = False,
-    ) -> "FreezableMount":
+    ) -> FreezableMount:
         """Start the daemon serving ``backing`` and wait until the mount answers.
 
         Without ``mountpoint`` a private directory under /tmp holds the mount point,
@@ -1041,7 +1068,7 @@ class FreezableMount:
             (self._workdir / "daemon.log").unlink()
             self._workdir.rmdir()
 
-    def __enter__(self) -> "FreezableMount":
+    def __enter__(self) -> FreezableMount:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -1061,10 +1088,10 @@ class FreezableMount:
 
     def freeze(
         self,
-        ops: Optional[Iterable[str]] = None,
+        ops: Iterable[str] | None = None,
         *,
-        glob: Optional[str] = None,
-        from_offset: Optional[int] = None,
+        glob: str | None = None,
+        from_offset: int | None = None,
         killable: bool = True,
     ) -> None:
         """Make matching calls wait in the daemon until ``thaw()`` (replaces any earlier freeze).
@@ -1097,8 +1124,8 @@ class FreezableMount:
         self,
         op: str | Iterable[str],
         errno: int,
-        glob: Optional[str] = None,
-        count: Optional[int] = None,
+        glob: str | None = None,
+        count: int | None = None,
         after: bool = False,
     ) -> None:
         """Make matching calls fail with ``errno`` (checked after any freeze).
@@ -1110,8 +1137,14 @@ class FreezableMount:
         ``read`` prefer count=None.
         """
         self._request(
-            {"cmd": "fail", "ops": _op_list(op), "errno": int(errno), "glob": glob, "count": count,
-             "after": after}
+            {
+                "cmd": "fail",
+                "ops": _op_list(op),
+                "errno": int(errno),
+                "glob": glob,
+                "count": count,
+                "after": after,
+            }
         )
 
     def clear_faults(self) -> None:
@@ -1121,7 +1154,7 @@ class FreezableMount:
         """Counters from the daemon: calls, blocked (now), blocked_total, interrupted, faults..."""
         return self._request({"cmd": "stats"})["stats"]
 
-    def blocked(self, op: Optional[str] = None) -> list[dict[str, Any]]:
+    def blocked(self, op: str | None = None) -> list[dict[str, Any]]:
         """Calls currently held by the freeze, optionally only those of one op."""
         return [b for b in self.stats()["blocked"] if op is None or b["op"] == op]
 
@@ -1129,8 +1162,8 @@ class FreezableMount:
         self,
         count: int = 1,
         *,
-        op: Optional[str] = None,
-        pid: Optional[int] = None,
+        op: str | None = None,
+        pid: int | None = None,
         timeout: float = 10.0,
     ) -> list[dict[str, Any]]:
         """Wait until at least ``count`` matching calls are blocked; raise TimeoutError otherwise.
@@ -1184,7 +1217,7 @@ def _op_list(ops: str | Iterable[str]) -> list[str]:
     return sorted(_validate_ops([ops] if isinstance(ops, str) else ops))
 
 
-def _tgid(tid: int) -> Optional[int]:
+def _tgid(tid: int) -> int | None:
     """Process id (thread group id) of thread ``tid``; FUSE reports the calling thread."""
     try:
         with open(f"/proc/{tid}/status", "rb") as fh:

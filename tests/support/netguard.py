@@ -51,9 +51,10 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Generator, Iterator, Mapping, Optional
+from typing import Any
 from urllib.parse import urlsplit
 
 LOG_ENV = "INGESTD_NETGUARD_LOG"
@@ -80,7 +81,10 @@ class Violation:
     pid: int
 
     def __str__(self) -> str:
-        return f"{self.operation} to {self.address} ({self.family}, pid {self.pid}, thread {self.thread})"
+        return (
+            f"{self.operation} to {self.address} "
+            f"({self.family}, pid {self.pid}, thread {self.thread})"
+        )
 
 
 def is_loopback_host(host: Any) -> bool:
@@ -132,7 +136,7 @@ def _destination(operation: str, args: tuple[Any, ...]) -> Any:
 class NetGuard:
     """Process-wide socket patch; one instance per process (``GUARD``)."""
 
-    def __init__(self, log_path: Optional[str] = None) -> None:
+    def __init__(self, log_path: str | None = None) -> None:
         self._lock = threading.Lock()
         self._violations: list[Violation] = []
         self._expecting = 0
@@ -239,7 +243,9 @@ class NetGuard:
 
         def guarded(sock: socket.socket, *args: Any) -> Any:
             address = _destination(name, args)
-            if not (address is None and name in ("sendto", "sendmsg")) and not _is_allowed(sock, address):
+            if not (address is None and name in ("sendto", "sendmsg")) and not _is_allowed(
+                sock, address
+            ):
                 guard._refuse(sock, name, address)
             return guard._originals[name](sock, *args)
 
@@ -271,7 +277,10 @@ class NetGuard:
         for name, func in self._originals.items():
             setattr(socket.socket, name, func)
         pytest_socket = sys.modules.get("pytest_socket")
-        if pytest_socket is not None and getattr(pytest_socket, "_true_connect", None) is self._wrappers["connect"]:
+        if (
+            pytest_socket is not None
+            and getattr(pytest_socket, "_true_connect", None) is self._wrappers["connect"]
+        ):
             pytest_socket._true_connect = self._originals["connect"]
         self._wrappers = {}
         self._originals = {}
@@ -328,7 +337,9 @@ def imds_risks(env: Mapping[str, str]) -> list[str]:
             "AZURE_TOKEN_CREDENTIALS unset: the full chain runs (developer credentials, IMDS probe)"
         )
     elif selected == "dev":
-        risks.append("AZURE_TOKEN_CREDENTIALS=dev: developer credentials (Azure CLI etc.) may go online")
+        risks.append(
+            "AZURE_TOKEN_CREDENTIALS=dev: developer credentials (Azure CLI etc.) may go online"
+        )
     uses_mi = selected in ("", "prod", "managedidentitycredential")
     uses_env_or_wi = selected in ("", "prod", "environmentcredential", "workloadidentitycredential")
     if uses_mi:
@@ -344,17 +355,26 @@ def imds_risks(env: Mapping[str, str]) -> list[str]:
             if not _url_is_loopback(msi):
                 risks.append(f"MSI_ENDPOINT={msi} is not loopback")
         else:
-            wi = all(env.get(v) for v in ("AZURE_CLIENT_ID", "AZURE_TENANT_ID", "AZURE_FEDERATED_TOKEN_FILE"))
+            wi = all(
+                env.get(v)
+                for v in ("AZURE_CLIENT_ID", "AZURE_TENANT_ID", "AZURE_FEDERATED_TOKEN_FILE")
+            )
             if selected == "managedidentitycredential" or not wi:
                 pod_host = env.get("AZURE_POD_IDENTITY_AUTHORITY_HOST", "http://169.254.169.254")
                 if not _url_is_loopback(pod_host):
                     risks.append(
-                        "managed identity has no loopback source (IDENTITY_ENDPOINT+IDENTITY_HEADER "
-                        f"both needed): it would call IMDS at {pod_host}"
+                        "managed identity has no loopback source (IDENTITY_ENDPOINT+"
+                        f"IDENTITY_HEADER both needed): it would call IMDS at {pod_host}"
                     )
     if uses_env_or_wi:
         wants_authority = any(
-            env.get(v) for v in ("AZURE_CLIENT_SECRET", "AZURE_CLIENT_CERTIFICATE_PATH", "AZURE_USERNAME", "AZURE_FEDERATED_TOKEN_FILE")
+            env.get(v)
+            for v in (
+                "AZURE_CLIENT_SECRET",
+                "AZURE_CLIENT_CERTIFICATE_PATH",
+                "AZURE_USERNAME",
+                "AZURE_FEDERATED_TOKEN_FILE",
+            )
         )
         authority = env.get("AZURE_AUTHORITY_HOST", "https://login.microsoftonline.com")
         if wants_authority and not _url_is_loopback(authority):
@@ -391,10 +411,10 @@ _mod.install()
 
 
 def child_env(
-    extra: Optional[Mapping[str, str]] = None,
+    extra: Mapping[str, str] | None = None,
     *,
-    base: Optional[Mapping[str, str]] = None,
-    guard_dir: Optional[Path] = None,
+    base: Mapping[str, str] | None = None,
+    guard_dir: Path | None = None,
 ) -> dict[str, str]:
     """Environment for a child (the real service): scrubbed, ``extra`` applied, checked.
 
@@ -410,9 +430,13 @@ def child_env(
         guard_dir.mkdir(parents=True, exist_ok=True)
         log = guard_dir / "violations.jsonl"
         (guard_dir / "sitecustomize.py").write_text(
-            _SITECUSTOMIZE.format(path=str(Path(__file__).resolve()), log=str(log), flag=_CHILD_FLAG)
+            _SITECUSTOMIZE.format(
+                path=str(Path(__file__).resolve()), log=str(log), flag=_CHILD_FLAG
+            )
         )
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(guard_dir), env.get("PYTHONPATH", "")) if p)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(guard_dir), env.get("PYTHONPATH", "")) if p
+        )
         env[LOG_ENV] = str(log)
     assert_no_imds(env)
     return env
@@ -437,7 +461,9 @@ if os.environ.get(_CHILD_FLAG) != "1":
         new = GUARD.take_violations(since=before)
         if new:
             details = "\n".join(f"- {v}\n{v.stack}" for v in new)
-            raise NetworkGuardViolation(f"non-loopback network access during test {phase}:\n{details}")
+            raise NetworkGuardViolation(
+                f"non-loopback network access during test {phase}:\n{details}"
+            )
 
     @pytest.hookimpl(wrapper=True, tryfirst=True)
     def pytest_runtest_setup(item: pytest.Item) -> Generator[None, object, object]:
@@ -476,22 +502,25 @@ if os.environ.get(_CHILD_FLAG) != "1":
                 reporter.write_line(lines)
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
-
     @pytest.fixture
     def netguard() -> NetGuard:
         """The installed guard, e.g. ``with netguard.expect_violations() as caught:``."""
         return install()
 
-
     @pytest.fixture
     def netguard_child_env(tmp_path: Path) -> Iterator[Callable[..., dict[str, str]]]:
-        """Factory ``make(extra) -> env`` for guarded Python children; fails the test on their violations."""
+        """Factory ``make(extra) -> env`` for guarded Python children.
+
+        The test fails on any violation they logged."""
         guard_dir = tmp_path / "netguard-child"
 
-        def make(extra: Optional[Mapping[str, str]] = None, **kwargs: Any) -> dict[str, str]:
+        def make(extra: Mapping[str, str] | None = None, **kwargs: Any) -> dict[str, str]:
             return child_env(extra, guard_dir=guard_dir, **kwargs)
 
         yield make
         found = child_violations(guard_dir)
         if found:
-            pytest.fail("child process attempted non-loopback network access:\n" + json.dumps(found, indent=1))
+            pytest.fail(
+                "child process attempted non-loopback network access:\n"
+                + json.dumps(found, indent=1)
+            )

@@ -8,32 +8,36 @@ process of the tree is left behind.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import signal
-import socket
+import statistics
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import psutil
 
+from tests.support import devstore
+from tests.support.checks import samples
+from tests.support.devstore import free_port
+
+if TYPE_CHECKING:
+    from tests.support.azurite import Azurite
+
 REPO = Path(__file__).resolve().parents[2]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.1,
-               what: str = "condition") -> Any:
+def wait_until(
+    predicate: Callable[[], Any], timeout: float, interval: float = 0.1, what: str = "condition"
+) -> Any:
     """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
@@ -74,13 +78,24 @@ def write_random(path: Path, size: int, seed: int | None = None) -> str:
 
 @dataclass(frozen=True)
 class Layout:
-    """The folders of one test: an NFS root (incoming, .processing, .failed) and staging."""
+    """The service's folders: an NFS root (incoming, .processing, .failed) and staging.
 
-    root: Path
+    ``Layout.under(tmp_path)`` puts both under one folder (``nfs/``, ``staging/``);
+    ``Layout(nfs, staging)`` names them apart: the NFS root on a FUSE mount or
+    shared by replicas, staging on a tmpfs or one per replica.
+    """
+
+    nfs: Path
+    staging: Path
+
+    @classmethod
+    def under(cls, root: Path) -> Layout:
+        return cls(nfs=root / "nfs", staging=root / "staging")
 
     @property
-    def nfs(self) -> Path:
-        return self.root / "nfs"
+    def root(self) -> Path:
+        """The folder holding the NFS root: scratch space on the same filesystem."""
+        return self.nfs.parent
 
     @property
     def incoming(self) -> Path:
@@ -93,10 +108,6 @@ class Layout:
     @property
     def failed(self) -> Path:
         return self.nfs / ".failed"
-
-    @property
-    def staging(self) -> Path:
-        return self.root / "staging"
 
     def make(self) -> Layout:
         for folder in (self.incoming, self.staging):
@@ -116,10 +127,23 @@ class Layout:
         if not folder.exists():
             return []
         return sorted(
-            p for p in folder.rglob("*")
-            if p.is_file() and not any(part.startswith(".") for part in
-                                       p.relative_to(folder).parts)
+            p
+            for p in folder.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
         )
+
+
+def azurite_env(azurite: Azurite, container: str, *, endpoint: str | None = None) -> dict[str, str]:
+    """Settings that point the service at ``azurite`` with the dev account's shared key.
+
+    ``endpoint``: reach it through something in between (a proxy) at that URL instead.
+    """
+    url = endpoint or azurite.account_url
+    return {
+        "APP_AZURE_ACCOUNT_URL": url,
+        "APP_AZURE_CONTAINER": container,
+        "APP_AZURE_CONNECTION_STRING": devstore.connection_string(url),
+    }
 
 
 def base_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -164,16 +188,15 @@ class Service:
     # Lifecycle
 
     def start(self, wait: bool = True, timeout: float = 60.0) -> Service:
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ingestd"],
-            env=self.env,
-            cwd=REPO,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        log.close()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "ingestd"],
+                env=self.env,
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         if wait:
             self.wait_ready(timeout)
         return self
@@ -183,7 +206,8 @@ class Service:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise AssertionError(
-                    f"ingestd exited with {self.proc.returncode}:\n{self.log_text()[-4000:]}")
+                    f"ingestd exited with {self.proc.returncode}:\n{self.log_text()[-4000:]}"
+                )
             try:
                 return self.http.get("/readyz").status_code == 200
             except httpx.HTTPError:
@@ -225,8 +249,9 @@ class Service:
         # SIGKILL is delivered at once but each process still has to run its
         # exit; on a busy machine (uploaders run at nice 10) that takes some
         # milliseconds, so "all dead" is awaited, briefly, not assumed.
-        wait_until(lambda: not self.survivors(), 10, interval=0.01,
-                   what="every killed process to exit")
+        wait_until(
+            lambda: not self.survivors(), 10, interval=0.01, what="every killed process to exit"
+        )
 
     def terminate(self) -> None:
         assert self.proc is not None
@@ -274,6 +299,7 @@ class Service:
 
     def wait_processed(self, count: int, timeout: float) -> dict[str, Any]:
         """Wait until ``processed_ok`` reaches ``count`` and nothing is in flight."""
+
         def done() -> dict[str, Any] | None:
             status = self.status()
             if status["processed_ok"] >= count and not status["in_flight"]:
@@ -286,19 +312,108 @@ class Service:
         return self.status()["children"]
 
 
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile: at least ``q`` of the values are at or below it."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+class ApiSampler:
+    """Calls API endpoints in turn from a thread, timing each call, until the block ends.
+
+    The thread never asserts: what goes wrong (a transport error, a timeout, an
+    exception) is recorded in ``errors`` and ``assert_answered`` fails the test
+    on it. (An assertion inside the thread would only end the thread, and
+    pytest would turn it into a warning.) Latency figures are printed by
+    ``report``; the only bound asserted is the behaviour's: no call waited as
+    long as ``bound_s``, chosen by the test far above what a busy machine adds.
+    """
+
+    def __init__(
+        self,
+        service: Service,
+        endpoints: tuple[str, ...] = ("/healthz", "/readyz", "/v1/status"),
+        pause_s: float = 0.01,
+    ) -> None:
+        self.url = service.url
+        self.headers = dict(service.http.headers)
+        self.pause_s = pause_s
+        self.latencies: dict[str, list[float]] = {path: [] for path in endpoints}
+        self.codes: dict[str, list[int]] = {path: [] for path in endpoints}
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="api-sampler", daemon=True)
+
+    def __enter__(self) -> ApiSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        if self._thread.is_alive():
+            self.errors.append("the sampler thread did not stop within 30 s")
+
+    def _run(self) -> None:
+        try:
+            with httpx.Client(base_url=self.url, timeout=5.0, headers=self.headers) as client:
+                while not self._stop.is_set():
+                    for path in self.latencies:
+                        started = time.perf_counter()
+                        try:
+                            code = client.get(path).status_code
+                        except httpx.HTTPError as exc:
+                            self.errors.append(f"{path}: {exc!r}")
+                            code = 0
+                        self.latencies[path].append(time.perf_counter() - started)
+                        self.codes[path].append(code)
+                    self._stop.wait(self.pause_s)
+        except Exception as exc:  # anything else: recorded, so the test fails on it
+            self.errors.append(f"sampler thread died: {exc!r}")
+
+    def count(self) -> int:
+        return min(len(v) for v in self.latencies.values())
+
+    def wait_for(self, count: int, timeout: float) -> None:
+        wait_until(
+            lambda: self.count() >= count or self.errors,
+            timeout,
+            interval=0.05,
+            what=f"{count} requests per endpoint",
+        )
+
+    def report(self, label: str) -> dict[str, tuple[float, float, float]]:
+        """Print p50/p99/max per endpoint (ms) and return them."""
+        figures = {}
+        for path, values in self.latencies.items():
+            if not values:
+                print(f"[api] {label}: {path} no requests")
+                continue
+            p50 = statistics.median(values) * 1000
+            p99 = percentile(values, 0.99) * 1000
+            top = max(values) * 1000
+            figures[path] = (p50, p99, top)
+            print(
+                f"[api] {label}: {path} {len(values)} requests, p50 {p50:.1f} ms, "
+                f"p99 {p99:.1f} ms, max {top:.1f} ms"
+            )
+        return figures
+
+    def assert_answered(self, minimum: int, bound_s: float) -> None:
+        """Each endpoint answered ``minimum`` times or more, every call in under ``bound_s``."""
+        assert not self.errors, self.errors[:5]
+        for path, values in self.latencies.items():
+            assert len(values) >= minimum, f"{path}: only {len(values)} requests"
+            slowest = max(values)
+            assert slowest < bound_s, f"{path}: a call took {slowest:.2f} s (bound {bound_s} s)"
+
+
 def scrape(service: Service) -> dict[str, float]:
     """Every sample of /metrics as ``name{labels}`` -> value, via prometheus_client's parser."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     response = service.http.get("/metrics")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
-    samples = {}
-    for family in text_string_to_metric_families(response.text):
-        for sample in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
-            samples[f"{sample.name}{{{labels}}}"] = sample.value
-    return samples
+    return samples(response.text)
 
 
 def run_once(env: dict[str, str], timeout: float = 60.0) -> subprocess.CompletedProcess:

@@ -42,9 +42,10 @@ import secrets
 import threading
 import time
 import uuid
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import jwt
@@ -60,7 +61,7 @@ DEFAULT_TENANT = "72f988bf-86f1-41af-91ab-2d7cd011db47"
 TOKEN_CREDENTIALS_MI = "ManagedIdentityCredential"
 
 
-class Mode(str, enum.Enum):
+class Mode(enum.StrEnum):
     """How the endpoint answers; switch at runtime with ``TokenServer.mode``."""
 
     OK = "ok"  # a valid token for the requested resource
@@ -78,12 +79,12 @@ class TokenRequest:
     path: str
     params: Mapping[str, str]
     header_ok: bool
-    status: Optional[int]  # None while hung / when released without answer
-    token_exp: Optional[int] = None
-    audience: Optional[str] = None
+    status: int | None  # None while hung / when released without answer
+    token_exp: int | None = None
+    audience: str | None = None
 
     @property
-    def resource(self) -> Optional[str]:
+    def resource(self) -> str | None:
         return self.params.get("resource")
 
 
@@ -91,7 +92,7 @@ def make_token(
     audience: str = STORAGE_RESOURCE,
     lifetime_s: float = 3600,
     tenant_id: str = DEFAULT_TENANT,
-    now: Optional[float] = None,
+    now: float | None = None,
     **extra_claims: Any,
 ) -> tuple[str, int]:
     """Return ``(jwt, exp)`` shaped like an Entra ID v1 access token.
@@ -141,7 +142,7 @@ class TokenServer:
         *,
         lifetime_s: float = 3600,
         tenant_id: str = DEFAULT_TENANT,
-        identity_header: Optional[str] = None,
+        identity_header: str | None = None,
         mode: Mode | str = Mode.OK,
         refuse_status: int = 400,
     ) -> None:
@@ -157,8 +158,8 @@ class TokenServer:
         if self._mode is Mode.HANG:
             self._unhang.clear()
         self._stopping = threading.Event()
-        self._server: Optional[ThreadingHTTPServer] = None
-        self._thread: Optional[threading.Thread] = None
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
 
     # ----------------------------------------------------------------- mode
     @property
@@ -176,7 +177,7 @@ class TokenServer:
             else:
                 self._unhang.set()
 
-    def set_mode(self, mode: Mode | str, *, refuse_status: Optional[int] = None) -> None:
+    def set_mode(self, mode: Mode | str, *, refuse_status: int | None = None) -> None:
         """``mode`` setter with the REFUSE status (400 and 500 behave differently)."""
         if refuse_status is not None:
             self.refuse_status = refuse_status
@@ -234,7 +235,7 @@ class TokenServer:
         """Value for ``IDENTITY_ENDPOINT``."""
         return f"http://{LOOPBACK}:{self.port}{TOKEN_PATH}"
 
-    def start(self) -> "TokenServer":
+    def start(self) -> TokenServer:
         if self._server is not None:
             return self
         handler = type("_BoundHandler", (_Handler,), {"owner": self})
@@ -244,7 +245,10 @@ class TokenServer:
         self._server = server
         self._stopping.clear()
         self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="token-server", daemon=True
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.1},
+            name="token-server",
+            daemon=True,
         )
         self._thread.start()
         return self
@@ -263,7 +267,7 @@ class TokenServer:
         self._server = None
         self._thread = None
 
-    def __enter__(self) -> "TokenServer":
+    def __enter__(self) -> TokenServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -272,7 +276,7 @@ class TokenServer:
     # ------------------------------------------------------------------ env
     def env(
         self,
-        ca_bundle: Optional[str] = None,
+        ca_bundle: str | None = None,
         *,
         token_credentials: str = TOKEN_CREDENTIALS_MI,
     ) -> dict[str, str]:
@@ -295,10 +299,12 @@ class TokenServer:
             "no_proxy": "127.0.0.1,localhost,::1",
         }
         if ca_bundle:
-            env.update(REQUESTS_CA_BUNDLE=ca_bundle, CURL_CA_BUNDLE=ca_bundle, SSL_CERT_FILE=ca_bundle)
+            env.update(
+                REQUESTS_CA_BUNDLE=ca_bundle, CURL_CA_BUNDLE=ca_bundle, SSL_CERT_FILE=ca_bundle
+            )
         return env
 
-    def install_env(self, monkeypatch: pytest.MonkeyPatch, ca_bundle: Optional[str] = None) -> None:
+    def install_env(self, monkeypatch: pytest.MonkeyPatch, ca_bundle: str | None = None) -> None:
         """Apply ``env()`` to this process (for in-process DefaultAzureCredential).
 
         Also removes variables that would add another identity source.
@@ -309,7 +315,9 @@ class TokenServer:
             monkeypatch.setenv(name, value)
 
     # ----------------------------------------------------------- responses
-    def _answer(self, params: Mapping[str, str], header_ok: bool) -> tuple[int, dict[str, Any], TokenRequest]:
+    def _answer(
+        self, params: Mapping[str, str], header_ok: bool
+    ) -> tuple[int, dict[str, Any], TokenRequest]:
         """Decide the reply for one request (everything but HANG)."""
         mode = self._mode
         now = time.time()
@@ -319,11 +327,17 @@ class TokenServer:
             return 401, body, TokenRequest(status=401, **base)
         resource = params.get("resource")
         if params.get("api-version") != "2019-08-01" or not resource:
-            body = {"statusCode": 400, "message": "api-version=2019-08-01 and resource are required"}
+            body = {
+                "statusCode": 400,
+                "message": "api-version=2019-08-01 and resource are required",
+            }
             return 400, body, TokenRequest(status=400, **base)
         if mode is Mode.REFUSE:
             status = self.refuse_status
-            body = {"statusCode": status, "message": f"token endpoint refused (test mode, {status})"}
+            body = {
+                "statusCode": status,
+                "message": f"token endpoint refused (test mode, {status})",
+            }
             return status, body, TokenRequest(status=status, **base)
         audience = WRONG_AUDIENCE if mode is Mode.WRONG_AUDIENCE else resource
         token, exp = make_token(audience, self.lifetime_s, self.tenant_id, now=now)
@@ -364,7 +378,14 @@ class _Handler(BaseHTTPRequestHandler):
         """Hold the connection open without a byte of answer."""
         owner = self.owner
         owner._record(
-            TokenRequest(at=time.time(), mode=Mode.HANG, path=TOKEN_PATH, params=dict(params), header_ok=True, status=None)
+            TokenRequest(
+                at=time.time(),
+                mode=Mode.HANG,
+                path=TOKEN_PATH,
+                params=dict(params),
+                header_ok=True,
+                status=None,
+            )
         )
         owner._unhang.wait()
         self.close_connection = True  # released: close without answering

@@ -27,18 +27,24 @@ import pytest
 
 from tests.support import fusefs
 from tests.support.fusefs import FreezableMount, is_mounted
+from tests.support.service import md5_of, write_random
 
 MiB = 1 << 20
 BIG_SIZE = 256 * MiB
 COPY_CHUNK = 1 * MiB
-#: "Reasonably fast" floor for 256 MiB through the mount. Measured here 460-780 MB/s
-#: write (fsync included) and 590-1250 MB/s read; the floor only catches a
-#: pathological regression (e.g. losing big requests or the zero-copy read/write path).
-MIN_THROUGHPUT_MB_S = 50.0
+#: A floor only a broken path misses (e.g. losing big requests or the zero-copy
+#: read/write path), not a performance target: measured here 460-780 MB/s write
+#: (fsync included) and 590-1250 MB/s read, recorded as figures; a busy machine
+#: stays far above 10.
+MIN_THROUGHPUT_MB_S = 10.0
 #: How long a frozen call must stay blocked to count as "does not return".
 BLOCK_PROBE_S = 1.0
-#: Upper bound for a SIGKILLed or thawed child to be reaped (measured: 0.01-0.06 s).
-REAP_S = 2.0
+#: A SIGKILLed or thawed child must be reaped within this (measured: 0.01-0.06 s, the
+#: figure is recorded). The behaviour is "reaped at all, while the freeze lasts", so
+#: the bound is far above what a busy machine adds.
+REAPED_WITHIN_S = 15.0
+#: How long a child that must stay unreapable is watched for.
+UNREAPED_PROBE_S = 2.0
 
 Spawn = Callable[..., subprocess.Popen]
 Record = Callable[[str, object], None]
@@ -97,27 +103,6 @@ def status(proc: subprocess.Popen) -> str:
         return "gone"
 
 
-def md5_file(path: Path | str, chunk: int = 8 * MiB) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_random(path: Path, size: int) -> str:
-    """Write ``size`` random bytes and return their MD5."""
-    digest = hashlib.md5()
-    with open(path, "wb") as fh:
-        remaining = size
-        while remaining:
-            block = os.urandom(min(remaining, 8 * MiB))
-            digest.update(block)
-            fh.write(block)
-            remaining -= len(block)
-    return digest.hexdigest()
-
-
 def nfs_layout(mount: FreezableMount) -> None:
     """The production share's layout: producers drop files into incoming/."""
     (mount.backing / "incoming").mkdir()
@@ -143,8 +128,8 @@ def test_round_trip_preserves_content_and_metadata(fuse_mount: FreezableMount) -
         os.fsync(fh.fileno())
     expected = hashlib.md5(data).hexdigest()
 
-    assert md5_file(mount.backing_path("incoming", "a.bin")) == expected, "backing copy differs"
-    assert md5_file(mount.path("incoming", "a.bin")) == expected, "read back through mount differs"
+    assert md5_of(mount.backing_path("incoming", "a.bin")) == expected, "backing copy differs"
+    assert md5_of(mount.path("incoming", "a.bin")) == expected, "read back through mount differs"
     st = os.stat(mount.path("incoming", "a.bin"))
     assert st.st_size == len(data)
     assert st.st_ino == os.stat(mount.backing_path("incoming", "a.bin")).st_ino
@@ -191,7 +176,7 @@ def test_256_mib_throughput(
     report(record_property, "write_MB_s", round(write_mb_s))
     report(record_property, "read_MB_s", round(read_mb_s))
     assert total == BIG_SIZE
-    assert md5_file(fuse_mount.path("big.bin")) == expected
+    assert md5_of(fuse_mount.path("big.bin")) == expected
     assert write_mb_s > MIN_THROUGHPUT_MB_S and read_mb_s > MIN_THROUGHPUT_MB_S
     src.unlink()  # pytest keeps the last runs' tmp_path: do not keep 512 MiB in it
     fuse_mount.backing_path("big.bin").unlink()
@@ -288,8 +273,11 @@ def test_rename_noreplace_is_honoured(fuse_mount: FreezableMount) -> None:
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     at_fdcwd, rename_noreplace = -100, 1
     rc = libc.renameat2(
-        at_fdcwd, os.fsencode(fuse_mount.path("incoming", "a")),
-        at_fdcwd, os.fsencode(fuse_mount.path("incoming", "b")), rename_noreplace,
+        at_fdcwd,
+        os.fsencode(fuse_mount.path("incoming", "a")),
+        at_fdcwd,
+        os.fsencode(fuse_mount.path("incoming", "b")),
+        rename_noreplace,
     )
     assert rc == -1 and ctypes.get_errno() == errno.EEXIST
     assert fuse_mount.backing_path("incoming", "b").read_bytes() == b"b"
@@ -312,9 +300,9 @@ def test_freeze_blocks_stat_until_thaw(fuse_mount: FreezableMount, spawn: Spawn)
     fuse_mount.wait_blocked(1, pid=child.pid)
     assert reaped_within(child, BLOCK_PROBE_S) is None, "stat returned although the mount is frozen"
     assert status(child) in (psutil.STATUS_SLEEPING, psutil.STATUS_DISK_SLEEP)
-    start = time.monotonic()
+    # The control channel answers while the mount is frozen (it would otherwise
+    # wait for the thaw, which never comes here: the call would time out).
     assert fuse_mount.stats()["frozen"] is True
-    assert time.monotonic() - start < 0.5, "control channel is slow while frozen"
 
     fuse_mount.thaw()
     out, _ = child.communicate(timeout=10)
@@ -348,7 +336,7 @@ def test_sigkill_ends_child_blocked_in_stat(
     fuse_mount.wait_blocked(1, pid=child.pid)
 
     child.kill()
-    seconds = reaped_within(child, REAP_S)
+    seconds = reaped_within(child, REAPED_WITHIN_S)
 
     assert seconds is not None, f"child blocked in stat survived SIGKILL ({status(child)})"
     report(record_property, "stat_reaped_after_sigkill_s", round(seconds, 3))
@@ -376,7 +364,7 @@ def test_sigkill_child_blocked_in_listdir(
     fuse_mount.wait_blocked(1, pid=child.pid)
 
     child.kill()
-    seconds = reaped_within(child, REAP_S)
+    seconds = reaped_within(child, REAPED_WITHIN_S if killable else UNREAPED_PROBE_S)
 
     if killable:
         assert seconds is not None, f"killable freeze: child survived SIGKILL ({status(child)})"
@@ -385,7 +373,7 @@ def test_sigkill_child_blocked_in_listdir(
     assert seconds is None, "unkillable freeze: child was reaped while frozen"
     assert status(child) == psutil.STATUS_DISK_SLEEP
     fuse_mount.thaw()
-    after_thaw = reaped_within(child, REAP_S)
+    after_thaw = reaped_within(child, REAPED_WITHIN_S)
     assert after_thaw is not None, f"child not reaped after thaw ({status(child)})"
     report(record_property, "listdir_unkillable_reaped_after_thaw_s", round(after_thaw, 3))
 
@@ -399,14 +387,16 @@ def test_killed_child_blocked_in_close_stays_unreapable_until_thaw(
     child = spawn(
         f"""
         import sys
-        fh = open({str(fuse_mount.path('incoming', 'w.bin'))!r}, "wb")
+        fh = open({str(fuse_mount.path("incoming", "w.bin"))!r}, "wb")
         fh.write(b"x" * 100)
         fh.flush()
         print("ready", flush=True)
         sys.stdin.readline()
         fh.close()
         """,
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert child.stdout.readline().strip() == "ready"
     fuse_mount.freeze(["flush"])  # killable, yet flush is in UNKILLABLE_OPS
@@ -415,10 +405,12 @@ def test_killed_child_blocked_in_close_stays_unreapable_until_thaw(
     fuse_mount.wait_blocked(1, op="flush", pid=child.pid)
 
     child.kill()
-    assert reaped_within(child, REAP_S) is None, "child blocked in close() was reaped while frozen"
+    assert reaped_within(child, UNREAPED_PROBE_S) is None, (
+        "child blocked in close() was reaped while frozen"
+    )
     assert status(child) == psutil.STATUS_DISK_SLEEP
     fuse_mount.thaw()
-    seconds = reaped_within(child, REAP_S)
+    seconds = reaped_within(child, REAPED_WITHIN_S)
     assert seconds is not None
     report(record_property, "close_reaped_after_thaw_s", round(seconds, 3))
 
@@ -435,7 +427,7 @@ def test_killed_writer_hangs_in_exit_flush_until_thaw(
     nfs_layout(fuse_mount)
     child = spawn(
         f"""
-        fh = open({str(fuse_mount.path('incoming', 'w.bin'))!r}, "wb", buffering=0)
+        fh = open({str(fuse_mount.path("incoming", "w.bin"))!r}, "wb", buffering=0)
         while True:
             fh.write(b"y" * 65536)
         """
@@ -450,11 +442,11 @@ def test_killed_writer_hangs_in_exit_flush_until_thaw(
 
     child.kill()
     fuse_mount.wait_blocked(1, op="flush", pid=child.pid)
-    assert reaped_within(child, REAP_S) is None
+    assert reaped_within(child, UNREAPED_PROBE_S) is None
     assert status(child) == psutil.STATUS_DISK_SLEEP
     assert fuse_mount.stats()["interrupted"].get("write", 0) >= 1
     fuse_mount.thaw()
-    assert reaped_within(child, REAP_S) is not None
+    assert reaped_within(child, REAPED_WITHIN_S) is not None
 
 
 @pytest.mark.slow
@@ -486,14 +478,15 @@ def test_read_freeze_stalls_copy_mid_file_while_listing_answers(
     lister = spawn(
         f"import os; print(os.listdir({str(fuse_mount.path('incoming'))!r}),"
         f" os.stat({source!r}).st_size)",
-        stdout=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     out, _ = lister.communicate(timeout=5)
     assert out.strip() == f"['big.bin'] {BIG_SIZE}"
 
     fuse_mount.thaw()
     assert copier.wait(60) == 0
-    assert md5_file(dest) == expected
+    assert md5_of(dest) == expected
     dest.unlink()  # pytest keeps the last runs' tmp_path: do not keep 512 MiB in it
     fuse_mount.backing_path("incoming", "big.bin").unlink()
 
@@ -513,8 +506,11 @@ def test_many_frozen_readers_do_not_starve_other_calls(
     blocked = fuse_mount.wait_blocked(readers, op="read", timeout=20)
     assert {b["pid"] for b in blocked} >= {c.pid for c in children}
 
-    lister = spawn(f"import os; print(len(os.listdir({str(fuse_mount.path('incoming'))!r})))",
-                   stdout=subprocess.PIPE, text=True)
+    lister = spawn(
+        f"import os; print(len(os.listdir({str(fuse_mount.path('incoming'))!r})))",
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     out, _ = lister.communicate(timeout=5)
     assert out.strip() == str(readers)
     fuse_mount.thaw()
@@ -626,7 +622,7 @@ def test_lifeline_unmounts_when_test_process_disappears(tmp_path: Path) -> None:
 @pytest.mark.timeout(60, method="thread")
 def test_fixture_fails_instead_of_skipping_without_fuse(tmp_path: Path) -> None:
     """Run a tiny pytest session whose /dev/fuse is missing: it must error, not skip."""
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     test_file = tmp_path / "test_needs_fuse.py"
     test_file.write_text(
         textwrap.dedent(
@@ -645,7 +641,11 @@ def test_fixture_fails_instead_of_skipping_without_fuse(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": pythonpath}
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", str(test_file)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=50,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=50,
     )
     output = result.stdout + result.stderr
     assert result.returncode == 1, output

@@ -29,18 +29,26 @@ def proxy(azurite: Azurite) -> Iterator[BlobProxy]:
 
 def client(proxy: BlobProxy, azurite: Azurite, container: str) -> ContainerClient:
     """A client through the proxy that fails fast: no retries, short timeouts."""
-    return ContainerClient(proxy.account_url(azurite.account_name), container,
-                           credential=azurite.shared_key, retry_total=0,
-                           connection_timeout=2, read_timeout=2)
+    return ContainerClient(
+        proxy.account_url(azurite.account_name),
+        container,
+        credential=azurite.shared_key,
+        retry_total=0,
+        connection_timeout=2,
+        read_timeout=2,
+    )
 
 
 def http_get(port: int) -> bytes:
-    return (f"GET /devstoreaccount1?comp=list HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-            "Connection: keep-alive\r\n\r\n").encode()
+    return (
+        f"GET /devstoreaccount1?comp=list HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        "Connection: keep-alive\r\n\r\n"
+    ).encode()
 
 
-def test_pass_forwards_and_counts(proxy: BlobProxy, azurite: Azurite,
-                                  azurite_container: str) -> None:
+def test_pass_forwards_and_counts(
+    proxy: BlobProxy, azurite: Azurite, azurite_container: str
+) -> None:
     data = os.urandom(300_000)
     with client(proxy, azurite, azurite_container) as blobs:
         blobs.upload_blob("proxy/pass.bin", data, overwrite=True)
@@ -57,7 +65,8 @@ def test_pass_forwards_and_counts(proxy: BlobProxy, azurite: Azurite,
 
 
 def test_refuse_closes_the_port_resets_live_connections_and_reopens(
-        proxy: BlobProxy, azurite: Azurite, azurite_container: str) -> None:
+    proxy: BlobProxy, azurite: Azurite, azurite_container: str
+) -> None:
     live = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
     live.sendall(http_get(proxy.port))
     assert live.recv(1024).startswith(b"HTTP/1.1"), "the keep-alive connection works first"
@@ -68,8 +77,7 @@ def test_refuse_closes_the_port_resets_live_connections_and_reopens(
         live.sendall(http_get(proxy.port))
         live.recv(1024)
     live.close()
-    with client(proxy, azurite, azurite_container) as blobs, \
-            pytest.raises(ServiceRequestError):
+    with client(proxy, azurite, azurite_container) as blobs, pytest.raises(ServiceRequestError):
         blobs.get_container_properties()
     port = proxy.port
     proxy.pass_through()
@@ -78,16 +86,19 @@ def test_refuse_closes_the_port_resets_live_connections_and_reopens(
         assert blobs.get_container_properties().name == azurite_container
 
 
-def test_blackhole_accepts_and_never_answers(proxy: BlobProxy, azurite: Azurite,
-                                             azurite_container: str) -> None:
+def test_blackhole_accepts_and_never_answers(
+    proxy: BlobProxy, azurite: Azurite, azurite_container: str
+) -> None:
     proxy.blackhole()
     raw = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
     raw.sendall(http_get(proxy.port))
     raw.settimeout(1.5)
     with pytest.raises(socket.timeout):
         raw.recv(1024)
-    with client(proxy, azurite, azurite_container) as blobs, \
-            pytest.raises((ServiceResponseError, ServiceRequestError)):
+    with (
+        client(proxy, azurite, azurite_container) as blobs,
+        pytest.raises((ServiceResponseError, ServiceRequestError)),
+    ):
         blobs.get_container_properties()
     assert proxy.counts().up > 0 and proxy.counts().down == 0
     proxy.pass_through()
@@ -98,11 +109,14 @@ def test_blackhole_accepts_and_never_answers(proxy: BlobProxy, azurite: Azurite,
         assert blobs.get_container_properties().name == azurite_container
 
 
-def test_corrupt_auth_makes_storage_answer_403(proxy: BlobProxy, azurite: Azurite,
-                                              azurite_container: str) -> None:
+def test_corrupt_auth_makes_storage_answer_403(
+    proxy: BlobProxy, azurite: Azurite, azurite_container: str
+) -> None:
     proxy.corrupt_auth()
-    with client(proxy, azurite, azurite_container) as blobs, \
-            pytest.raises(HttpResponseError) as caught:
+    with (
+        client(proxy, azurite, azurite_container) as blobs,
+        pytest.raises(HttpResponseError) as caught,
+    ):
         blobs.upload_blob("proxy/denied.bin", b"x" * 1000, overwrite=True)
     assert caught.value.status_code == 403, caught.value
     proxy.pass_through()
@@ -115,19 +129,20 @@ def test_corrupt_signature_keeps_the_length_and_changes_one_character() -> None:
     line = AUTH_PREFIX + b"devstoreaccount1:AbCd+/Ef=="
     changed = corrupt_signature(line)
     assert len(changed) == len(line)
-    assert sum(a != b for a, b in zip(line, changed)) == 1
+    assert sum(a != b for a, b in zip(line, changed, strict=True)) == 1
     assert changed.startswith(AUTH_PREFIX + b"devstoreaccount1:")
 
 
-def test_corrupt_auth_header_split_across_reads(azurite: Azurite,
-                                                azurite_container: str) -> None:
+def test_corrupt_auth_header_split_across_reads(azurite: Azurite, azurite_container: str) -> None:
     """A header that arrives in pieces is still altered (and nothing else is held back)."""
     with BlobProxy(azurite.port) as proxy:
         proxy.corrupt_auth()
         raw = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
-        request = (f"GET /devstoreaccount1/{azurite_container}?restype=container HTTP/1.1\r\n"
-                   f"Host: 127.0.0.1\r\nx-ms-version: 2021-08-06\r\n"
-                   "x-ms-date: Mon, 01 Jan 2024 00:00:00 GMT\r\n").encode()
+        request = (
+            f"GET /devstoreaccount1/{azurite_container}?restype=container HTTP/1.1\r\n"
+            f"Host: 127.0.0.1\r\nx-ms-version: 2021-08-06\r\n"
+            "x-ms-date: Mon, 01 Jan 2024 00:00:00 GMT\r\n"
+        ).encode()
         raw.sendall(request + AUTH_PREFIX[:10])
         raw.sendall(AUTH_PREFIX[10:] + b"devstoreaccount1:QUJD\r\n\r\n")
         raw.settimeout(5)

@@ -36,7 +36,7 @@ pytest_plugins = ["tests.support.tokens"]
 STORAGE_RESOURCE = "https://storage.azure.com"
 
 SCOPE = "https://storage.azure.com/.default"
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # A stand-in for the real service: a separate process that only has the
 # environment the test gives it, and uses DefaultAzureCredential.
@@ -75,13 +75,22 @@ def child_cmd(args: dict[str, Any]) -> list[str]:
 
 def run_child(args: dict[str, Any], env: dict[str, str], timeout: float = 60) -> dict[str, Any]:
     """Run the child to completion and return its JSON result."""
-    proc = subprocess.run(child_cmd(args), env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    proc = subprocess.run(
+        child_cmd(args), env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
 def storage_args(az: Azurite, container: str, blob: str, data: str, **kw: Any) -> dict[str, Any]:
-    return {"action": "storage", "url": az.account_url, "container": container, "blob": blob, "data": data, **kw}
+    return {
+        "action": "storage",
+        "url": az.account_url,
+        "container": container,
+        "blob": blob,
+        "data": data,
+        **kw,
+    }
 
 
 # ----------------------------------------------------------------- Azurite
@@ -154,7 +163,9 @@ def test_https_subprocess_default_credential_uses_token_server(
 ) -> None:
     env = netguard_child_env(token_server.env(ca_bundle=azurite_https.ca_bundle_path))
     blob = f"selftest/mi-{uuid.uuid4().hex}.txt"
-    result = run_child(storage_args(azurite_https, azurite_container, blob, "via managed identity"), env)
+    result = run_child(
+        storage_args(azurite_https, azurite_container, blob, "via managed identity"), env
+    )
 
     assert result["ok"], result
     assert result["container"] == azurite_container
@@ -196,7 +207,9 @@ def test_wrong_audience_token_is_rejected_by_azurite(
 
 
 @pytest.mark.timeout(60)
-def test_refused_token_request_fails_fast(token_server: TokenServer, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_refused_token_request_fails_fast(
+    token_server: TokenServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """HTTP 400 from the endpoint: not retried, ClientAuthenticationError at once."""
     from azure.core.exceptions import ClientAuthenticationError
     from azure.identity import DefaultAzureCredential
@@ -220,12 +233,19 @@ def test_hung_token_endpoint_blocks_get_token_until_read_timeout(
     # Defaults: still blocked well after the request reached the endpoint.
     log = tmp_path / "blocked.out"
     with open(log, "w") as out:
-        blocked = subprocess.Popen(child_cmd({"action": "get_token"}), env=env, stdout=out,
-                                   stderr=subprocess.STDOUT, cwd=REPO)
+        blocked = subprocess.Popen(
+            child_cmd({"action": "get_token"}),
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
     try:
         assert token_server.wait_for_calls(1, timeout=30), log.read_text()
         time.sleep(3)
-        assert blocked.poll() is None, f"get_token returned while the endpoint hangs: {log.read_text()}"
+        assert blocked.poll() is None, (
+            f"get_token returned while the endpoint hangs: {log.read_text()}"
+        )
     finally:
         blocked.kill()
         blocked.wait(timeout=10)
@@ -233,7 +253,9 @@ def test_hung_token_endpoint_blocks_get_token_until_read_timeout(
     # Bounded by the credential's own transport knobs.
     before = token_server.calls
     result = run_child(
-        {"action": "get_token", "cred_kwargs": {"read_timeout": 2, "retry_total": 0}}, env, timeout=60
+        {"action": "get_token", "cred_kwargs": {"read_timeout": 2, "retry_total": 0}},
+        env,
+        timeout=60,
     )
     assert not result["ok"]
     assert result["exc_type"] == "azure.core.exceptions.ClientAuthenticationError"
@@ -244,7 +266,10 @@ def test_hung_token_endpoint_blocks_get_token_until_read_timeout(
 
 @pytest.mark.timeout(60)
 def test_short_lived_tokens_are_fetched_again(
-    azurite_https: Azurite, azurite_container: str, token_server: TokenServer, monkeypatch: pytest.MonkeyPatch
+    azurite_https: Azurite,
+    azurite_container: str,
+    token_server: TokenServer,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """azure-core renews a token with < 300 s (minus 0-60 s jitter) left; msal won't cache it.
 
@@ -261,7 +286,9 @@ def test_short_lived_tokens_are_fetched_again(
         for _ in range(3):
             container.get_container_properties()
         assert token_server.tokens_issued == expected_calls, lifetime
-        assert all(r.token_exp and r.token_exp - r.at <= lifetime + 1 for r in token_server.requests)
+        assert all(
+            r.token_exp and r.token_exp - r.at <= lifetime + 1 for r in token_server.requests
+        )
 
 
 # ----------------------------------------------------------------- netguard
@@ -320,7 +347,8 @@ def test_guard_allows_loopback_and_unix_sockets(tmp_path: Path) -> None:
 @pytest.mark.timeout(10)
 def test_guard_survives_pytest_socket_restoring_connect() -> None:
     """pytest-socket (auto-loaded) resets socket.socket.connect after each test."""
-    pytest_socket = pytest.importorskip("pytest_socket")
+    import pytest_socket  # declared in the test extra: a missing one fails, never skips
+
     pytest_socket._remove_restrictions()
     assert ng.GUARD.installed
     assert socket.socket.connect.__doc__ and "netguard" in socket.socket.connect.__doc__
@@ -348,9 +376,22 @@ def test_guard_fails_a_test_that_swallows_the_violation(tmp_path: Path) -> None:
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "tests.support.netguard", "-p", "no:cacheprovider",
-         "-q", str(tmp_path / "test_inner.py")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "tests.support.netguard",
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            str(tmp_path / "test_inner.py"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 1, proc.stdout
     assert "1 failed, 1 passed" in proc.stdout
@@ -375,7 +416,9 @@ def test_child_guard_refuses_and_logs(tmp_path: Path, token_server: TokenServer)
         print("pytest" in sys.modules)
         """
     )
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=30
+    )
     assert proc.stdout.split() == ["NetworkGuardViolation", "False"], proc.stderr
     found = ng.child_violations(guard_dir)
     assert [v["address"] for v in found] == ["('169.254.169.254', 80)"]
@@ -389,15 +432,24 @@ def _risks(env: dict[str, str]) -> list[str]:
 def test_assert_no_imds_rules(token_server: TokenServer) -> None:
     good = token_server.env()
     ng.assert_no_imds(good)
-    assert any("IMDS" in r for r in _risks({"AZURE_TOKEN_CREDENTIALS": "ManagedIdentityCredential"}))
+    assert any(
+        "IMDS" in r for r in _risks({"AZURE_TOKEN_CREDENTIALS": "ManagedIdentityCredential"})
+    )
     no_header = {k: v for k, v in good.items() if k != "IDENTITY_HEADER"}
     assert any("169.254.169.254" in r for r in _risks(no_header))
-    assert any("unset" in r for r in _risks({k: v for k, v in good.items() if k != "AZURE_TOKEN_CREDENTIALS"}))
+    assert any(
+        "unset" in r
+        for r in _risks({k: v for k, v in good.items() if k != "AZURE_TOKEN_CREDENTIALS"})
+    )
     assert _risks({**good, "IDENTITY_ENDPOINT": "http://10.1.2.3/msi/token"})
     assert _risks({**good, "HTTPS_PROXY": "http://proxy.example:3128"})
     # Workload identity is excluded when only ManagedIdentityCredential is selected.
-    wi = {"AZURE_TOKEN_CREDENTIALS": "ManagedIdentityCredential", "AZURE_CLIENT_ID": "c",
-          "AZURE_TENANT_ID": "t", "AZURE_FEDERATED_TOKEN_FILE": "/f"}
+    wi = {
+        "AZURE_TOKEN_CREDENTIALS": "ManagedIdentityCredential",
+        "AZURE_CLIENT_ID": "c",
+        "AZURE_TENANT_ID": "t",
+        "AZURE_FEDERATED_TOKEN_FILE": "/f",
+    }
     assert any("IMDS" in r for r in _risks(wi))
     with pytest.raises(AssertionError, match="not offline-safe"):
         ng.child_env({}, base={"PATH": "/usr/bin", "IDENTITY_ENDPOINT": "http://127.0.0.1:1/x"})
