@@ -47,7 +47,6 @@ import ipaddress
 import json
 import os
 import socket
-import sys
 import threading
 import time
 import traceback
@@ -256,9 +255,10 @@ class NetGuard:
     def install(self) -> None:
         """Patch ``socket.socket`` (again, if something restored the originals); idempotent.
 
-        pytest-socket (installed in this venv, auto-loaded) restores
-        ``socket.socket.connect`` to its import-time original after every
-        test; pointing its saved original at our wrapper keeps us in place.
+        The plugin calls it at the start of every test phase, so a plugin or
+        a monkeypatch that put the real methods back is undone at once. This
+        guard is the suite's only one (it replaced pytest-socket, which
+        covered ``connect`` alone and lifted itself before fixture teardown).
         """
         if self.installed:
             return
@@ -267,21 +267,12 @@ class NetGuard:
             self._wrappers = {name: self._make_wrapper(name) for name in _GUARDED}
         for name, func in self._wrappers.items():
             setattr(socket.socket, name, func)
-        pytest_socket = sys.modules.get("pytest_socket")
-        if pytest_socket is not None and hasattr(pytest_socket, "_true_connect"):
-            pytest_socket._true_connect = self._wrappers["connect"]
 
     def uninstall(self) -> None:
         if not self._wrappers:
             return
         for name, func in self._originals.items():
             setattr(socket.socket, name, func)
-        pytest_socket = sys.modules.get("pytest_socket")
-        if (
-            pytest_socket is not None
-            and getattr(pytest_socket, "_true_connect", None) is self._wrappers["connect"]
-        ):
-            pytest_socket._true_connect = self._originals["connect"]
         self._wrappers = {}
         self._originals = {}
 
