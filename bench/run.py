@@ -195,8 +195,14 @@ def _git(*args: str) -> str:
         return ""
 
 
-def verify(az: Azurite, result: Result, prefix: str, corpus: Corpus, names: list[str],
-           stored_required: bool = False) -> None:
+def verify(
+    az: Azurite,
+    result: Result,
+    prefix: str,
+    corpus: Corpus,
+    names: list[str],
+    stored_required: bool = False,
+) -> None:
     """Download every blob, compare its MD5 with the source's, then delete it.
 
     With ``stored_required`` (ingestd with ``APP_AZURE_PUT_MD5`` on, its
@@ -286,8 +292,12 @@ def run_scenario(
                     timeout=max(300.0, corpus.total(names) / 5e6),
                 )
                 service.wait_idle()
-            stored_required = contender == "ingestd" and service is not None and \
-                service.env.get("APP_AZURE_PUT_MD5", "true").lower() in ("1", "true", "yes", "on")
+            stored_required = (
+                contender == "ingestd"
+                and service is not None
+                and service.env.get("APP_AZURE_PUT_MD5", "true").lower()
+                in ("1", "true", "yes", "on")
+            )
             verify(az, result, prefix, corpus, names, stored_required)
             results.append(result)
             s = result.summary()
