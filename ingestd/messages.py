@@ -78,6 +78,18 @@ class Stop:
     """Finish the current step and exit."""
 
 
+# parent -> scanner
+
+
+@dataclass(frozen=True)
+class ReleaseLease:
+    """The replica drained cleanly (no upload in flight): release the lease.
+
+    Survivors then take whatever this replica still holds at their next
+    pass, instead of waiting for the lease to expire.
+    """
+
+
 # parent -> uploader
 
 
@@ -117,6 +129,21 @@ class RecoveryDone:
     """The listing of ``.processing`` is complete."""
 
     count: int
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """Stable files waiting in incoming at the last poll (claimed ones are not there)."""
+
+    files: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class LeaseGone:
+    """Another replica took over this replica's files: it must take no more work."""
+
+    reason: str
 
 
 @dataclass(frozen=True)
