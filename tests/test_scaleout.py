@@ -175,12 +175,12 @@ def test_stale_links_of_dead_owners_are_removed_and_live_ones_kept(tmp_path: Pat
 
 # The real service: two replicas on one share, each with its own blob proxy.
 
-LEASE_S = 8.0
+LEASE_S = 12.0
 RENEW_S = leases.renew_interval(LEASE_S)
 SETTINGS = {
     "APP_AUTOSTART_SESSION": "scaleout",
     "APP_LEASE_TIMEOUT_S": str(LEASE_S),
-    "APP_CHILD_STALL_TIMEOUT_S": "3.5",
+    "APP_CHILD_STALL_TIMEOUT_S": "8",
     "APP_SHUTDOWN_GRACE_S": "2",
     "APP_AZURE_MAX_BLOCK_SIZE": "1MiB",
     "APP_WORKER_CONCURRENCY": "2",
@@ -239,6 +239,8 @@ def visible(folder: Path) -> list[Path]:
 
 
 FILES, WRITE_S = 80, 30.0
+RESTARTS = 6
+"""At least: 4 kill -9 and 2 SIGTERM (a restart takes 3-5 s on a busy 2-core machine)."""
 
 
 @pytest.mark.timeout(240)
@@ -277,7 +279,7 @@ def test_two_replicas_while_one_is_killed_and_restarted_over_and_over(
     started = time.monotonic()
     writer.start()
     kills, terms = 0, 0
-    while writer.is_alive():
+    while writer.is_alive() or kills + terms < RESTARTS:
         time.sleep(rng.uniform(1.0, 2.5))
         if (kills + terms) % 3 == 2:
             victim.terminate()
@@ -307,7 +309,7 @@ def test_two_replicas_while_one_is_killed_and_restarted_over_and_over(
           f"{len(expected)} files in {seconds:.1f} s: commits per replica "
           f"{[sum(c.values()) for c in by_replica]}, blobs committed by both replicas "
           f"{len(both)}, repeat commits by one replica after a crash {repeats}")
-    assert kills >= 4 and terms >= 2, "too few restarts to prove anything"
+    assert kills >= 4 and terms >= 2
     assert set(by_replica[0]) | set(by_replica[1]) == {prefix + name for name in expected}
     assert not both, f"uploaded by both replicas: {both}"
     assert repeats[0] == 0, "replica 0 never crashed: it uploaded a file twice"
@@ -318,8 +320,8 @@ def test_a_replica_killed_for_good_hands_its_claimed_files_to_the_survivor(
     make_service, layout: Layout, tmp_path: Path, azurite: Azurite, azurite_container: str,
     proxies: list[BlobProxy],
 ) -> None:
-    """Replica 1 claims 4 files (4 uploaders, 0.5 MB/s cap: they stay in flight) and is
-    killed with -9 for good. Replica 0 is not watching (it claims nothing from
+    """Replica 1 claims 4 files of 6 MiB (4 uploaders; block uploads under a 0.5 MB/s
+    cap, so they stay in flight) and is killed with -9 for good. Replica 0 is not watching (it claims nothing from
     incoming) but runs its recovery passes: it must take and deliver the 4 files once
     replica 1's lease expires, not before, and within lease + two renew intervals
     (plus upload time; the bound asserted is loose, the figure is printed)."""
@@ -328,7 +330,7 @@ def test_a_replica_killed_for_good_hands_its_claimed_files_to_the_survivor(
     victim = pods.start(1, APP_WORKER_CONCURRENCY="4", APP_AZURE_MAX_MBPS="0.5")
     date = victim.status()["session"]["date_prefix"]
     prefix = f"{date}/scaleout/"
-    expected = {f"held-{i}.bin": write_random(layout.incoming / f"held-{i}.bin", 3 * MiB)
+    expected = {f"held-{i}.bin": write_random(layout.incoming / f"held-{i}.bin", 6 * MiB)
                 for i in range(4)}
     links = layout.processing / date / "scaleout" / leases.OWNERS
     wait_until(lambda: links.is_dir() and len(os.listdir(links)) == 4

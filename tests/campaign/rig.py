@@ -283,7 +283,7 @@ def rig(workdir: Path, replicas: int, small_staging: bool,
                 # One name per replica (they share this host's name); a restart
                 # of a replica keeps it, like a pod's container restart.
                 "APP_REPLICA_ID": f"campaign-replica-{index}",
-                "APP_LEASE_TIMEOUT_S": "8",
+                "APP_LEASE_TIMEOUT_S": "8",  # > the stall timeout below
                 "APP_CHILD_STALL_TIMEOUT_S": "3",
                 "APP_LIVENESS_TIMEOUT_S": "30",
                 "APP_MIN_FILE_AGE_S": "0.5",
