@@ -358,3 +358,32 @@ def test_a_replica_killed_for_good_hands_its_claimed_files_to_the_survivor(
     assert seconds < LEASE_S + 2 * RENEW_S + 30
     assert token.rpartition("~")[0] == "replica-1"
     assert_nothing_left(pods.layouts[0])
+
+
+@pytest.mark.timeout(90)
+def test_backlog_is_what_waits_in_incoming(make_service, layout: Layout) -> None:
+    """The scaling signal: stable files waiting in incoming and their bytes, in
+    /v1/status and /metrics. One uploader under a 0.5 MB/s cap holds the first
+    file; the other four wait in incoming (queued in the parent, not claimed)."""
+    from tests.support.service import scrape
+
+    service = make_service(APP_AUTOSTART="true", APP_AUTOSTART_SESSION="backlog",
+                           APP_WORKER_CONCURRENCY="1", APP_AZURE_MAX_MBPS="0.5",
+                           APP_AZURE_MAX_BLOCK_SIZE="1MiB")
+    for index in range(5):
+        write_random(layout.incoming / f"wait-{index}.bin", 6 * MiB + index)
+
+    def backlog() -> dict | None:
+        status = service.status()
+        waiting = [p for p in layout.incoming.iterdir() if not p.name.startswith(".")]
+        if status["in_flight"] and len(waiting) == 4 and status["backlog"]["files"] == 4:
+            return {"status": status["backlog"], "bytes": sum(p.stat().st_size for p in waiting)}
+        return None
+
+    seen = wait_until(backlog, 30, interval=0.2, what="one file in flight, four waiting")
+    assert seen["status"] == {"files": 4, "bytes": seen["bytes"]}
+    samples = scrape(service)
+    assert samples["ingestd_backlog_files{}"] == 4
+    assert samples["ingestd_backlog_bytes{}"] == seen["bytes"]
+    service.stop_session()
+    assert service.status()["backlog"] == {"files": 0, "bytes": 0}, "not watching: no backlog"
