@@ -116,7 +116,11 @@ class Stable:
 
 @dataclass(frozen=True)
 class Recovered:
-    """A file found in ``.processing`` at startup: claimed but not finished."""
+    """A claimed file in ``.processing`` that is this replica's to upload.
+
+    Found at the scanner's start (its own, unowned, and dead replicas'
+    claims) or by a later pass (a dead replica's, see ingestd.leases).
+    """
 
     name: str
     date: str
@@ -126,7 +130,10 @@ class Recovered:
 
 @dataclass(frozen=True)
 class RecoveryDone:
-    """The listing of ``.processing`` is complete."""
+    """A pass over ``.processing`` is complete (``count`` files reported).
+
+    Sent after the start pass, and after a later pass that took files.
+    """
 
     count: int
 

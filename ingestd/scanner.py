@@ -1,8 +1,11 @@
 """The scanner child: the only process that lists NFS folders.
 
-It polls incoming, decides which files are stable, and at its first start
-lists ``.processing`` so claimed-but-unfinished files are uploaded again. It
-keeps no state but the previous poll's ``(size, mtime, inode)`` per name;
+It polls incoming, decides which files are stable (and reports the backlog),
+and at its start lists ``.processing`` so claimed-but-unfinished files are
+uploaded again. It also renews this replica's lease on the share and, at
+each renewal, takes over the claims of replicas whose lease expired
+(:mod:`ingestd.leases`). It keeps no state but the previous poll's
+``(size, mtime, inode)`` per name and what it saw of other leases;
 everything it learns goes to the parent as messages.
 """
 
