@@ -136,6 +136,17 @@ class Settings(BaseSettings):
     # Supervision.
     child_stall_timeout_s: float = Field(60.0, gt=0)
     liveness_timeout_s: float = Field(300.0, gt=0)
+
+    # Replicas on one share (ingestd.leases). The name this replica's claims
+    # are recorded under; empty: the pod's name (HOSTNAME), else the host
+    # name. Must differ between replicas running at the same time. A
+    # replica whose lease has not changed for lease_timeout_s is taken for
+    # dead and its claimed files go to a survivor. Keep it above the time a
+    # frozen mount takes to get the pod restarted by its liveness probe
+    # (liveness_timeout_s + probe period x failures + termination grace; 480
+    # s with the manifests), so a live replica is never taken for dead.
+    replica_id: str = ""
+    lease_timeout_s: float = Field(600.0, gt=0)
     # At least 1: with 0, no killed child could ever be replaced.
     max_stuck_children: int = Field(8, ge=1)
     shutdown_grace_s: float = Field(120.0, ge=0)
@@ -184,6 +195,28 @@ class Settings(BaseSettings):
         if not all("!" <= c <= "~" for c in token):
             raise ValueError("must be printable ASCII without spaces")
         return value
+
+    @field_validator("replica_id")
+    @classmethod
+    def _check_replica_id(cls, value: str) -> str:
+        """It names files on the share and is split from a token at its last ``~``."""
+        if value and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}", value):
+            raise ValueError("use letters, digits, '.', '_' and '-' (a pod name), "
+                             "starting with a letter or digit")
+        return value
+
+    @model_validator(mode="after")
+    def _lease_outlives_a_stall(self) -> Settings:
+        """A stalled scanner is replaced after the stall timeout; its lease must outlast that.
+
+        Only a floor against nonsense: the timeout to choose is far longer
+        (see the comment at ``lease_timeout_s`` and docs/operations.md).
+        """
+        if self.lease_timeout_s <= self.child_stall_timeout_s:
+            raise ValueError("APP_LEASE_TIMEOUT_S must be more than APP_CHILD_STALL_TIMEOUT_S:"
+                             " a scanner killed for a stall must be replaced (and renew the "
+                             "lease) before its replica is taken for dead")
+        return self
 
     @model_validator(mode="after")
     def _reads_need_a_token(self) -> Settings:

@@ -78,6 +78,18 @@ class Stop:
     """Finish the current step and exit."""
 
 
+# parent -> scanner
+
+
+@dataclass(frozen=True)
+class ReleaseLease:
+    """The replica drained cleanly (no upload in flight): release the lease.
+
+    Survivors then take whatever this replica still holds at their next
+    pass, instead of waiting for the lease to expire.
+    """
+
+
 # parent -> uploader
 
 
@@ -104,7 +116,11 @@ class Stable:
 
 @dataclass(frozen=True)
 class Recovered:
-    """A file found in ``.processing`` at startup: claimed but not finished."""
+    """A claimed file in ``.processing`` that is this replica's to upload.
+
+    Found at the scanner's start (its own, unowned, and dead replicas'
+    claims) or by a later pass (a dead replica's, see ingestd.leases).
+    """
 
     name: str
     date: str
@@ -114,9 +130,27 @@ class Recovered:
 
 @dataclass(frozen=True)
 class RecoveryDone:
-    """The listing of ``.processing`` is complete."""
+    """A pass over ``.processing`` is complete (``count`` files reported).
+
+    Sent after the start pass, and after a later pass that took files.
+    """
 
     count: int
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """Stable files waiting in incoming at the last poll (claimed ones are not there)."""
+
+    files: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class LeaseGone:
+    """Another replica took over this replica's files: it must take no more work."""
+
+    reason: str
 
 
 @dataclass(frozen=True)

@@ -129,6 +129,14 @@ def _gauges(view: dict) -> Iterator:
                             value=view["queued"])
     yield GaugeMetricFamily("ingestd_scan_files_seen", "Candidate files seen by the last poll.",
                             value=stats.last_scan_seen)
+    yield GaugeMetricFamily("ingestd_backlog_files",
+                            "Stable files waiting in incoming at the last poll (0 while "
+                            "not watching). Every replica sees the same folder: "
+                            "aggregate with max(), not sum().",
+                            value=stats.backlog_files)
+    yield GaugeMetricFamily("ingestd_backlog_bytes",
+                            "Bytes of the stable files waiting in incoming at the last poll.",
+                            value=stats.backlog_bytes)
     yield GaugeMetricFamily("ingestd_watch_enabled", "1 while a session is scanning.",
                             value=1 if view["enabled"] else 0)
     yield GaugeMetricFamily("ingestd_last_success_timestamp_seconds",

@@ -1,8 +1,11 @@
 """The scanner child: the only process that lists NFS folders.
 
-It polls incoming, decides which files are stable, and at its first start
-lists ``.processing`` so claimed-but-unfinished files are uploaded again. It
-keeps no state but the previous poll's ``(size, mtime, inode)`` per name;
+It polls incoming, decides which files are stable (and reports the backlog),
+and at its start lists ``.processing`` so claimed-but-unfinished files are
+uploaded again. It also renews this replica's lease on the share and, at
+each renewal, takes over the claims of replicas whose lease expired
+(:mod:`ingestd.leases`). It keeps no state but the previous poll's
+``(size, mtime, inode)`` per name and what it saw of other leases;
 everything it learns goes to the parent as messages.
 """
 
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import re
 import time
@@ -20,12 +24,16 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TypeVar
 
-from ingestd import child
+from ingestd import child, leases
 from ingestd.child import Channel, ParentGone
 from ingestd.config import Settings
+from ingestd.leases import Lease, LeaseLost, Observer, Recovery
 from ingestd.messages import (
+    Backlog,
+    LeaseGone,
     Recovered,
     RecoveryDone,
+    ReleaseLease,
     ScanControl,
     ScanDone,
     ScanError,
@@ -125,23 +133,26 @@ def choose_offers(
     return offers, now_offered
 
 
-def recover(settings: Settings, channel: Channel) -> int:
-    """Report every file under ``.processing/<date>/<session>/``; return the count."""
-    root = settings.nfs_processing_root
-    count = 0
-    for date in _folders(root):
-        if not DATE_FOLDER.match(date):
-            continue
-        for session in _folders(root / date):
-            with os.scandir(root / date / session) as entries:
-                for entry in entries:
-                    channel.beat("recovering")
-                    if entry.name.startswith(".") or not entry.is_file(follow_symlinks=False):
-                        continue
-                    size = entry.stat(follow_symlinks=False).st_size
-                    channel.send(Recovered(name=entry.name, date=date, session=session, size=size))
-                    count += 1
-    return count
+def recover(recovery: Recovery, channel: Channel, start: bool) -> int:
+    """Report the claimed files that are this replica's to upload; return the count.
+
+    At a scanner start: every file this replica holds, those of its earlier
+    lives, those without an owner, and those of replicas taken for dead.
+    Afterwards, every :func:`leases.renew_interval`: only what it takes over
+    (see :class:`ingestd.leases.Recovery`).
+    """
+    result = recovery.run(start, lambda: channel.beat("recovering"))
+    for claim in result.ours:
+        channel.send(Recovered(name=claim.name, date=claim.date, session=claim.session,
+                               size=claim.size))
+    for holder, count in result.adopted.items():
+        log.warning("took over %d claimed files of %s, taken for dead (no lease "
+                    "renewal seen for %.0f s, or an earlier life of this replica)",
+                    count, holder, recovery.observer.silent_for(holder))
+    if result.ownerless:
+        log.info("took %d claimed files that had no owner (claimed before leases, or "
+                 "moved back by hand)", result.ownerless)
+    return len(result.ours)
 
 
 def check_setup(settings: Settings) -> list[str]:
@@ -161,6 +172,7 @@ def check_setup(settings: Settings) -> list[str]:
     }
     for folder in folders.values():
         folder.mkdir(parents=True, exist_ok=True)
+    (settings.nfs_processing_root / leases.LEASES).mkdir(exist_ok=True)
     devices = {name: os.stat(folder).st_dev for name, folder in folders.items()}
     problems = []
     if len(set(devices.values())) > 1:
@@ -220,7 +232,7 @@ def _folders(path: Path) -> list[str]:
 class Scanner:
     """The scanner's main loop, with its backoff and its one piece of state."""
 
-    def __init__(self, settings: Settings, channel: Channel) -> None:
+    def __init__(self, settings: Settings, channel: Channel, owner: str) -> None:
         self.settings = settings
         self.channel = channel
         self.enabled = False
@@ -228,13 +240,27 @@ class Scanner:
         self.offered: dict[str, Signature] = {}
         self.polls = 0
         self.backoff_s = 0.0
+        root = settings.nfs_processing_root
+        self.lease = Lease(root, owner)
+        self.recovery = Recovery(root, owner, Observer(owner, settings.lease_timeout_s))
+        self.renew_s = leases.renew_interval(settings.lease_timeout_s)
+        self.next_renewal = 0.0
+        self.lease_lost = False
 
     def run(self, first_start: bool) -> None:
         self._check_setup()
+        # The lease first: no file may be claimed under a token without one.
+        self._retrying("lease renewal", self._renew)
         self._retrying("recovery", lambda: self._recover(first_start))
         next_poll = 0.0
         while True:
-            self._wait_for_control(max(0.0, next_poll - time.monotonic()))
+            wake = next_poll if self.enabled else math.inf
+            if not self.lease_lost:
+                wake = min(wake, self.next_renewal)
+            self._wait_for_control(max(0.0, wake - time.monotonic()))
+            if not self.lease_lost and time.monotonic() >= self.next_renewal:
+                self._retrying("lease renewal", self._renew)
+                self._retrying("recovery", self._adopt)
             if not self.enabled:
                 next_poll = 0.0  # poll at once when enabled again
             elif time.monotonic() >= next_poll:
@@ -268,8 +294,28 @@ class Scanner:
             removed = clean_staging(self.settings.local_staging_root)
             if removed:
                 log.info("removed %d stale staging files", removed)
-        count = recover(self.settings, self.channel)
+        count = recover(self.recovery, self.channel, start=True)
         self.channel.send(RecoveryDone(count=count))
+
+    def _renew(self) -> None:
+        """Renew the lease; if another replica took our files, say so and stop renewing."""
+        self.next_renewal = time.monotonic() + self.renew_s
+        try:
+            self.lease.renew()
+        except LeaseLost as exc:
+            log.error("lease lost: %s; this replica takes no more work", exc)
+            self.lease_lost = True
+            self.channel.send(LeaseGone(str(exc)))
+
+    def _adopt(self) -> None:
+        """The periodic pass: take the files of replicas taken for dead."""
+        if self.lease_lost:
+            return
+        self.channel.beat("recovering", force=True)
+        count = recover(self.recovery, self.channel, start=False)
+        if count:
+            self.channel.send(RecoveryDone(count=count))
+        self.channel.beat("idle", force=True)
 
     def _poll(self) -> None:
         self.channel.beat("scanning", force=True)
@@ -284,6 +330,7 @@ class Scanner:
             self.channel.send(Stable(files=tuple(offers[start : start + BATCH])))
         self.channel.send(ScanDone(seen=len(listing.files), stable=len(stable),
                                    seconds=listing.seconds))
+        self.channel.send(Backlog(files=len(stable), bytes=sum(item[1] for item in stable)))
         self.channel.beat("idle", force=True)
 
     def _retrying(self, what: str, step: Callable[[], T]) -> T:
@@ -324,6 +371,14 @@ class Scanner:
             if not self.enabled:
                 self.previous = {}
                 self.offered = {}
+        if isinstance(message, ReleaseLease) and not self.lease_lost:
+            try:
+                self.lease.release()
+                self.lease_lost = True  # nothing more to renew: we are stopping
+                log.info("lease released: other replicas may take what is left at once")
+            except OSError as exc:
+                log.warning("could not release the lease (%s); others take what is left "
+                            "once it expires", _describe(exc))
 
 
 def _describe(exc: OSError) -> str:
@@ -332,10 +387,10 @@ def _describe(exc: OSError) -> str:
     return f"{name}: {exc.strerror or exc}{where}"
 
 
-def main(conn: Connection, settings: Settings, first_start: bool) -> None:
-    """Entry point of the scanner process."""
+def main(conn: Connection, settings: Settings, first_start: bool, owner: str) -> None:
+    """Entry point of the scanner process; ``owner`` is this replica's lease token."""
     child.start(settings, "scanner")
     try:
-        Scanner(settings, Channel(conn)).run(first_start)
+        Scanner(settings, Channel(conn), owner).run(first_start)
     except ParentGone:
         return

@@ -67,6 +67,8 @@ class Stats:
     last_scan_seen: int = 0
     last_scan_stable: int = 0
     last_scan_seconds: float = 0.0
+    backlog_files: int = 0  # stable files waiting in incoming at the last poll
+    backlog_bytes: int = 0
     restarts: Counter = field(default_factory=Counter)
     kills: Counter = field(default_factory=Counter)
     history: int = 100
@@ -139,6 +141,10 @@ class Stats:
         self.last_scan_seen, self.last_scan_stable = seen, stable
         self.last_scan_seconds = seconds
 
+    def on_backlog(self, files: int, size: int) -> None:
+        """What waits in incoming: the scaling signal (every replica sees the same folder)."""
+        self.backlog_files, self.backlog_bytes = files, size
+
     def totals(self) -> dict:
         return {
             "processed_ok": self.processed_ok,
@@ -158,6 +164,7 @@ class Stats:
                 "last_stable": self.last_scan_stable,
                 "last_seconds": round(self.last_scan_seconds, 4),
             },
+            "backlog": {"files": self.backlog_files, "bytes": self.backlog_bytes},
             "restarts": dict(self.restarts),
             "kills": dict(self.kills),
         }

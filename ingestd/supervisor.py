@@ -24,9 +24,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import wait
 
-from ingestd import scanner, uploader
+from ingestd import leases, scanner, uploader
 from ingestd.config import Settings
 from ingestd.messages import (
+    Backlog,
     Beat,
     Claimed,
     Done,
@@ -34,10 +35,12 @@ from ingestd.messages import (
     GaveUp,
     Gone,
     Job,
+    LeaseGone,
     Quarantined,
     RateLimit,
     Recovered,
     RecoveryDone,
+    ReleaseLease,
     ScanControl,
     ScanDone,
     ScanError,
@@ -133,6 +136,9 @@ class Supervisor:
         self._first_scanner = True
         self._stopping = threading.Event()
         self.rate_cap = settings.azure_max_mbps * 1e6  # bytes/s for the pod; 0 = none
+        # This life's lease token: claims are recorded under it (ingestd.leases).
+        self.owner = leases.new_token(leases.replica_name(settings.replica_id))
+        self.lease_lost: str | None = None
         self._thread = threading.Thread(target=self._run, name="supervisor", daemon=True)
         self.on_drained: Callable[[], None] | None = None
 
@@ -192,6 +198,7 @@ class Supervisor:
     def stop_session(self) -> Session | None:
         with self.lock:
             session, self.enabled = self.session, False
+            self.stats.on_backlog(0, 0)  # not watching: nothing waits for this replica
         if session:
             log.info("session stopped", extra={"session": session.encoded, "date": session.date})
         return session
@@ -315,6 +322,11 @@ class Supervisor:
             self.stats.last_error = message.error
         elif isinstance(message, SetupProblem):
             self._on_setup(message)
+        elif isinstance(message, Backlog):
+            if self.enabled:
+                self.stats.on_backlog(message.files, message.bytes)
+        elif isinstance(message, LeaseGone):
+            self._on_lease_gone(message)
         elif isinstance(message, Claimed):
             if slot.job is not None and slot.job.key == message.key:
                 slot.job = replace(slot.job, claimed=True, maybe_claimed=False)
@@ -340,7 +352,20 @@ class Supervisor:
             log.info("the folders are usable again")
         self.setup_problems = message.problems
 
+    def _on_lease_gone(self, message: LeaseGone) -> None:
+        """Another replica took our files (we were taken for dead): take no more work.
+
+        Uploads in flight may finish (the same bytes, so a second upload by
+        the heir is harmless); /healthz fails so the pod is restarted with a
+        new lease.
+        """
+        self.lease_lost = message.reason
+        self.stats.last_error = f"lease lost: {message.reason}"
+        log.error("lease lost: %s; no more work is dispatched", message.reason)
+
     def _on_recovered(self, message: Recovered) -> None:
+        if self.draining:
+            return  # ours now; the lease released at the end hands it on at once
         job = Job(name=message.name, date=message.date, session=message.session,
                   claimed=True)
         self.queue.add_recovered(job)
@@ -402,11 +427,12 @@ class Supervisor:
 
     def _spawn(self, slot: Slot) -> None:
         if slot.role == SCANNER:
-            target, args = scanner.main, (self.settings, self._first_scanner)
+            target, args = scanner.main, (self.settings, self._first_scanner, self.owner)
             self._first_scanner = False
             self._scan_sent = None
         else:
-            target, args = uploader.main, (self.settings, self.auth_method, slot.role)
+            target, args = uploader.main, (self.settings, self.auth_method, slot.role,
+                                           self.owner)
         slot.child = ChildProcess(slot.role, target, args)
         slot.state, slot.file, slot.last_beat, slot.held_back = "starting", None, \
             time.monotonic(), None
@@ -515,7 +541,7 @@ class Supervisor:
             self._scan_sent = scan
 
     def _dispatch(self, now: float) -> None:
-        if not self.recovery_done or self.draining:
+        if not self.recovery_done or self.draining or self.lease_lost:
             return
         for slot in self.slots[1:]:
             if slot.child is None or slot.child.conn is None or slot.job is not None:
@@ -542,6 +568,9 @@ class Supervisor:
                         ".processing for the next start: %s", len(busy), ", ".join(busy))
         else:
             log.info("drained: no upload in flight")
+            scanner_slot = self.slots[0]
+            if scanner_slot.child:  # nothing of ours moves any more: hand on what is left
+                scanner_slot.child.send(ReleaseLease())
         for slot in self.slots:
             if slot.child:
                 slot.child.send(Stop())
@@ -560,6 +589,8 @@ class Supervisor:
         if now - self.last_tick > LOOP_STALE_S:
             return False, f"supervisor loop has not ticked for {now - self.last_tick:.0f} s"
         problems = [f"folders unusable: {problem}" for problem in self.setup_problems]
+        if self.lease_lost:
+            problems.append(f"lease lost: {self.lease_lost}")
         # A slot held back only while killed children are still dying is no
         # problem yet; once the kernel keeps them past the grace, it is.
         stuck = self.stuck_count(now) >= max(1, self.settings.max_stuck_children)
@@ -621,6 +652,8 @@ class Supervisor:
                 "killed_unreaped": len(self.stuck),
                 "auth_method": self.auth_method,
                 "upload_rate_cap": self._rate_view(),
+                "replica": {"id": leases.replica_of(self.owner), "lease": self.owner,
+                            "lease_lost": self.lease_lost},
                 **self._sessions_view(),
             }
 

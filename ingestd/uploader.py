@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from ingestd import blobstore, child, provenance
+from ingestd import blobstore, child, leases, provenance
 from ingestd.blobstore import Staged
 from ingestd.child import Channel, ParentGone
 from ingestd.config import Settings
@@ -77,6 +77,7 @@ class Paths:
     claimed: Path
     staged: Path
     attempts: Path
+    owner: Path  # the claim's owner link (ingestd.leases)
     failed: Path
     failed_sidecar: Path
 
@@ -89,6 +90,7 @@ class Paths:
             claimed=processing / job.name,
             staged=settings.local_staging_root / job.date / job.session / job.name,
             attempts=processing / ATTEMPTS_FOLDER / job.name,
+            owner=processing / leases.OWNERS / job.name,
             failed=failed / job.name,
             failed_sidecar=failed / ERRORS_FOLDER / job.name,
         )
@@ -97,8 +99,13 @@ class Paths:
 # The steps. Each is a plain function of paths, so tests can call them directly.
 
 
-def claim(paths: Paths, job: Job) -> bool:
+def claim(paths: Paths, job: Job, owner: str) -> bool:
     """Move the file into ``.processing``; False if it is not this job's to upload.
+
+    ``owner`` is this replica's lease token. The claim's owner link (see
+    :mod:`ingestd.leases`) is taken before the rename and is the lock
+    between replicas: a file whose link names another replica is not ours,
+    whether it still is in incoming (being claimed) or already claimed.
 
     The rename is the lock (PRD FR-3): for a file seen in incoming, finding it
     gone means another replica won the rename, and the file is skipped rather
@@ -118,12 +125,18 @@ def claim(paths: Paths, job: Job) -> bool:
     stable.
     """
     if job.claimed:
-        return os.path.lexists(paths.claimed)
+        return os.path.lexists(paths.claimed) and leases.holder(paths.owner) == owner
     if os.path.lexists(paths.claimed):
-        return job.maybe_claimed or os.path.lexists(paths.incoming)
+        return (job.maybe_claimed or os.path.lexists(paths.incoming)) and \
+            leases.take(paths.owner, owner)
     if job.seen is not None and _size_mtime(paths.incoming) != job.seen:
         return False
-    return _rename_into(paths.incoming, paths.claimed)
+    if not leases.take(paths.owner, owner):
+        return False  # another replica is claiming it, or holds an older copy
+    if _rename_into(paths.incoming, paths.claimed):
+        return True
+    leases.release_if_unclaimed(paths.owner, paths.claimed, owner)
+    return False
 
 
 def _rename_into(source: Path, target: Path) -> bool:
@@ -336,7 +349,7 @@ class Changed(Exception):
 
 
 def cleanup(paths: Paths, uploaded: Signature, staged_ino: int | None,
-            roots: tuple[Path, Path]) -> None:
+            roots: tuple[Path, Path], owner: str = "") -> None:
     """Delete the NFS copy, only if it is still the version uploaded; then the staging copy.
 
     A writer that kept its descriptor open across the claim may have
@@ -354,6 +367,7 @@ def cleanup(paths: Paths, uploaded: Signature, staged_ino: int | None,
             paths.claimed.unlink()
         except FileNotFoundError:
             pass  # another replica finished the same file first
+    leases.release(paths.owner, owner)  # after the file: a claimed file always has one
     discard_staged(paths, staged_ino)
     paths.attempts.unlink(missing_ok=True)
     prune_folders(paths, roots)
@@ -379,6 +393,7 @@ def prune_folders(paths: Paths, roots: tuple[Path, Path]) -> None:
     """
     processing_root, staging_root = roots
     _remove_empty(paths.attempts.parent)
+    _remove_empty(paths.owner.parent)
     for folder, root in ((paths.claimed.parent, processing_root),
                          (paths.staged.parent, staging_root)):
         while folder != root and root in folder.parents:
@@ -416,7 +431,7 @@ def write_attempts(paths: Paths, attempts: int, error: str) -> None:
     os.replace(temp, paths.attempts)
 
 
-def quarantine(paths: Paths, job: Job, attempts: int, error: str) -> Path:
+def quarantine(paths: Paths, job: Job, attempts: int, error: str, owner: str = "") -> Path:
     """Move a poison file to ``.failed`` with a sidecar that says why; return where.
 
     An earlier poison file of the same name, date and session stays: this
@@ -435,6 +450,7 @@ def quarantine(paths: Paths, job: Job, attempts: int, error: str) -> Path:
     }
     (paths.failed_sidecar.parent / target.name).write_text(json.dumps(record, indent=2))
     os.rename(paths.claimed, target)
+    leases.release(paths.owner, owner)
     paths.attempts.unlink(missing_ok=True)
     discard_staged(paths)
     return target
@@ -472,9 +488,11 @@ def describe_os_error(exc: OSError) -> str:
 class Uploader:
     """The uploader's main loop: wait for a job, run it, report, repeat."""
 
-    def __init__(self, settings: Settings, channel: Channel, auth_method: str) -> None:
+    def __init__(self, settings: Settings, channel: Channel, auth_method: str,
+                 owner: str = "") -> None:
         self.settings = settings
         self.channel = channel
+        self.owner = owner  # this replica's lease token (ingestd.leases)
         self.client = blobstore.container_client(settings, auth_method)
         self.host = provenance.host_name()
         self.bucket = TokenBucket(initial_share(settings))
@@ -507,8 +525,9 @@ class Uploader:
         started = time.monotonic()
         self.channel.beat("claiming", job.name, force=True)
         try:
-            if not claim(paths, job):
+            if not claim(paths, job, self.owner):
                 discard_staged(paths)  # a killed uploader's copy, if one was left
+                self._unlink_owner(paths)
                 log.info("file gone or changed before claim (taken elsewhere, or being "
                          "written again)", extra=_context(job))
                 return Gone(job, "gone from incoming, or changed since it was found stable")
@@ -523,6 +542,7 @@ class Uploader:
             return self._failed(job, paths, exc)
         except Vanished:
             discard_staged(paths)
+            self._unlink_owner(paths)
             log.info("claimed file vanished: another replica finished it", extra=_context(job))
             return Gone(job, "claimed file vanished (another replica finished it)")
         except (ParentGone, KeyboardInterrupt):
@@ -651,7 +671,7 @@ class Uploader:
         assert job.uploaded is not None
         roots = (self.settings.nfs_processing_root, self.settings.local_staging_root)
         try:
-            cleanup(paths, job.uploaded, staged_ino, roots)
+            cleanup(paths, job.uploaded, staged_ino, roots, self.owner)
         except Changed as exc:
             raise StepError("verify", str(exc), True) from exc
         except FileNotFoundError as exc:
@@ -665,9 +685,23 @@ class Uploader:
             raise StepError("cleanup", f"cleanup failed: {describe_os_error(exc)}",
                             False) from exc
 
+    def _unlink_owner(self, paths: Paths) -> None:
+        """Drop our owner link if the claim did not happen, so other replicas may take the file.
+
+        Best effort: a link left behind only keeps other replicas off that
+        name until this replica's heir (or its next start) removes it.
+        """
+        try:
+            leases.release_if_unclaimed(paths.owner, paths.claimed, self.owner)
+        except OSError as exc:
+            log.warning("could not remove the owner link %s: %s", paths.owner,
+                        describe_os_error(exc))
+
     def _failed(self, job: Job, paths: Paths, exc: StepError) -> Failed | Quarantined | GaveUp:
         """Count the failure, then quarantine, give up, or ask for a retry."""
         discard_staged(paths)  # a retry copies again, or only deletes (job.uploaded)
+        if not job.claimed:
+            self._unlink_owner(paths)  # a failed claim: the file is still in incoming
         note = ""
         if exc.counted:
             attempts, note = self._count(job, paths, exc)
@@ -713,7 +747,7 @@ class Uploader:
     def _quarantine(self, job: Job, paths: Paths,
                     error: str) -> Quarantined | Failed | GaveUp:
         try:
-            target = quarantine(paths, job, job.attempts, error)
+            target = quarantine(paths, job, job.attempts, error, self.owner)
         except OSError as exc:
             message = f"cannot move to .failed: {describe_os_error(exc)} (after: {error})"
             return self._failed(job, paths, StepError("quarantine", message, False))
@@ -795,12 +829,13 @@ def _lower_priority() -> None:
         pass  # not allowed here: run at normal priority
 
 
-def main(conn: Connection, settings: Settings, auth_method: str, role: str) -> None:
-    """Entry point of an uploader process."""
+def main(conn: Connection, settings: Settings, auth_method: str, role: str,
+         owner: str = "") -> None:
+    """Entry point of an uploader process; ``owner`` is this replica's lease token."""
     child.start(settings, role)
     _lower_priority()
     channel = Channel(conn)
     try:
-        Uploader(settings, channel, auth_method).run()
+        Uploader(settings, channel, auth_method, owner).run()
     except ParentGone:
         return

@@ -89,6 +89,8 @@ CONFIGMAP_DEFAULTS: dict[str, str] = {
     "APP_MAX_STUCK_CHILDREN": "8",
     "APP_MAX_ATTEMPTS": "5",
     "APP_SHUTDOWN_GRACE_S": "120",
+    "APP_REPLICA_ID": "",
+    "APP_LEASE_TIMEOUT_S": "600",
     "APP_LOG_FORMAT": "json",
     "APP_LOG_LEVEL": "INFO",
     "APP_SESSION_HISTORY": "100",
@@ -123,7 +125,10 @@ CLUSTER_SCOPED_KINDS = frozenset(
 )
 # API groups of CRDs whose schemas kubernetes-validate does not ship (the
 # monitoring manifests added under manifests/monitoring/ use them).
-CRD_API_GROUPS = frozenset({"monitoring.coreos.com"})
+CRD_API_GROUPS = frozenset({"monitoring.coreos.com", "keda.sh"})
+# Optional examples, applied by hand and never by the default kustomization:
+# the autoscalers (KEDA ScaledObject or an HPA on an external metric).
+AUTOSCALING = MANIFESTS / "autoscaling"
 
 
 # ---------------------------------------------------------------------------
@@ -458,6 +463,10 @@ def test_strict_validation_rejects_unknown_fields() -> None:
 def test_kustomization_lists_exactly_the_manifest_files() -> None:
     listed = _listed_files(MANIFESTS)
     existing = {p.resolve() for p in _manifest_files()}
+    examples = {p for p in existing if AUTOSCALING.resolve() in p.parents}
+    assert len(examples) == 2, f"autoscaling examples: {sorted(map(str, examples))}"
+    assert not examples & listed, "the autoscaling examples must not be deployed by default"
+    existing -= examples
     assert EXAMPLE_SECRET.resolve() in existing, "secret.example.yaml is missing"
     assert EXAMPLE_SECRET.resolve() not in listed, "the example Secret must not be deployed"
     existing.discard(EXAMPLE_SECRET.resolve())
@@ -906,6 +915,75 @@ def test_termination_grace_covers_the_shutdown_grace() -> None:
 
 
 @pytest.mark.timeout(30)
+def test_lease_outlasts_a_frozen_pods_restart() -> None:
+    """A live replica must never be taken for dead: before its lease can expire, a pod
+    whose mount froze has been restarted by its own liveness probe (its processes gone).
+    The last renewal may be one renew interval before the freeze."""
+    from ingestd.leases import renew_interval
+
+    data = _configmap_data()
+    spec = _deployment()["spec"]["template"]["spec"]
+    probe = _container()["livenessProbe"]
+    restarted = (float(data["APP_LIVENESS_TIMEOUT_S"])
+                 + probe["periodSeconds"] * probe["failureThreshold"]
+                 + spec["terminationGracePeriodSeconds"])
+    lease = float(data["APP_LEASE_TIMEOUT_S"])
+    assert lease - renew_interval(lease) > restarted, (lease, restarted)
+    assert data["APP_REPLICA_ID"] == "", "each pod must default to its own name"
+
+
+def _autoscaler(name: str) -> dict[str, Any]:
+    docs = _load_yaml_docs(AUTOSCALING / name)
+    assert len(docs) == 1
+    return docs[0]
+
+
+@pytest.mark.timeout(30)
+def test_keda_scaled_object_structure() -> None:
+    """KEDA's CRD schema is not shipped by kubernetes-validate, so its fields are checked
+    here, against KEDA's documented ScaledObject spec (keda.sh/v1alpha1)."""
+    obj = _autoscaler("keda-scaledobject.yaml")
+    assert obj["apiVersion"] == "keda.sh/v1alpha1" and obj["kind"] == "ScaledObject"
+    assert set(obj) == {"apiVersion", "kind", "metadata", "spec"}
+    assert obj["metadata"]["namespace"] == _deployment()["metadata"]["namespace"]
+    spec = obj["spec"]
+    assert set(spec) <= {"scaleTargetRef", "minReplicaCount", "maxReplicaCount",
+                         "pollingInterval", "cooldownPeriod", "idleReplicaCount",
+                         "initialCooldownPeriod", "fallback", "advanced", "triggers"}
+    assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                      "name": _deployment()["metadata"]["name"]}
+    assert spec["minReplicaCount"] == 1 <= spec["maxReplicaCount"], "never scaled to 0"
+    assert all(isinstance(spec[k], int) for k in ("maxReplicaCount", "pollingInterval",
+                                                  "cooldownPeriod"))
+    behavior = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    assert set(behavior) <= {"scaleUp", "scaleDown"}
+    [trigger] = spec["triggers"]
+    assert trigger["type"] == "prometheus"
+    meta = trigger["metadata"]
+    assert set(meta) <= {"serverAddress", "query", "threshold", "activationThreshold",
+                         "ignoreNullValues", "namespace", "customHeaders", "unsafeSsl",
+                         "queryParameters"}
+    assert all(isinstance(v, str) for v in meta.values()), "trigger metadata are strings"
+    assert meta["serverAddress"].startswith("http")
+    assert re.fullmatch(r"max\(ingestd_backlog_bytes\{[^}]*\}\)", meta["query"]), \
+        "every replica reports the same backlog: max(), not sum()"
+    assert float(meta["threshold"]) > float(meta["activationThreshold"]) > 0
+
+
+@pytest.mark.timeout(30)
+def test_hpa_example_targets_the_deployment_on_the_backlog() -> None:
+    """Strict schema validation of the HPA is in test_every_manifest_file_validates_strictly."""
+    hpa = _autoscaler("hpa-external-metric.yaml")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    spec = hpa["spec"]
+    assert spec["scaleTargetRef"]["name"] == _deployment()["metadata"]["name"]
+    assert spec["minReplicas"] == 1 <= spec["maxReplicas"]
+    [metric] = spec["metrics"]
+    assert metric["external"]["metric"]["name"] == "ingestd_backlog_bytes"
+    assert metric["external"]["target"]["type"] == "AverageValue"
+
+
+@pytest.mark.timeout(30)
 def test_memory_limit_covers_the_upload_buffers() -> None:
     data = _configmap_data()
     workers = int(data["APP_WORKER_CONCURRENCY"])
@@ -945,7 +1023,8 @@ def test_staging_and_tmp_volumes() -> None:
 def test_deployment_shape_and_security() -> None:
     dep = _deployment()
     assert dep["spec"]["replicas"] == 1
-    assert dep["spec"]["strategy"] == {"type": "Recreate"}
+    assert dep["spec"]["strategy"] == {
+        "type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
     pod = dep["spec"]["template"]
     assert pod["metadata"]["labels"]["azure.workload.identity/use"] == "true"
     spec = pod["spec"]

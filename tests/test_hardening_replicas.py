@@ -1,19 +1,22 @@
 """Several replicas on one share: two, then three ingestd instances.
 
 All replicas watch the same incoming, ``.processing`` and container, each
-with its own port and staging folder (its own pod disk), and all use the
-same session name, so the blob names and claimed paths collide exactly as
+with its own port, staging folder (its own pod disk) and replica name (its
+pod name: ``APP_REPLICA_ID``, since they share this host's name), and all
+use the same session name, so the blob names and claimed paths collide exactly as
 they would in production when a Deployment is scaled out. 50 files dropped
 at once must all arrive with their exact bytes; no replica may crash or
 report an error for a race it lost: a file another replica took or finished
 first is a benign skip (``skipped_gone``), not ``processed_err``.
 
 The duplicate-upload count (uploads summed over replicas, minus the files)
-is printed and must be zero: the rename claim is the lock (PRD FR-3).
+is printed and must be zero: the claim's owner link, taken before the
+rename, is the lock (ingestd.leases).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -22,7 +25,6 @@ import pytest
 from tests.support.azurite import Azurite
 from tests.support.checks import assert_all_arrived, assert_nothing_left
 from tests.support.faults import MiB, folder_layout
-from tests.support.fusefs import FreezableMount
 from tests.support.service import Layout, wait_until, write_random
 
 FILES = 50
@@ -35,7 +37,7 @@ def size_of(index: int) -> int:
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("replicas", [2, 3])
-def test_replicas_on_one_share_lose_nothing_and_upload_nothing_twice(
+def test_replicas_share_the_work_without_loss_errors_or_crashes(
     replicas: int,
     make_service,
     layout: Layout,
@@ -52,6 +54,7 @@ def test_replicas_on_one_share_lose_nothing_and_upload_nothing_twice(
                 layout_=own,
                 APP_AUTOSTART="true",
                 APP_AUTOSTART_SESSION=session,
+                APP_REPLICA_ID=f"replica-{index}",
                 APP_WORKER_CONCURRENCY="2",
             )
         )
@@ -97,15 +100,16 @@ def test_replicas_on_one_share_lose_nothing_and_upload_nothing_twice(
         f"\n{replicas} replicas, {FILES} files in {seconds:.1f} s: uploads per replica "
         f"{uploads}, skipped_gone {skipped}, duplicate uploads {duplicates}"
     )
-    # The rename is the lock: a replica that loses it skips the file (skipped_gone).
-    # How the files spread over the replicas is printed, not asserted: nothing
-    # coordinates them, and on a busy machine one replica may take them all.
+    # The owner link is the lock: a replica that loses it skips the file (skipped_gone).
     assert duplicates == 0, f"{duplicates} files uploaded by more than one replica"
+    assert all(n > 0 for n in uploads), "every replica should have taken some work"
+
+
+LEASE_S = 12.0
 
 
 @pytest.mark.timeout(90)
-def test_replica_starting_while_another_uploads_the_same_file(
-    fuse_mount: FreezableMount,
+def test_replica_starting_while_another_uploads_leaves_its_file_alone(
     make_service,
     layout: Layout,
     tmp_path: Path,
@@ -113,12 +117,14 @@ def test_replica_starting_while_another_uploads_the_same_file(
     azurite_container: str,
 ) -> None:
     """Scale-out or a rolling update: a new replica's recovery finds a file another
-    replica is uploading right now (``.processing`` does not say whose it is), and
-    uploads it too. Both uploads must end without an error or a leftover.
+    replica is uploading right now. Before leases it uploaded that file too; now the
+    file's owner link names a replica whose lease is renewed, so it is left alone,
+    however long the upload takes, and the file is uploaded once.
 
-    Deterministic: replica A's staging is on the FUSE mount, and its block reads are
-    frozen from the third block on, so A has staged two blocks when B starts,
-    uploads the whole file, commits and cleans up. Then A goes on and commits.
+    Replica A uploads one 8 MiB file under a 0.4 MB/s cap (about 21 s: it keeps
+    beating while it waits for its budget). B starts once A has claimed it and
+    watches for longer than the lease timeout plus two recovery passes (one every
+    1.2 s): it must take nothing.
     """
     settings = {
         "APP_AUTOSTART": "true",
@@ -126,55 +132,54 @@ def test_replica_starting_while_another_uploads_the_same_file(
         "APP_AZURE_MAX_BLOCK_SIZE": "1MiB",
         "APP_AZURE_MAX_CONCURRENCY": "1",
         "APP_WORKER_CONCURRENCY": "1",
+        "APP_LEASE_TIMEOUT_S": str(LEASE_S),
+        "APP_CHILD_STALL_TIMEOUT_S": "8",
     }
-    # The NFS folders are the mount's backing folder itself (plain local access);
-    # only A's staging goes through FUSE.
-    staging_a = folder_layout(layout.nfs, fuse_mount.mountpoint / "staging-a")
+    staging_a = folder_layout(layout.nfs, tmp_path / "staging-a")
     staging_b = folder_layout(layout.nfs, tmp_path / "staging-b")
-    first = make_service(layout_=staging_a, **settings)
+    first = make_service(
+        layout_=staging_a, APP_REPLICA_ID="replica-a", APP_AZURE_MAX_MBPS="0.4", **settings
+    )
     date = first.status()["session"]["date_prefix"]
     blob = f"{date}/overlap/big.bin"
-    fuse_mount.freeze("read", glob=f"/staging-a/{date}/overlap/big.bin", from_offset=2 * MiB)
     md5 = write_random(layout.incoming / "big.bin", 8 * MiB)
-    fuse_mount.wait_blocked(1, op="read", timeout=20)
-    blocks = azurite.container_client(azurite_container).get_blob_client(blob)
-    wait_until(
-        lambda: len(blocks.get_block_list("all")[1]) >= 2, 10, what="A's first blocks staged"
-    )
+    link = layout.processing / date / "overlap" / ".owner" / "big.bin"
+    wait_until(lambda: link.is_symlink(), 20, what="A's claim")
+    assert os.readlink(link).startswith("replica-a~"), os.readlink(link)
 
-    second = make_service(layout_=staging_b, **settings)
-    second.wait_processed(1, timeout=30)
-    assert second.status()["recovered"] == 1
-    assert azurite.blob_md5(azurite_container, blob) == md5
-
-    fuse_mount.thaw()
-    wait_until(
-        lambda: (
-            (s := first.status())["processed_ok"] + s["processed_err"] + s["skipped_gone"] >= 1
-            and not s["in_flight"]
-        ),
-        30,
-        what="A to finish",
-    )
+    second = make_service(layout_=staging_b, APP_REPLICA_ID="replica-b", **settings)
+    watched = time.monotonic()
+    first.wait_processed(1, timeout=60)
+    watched = time.monotonic() - watched
     statuses = [first.status(), second.status()]
+    assert watched > LEASE_S * 1.2 + 2, f"B watched only {watched:.1f} s: the test proves nothing"
+    assert statuses[1]["recovered"] == 0, "B took a file A was uploading"
+    assert [s["processed_ok"] for s in statuses] == [1, 0], statuses
+    assert [s["processed_err"] for s in statuses] == [0, 0], statuses[0]["last_error"]
     assert azurite.blob_md5(azurite_container, blob) == md5
     assert azurite.blob_names(azurite_container, prefix=f"{date}/overlap/") == [blob]
-    assert [s["processed_err"] for s in statuses] == [0, 0], statuses[0]["last_error"]
     assert_nothing_left(staging_a)
     assert_nothing_left(staging_b)
     print(
-        f"\noverlap: uploads {[s['processed_ok'] for s in statuses]}, skipped "
-        f"{[s['skipped_gone'] for s in statuses]}"
+        f"\noverlap: B watched A's upload for {watched:.1f} s (lease timeout {LEASE_S} s); "
+        f"uploads {[s['processed_ok'] for s in statuses]}, recovered by B "
+        f"{statuses[1]['recovered']}"
     )
 
 
 @pytest.mark.timeout(10)
-def test_claim_rules_the_rename_is_the_lock(tmp_path: Path) -> None:
-    """The claim's decisions, on plain folders (no service): who may take a file."""
+def test_claim_rules_the_owner_link_is_the_lock(tmp_path: Path) -> None:
+    """The claim's decisions, on plain folders (no service): who may take a file.
+
+    Two replicas' tokens, A and B. The owner link is taken before the rename,
+    so of two replicas only the one holding it renames, and a claimed file is
+    continued only by the replica its link names.
+    """
     from ingestd.config import Settings
     from ingestd.messages import Job
     from ingestd.uploader import Paths, claim
 
+    a, b = "replica-a~0000000a", "replica-b~0000000b"
     layout = folder_layout(tmp_path / "nfs", tmp_path / "staging")
     settings = Settings(
         azure_account_url="http://127.0.0.1:1/x",
@@ -192,17 +197,38 @@ def test_claim_rules_the_rename_is_the_lock(tmp_path: Path) -> None:
     def new(seen: tuple[int, int]) -> Job:
         return Job("f.bin", "20260101", "s", seen=seen)
 
+    def owner() -> str | None:
+        return os.readlink(paths.owner) if paths.owner.is_symlink() else None
+
     ours = Job("f.bin", "20260101", "s", claimed=True)
     seen = incoming(b"one")
-    assert claim(paths, new(seen)) and paths.claimed.read_bytes() == b"one"
-    assert not claim(paths, new(seen)), "lost the rename: another replica's"
-    assert claim(paths, ours), "our own claim (recovered, reported) is continued"
+    assert claim(paths, new(seen), a) and paths.claimed.read_bytes() == b"one"
+    assert owner() == a, "the claim records its owner"
+    assert not claim(paths, new(seen), b), "lost the rename: another replica's"
+    assert not claim(paths, new(seen), a), "claimed already, nothing in incoming"
+    assert claim(paths, ours, a), "our own claim (recovered, reported) is continued"
+    assert not claim(paths, ours, b), "a claimed file is continued only by its owner"
     seen = incoming(b"two")
-    assert claim(paths, new(seen)), "an older claimed copy is finished first"
+    assert claim(paths, new(seen), a), "an older claimed copy is finished first"
+    assert not claim(paths, new(seen), b), "... by its owner only"
     assert paths.claimed.read_bytes() == b"one" and paths.incoming.read_bytes() == b"two"
     paths.claimed.unlink()
+    paths.owner.unlink()  # what cleanup does
     incoming(b"two, then rewritten")
-    assert not claim(paths, new(seen)), "changed since found stable: not yet"
-    assert paths.incoming.exists() and not paths.claimed.exists()
+    assert not claim(paths, new(seen), a), "changed since found stable: not yet"
+    assert paths.incoming.exists() and not paths.claimed.exists() and owner() is None
+    seen = incoming(b"three")
+    os.symlink(b, paths.owner)  # B is between its link and its rename
+    assert not claim(paths, new(seen), a), "B holds the link: only B may rename"
+    assert paths.incoming.exists() and owner() == b
+    assert claim(paths, new(seen), b) and paths.claimed.read_bytes() == b"three"
+    paths.claimed.unlink()
+    paths.owner.unlink()
+    seen = incoming(b"four")
+    paths.incoming.unlink()  # gone between the offer and the claim
+    assert not claim(paths, new(seen), a) and owner() is None, "a lost claim keeps no link"
+    paths.claimed.write_bytes(b"legacy")  # claimed before leases: no owner link
+    seen = incoming(b"five")
+    assert claim(paths, new(seen), a) and owner() == a, "an ownerless claimed copy is taken"
     paths.incoming.unlink()
-    assert not claim(paths, new(seen)) and not claim(paths, ours)
+    assert not claim(paths, ours, b) and claim(paths, ours, a)

@@ -46,6 +46,11 @@ def dashboard_exprs() -> list[str]:
     return [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
 
 
+def autoscaling_texts() -> list[str]:
+    """The autoscaling examples (manifests/autoscaling/): queries and metric names."""
+    return [path.read_text() for path in sorted((MONITORING.parent / "autoscaling").glob("*.yaml"))]
+
+
 @pytest.mark.timeout(10)
 def test_alert_rules_are_well_formed() -> None:
     rules = rule_exprs()
@@ -68,10 +73,10 @@ def test_alert_rules_are_well_formed() -> None:
 
 
 @pytest.mark.timeout(60)
-def test_every_metric_named_by_alerts_and_dashboard_is_exported(make_service) -> None:
+def test_every_metric_named_by_alerts_dashboard_and_autoscalers_is_exported(make_service) -> None:
     exported = exported_names(make_service)
     referenced = set()
-    for expr in [r["expr"] for r in rule_exprs()] + dashboard_exprs():
+    for expr in [r["expr"] for r in rule_exprs()] + dashboard_exprs() + autoscaling_texts():
         referenced.update(METRIC.findall(expr))
     assert referenced, "no metric referenced"
     missing = sorted(referenced - exported)

@@ -295,6 +295,10 @@ def rig(
                     "APP_AZURE_CONNECTION_STRING": devstore.connection_string(
                         proxy.account_url(azurite.account_name)
                     ),
+                    # One name per replica (they share this host's name); a restart
+                    # of a replica keeps it, like a pod's container restart.
+                    "APP_REPLICA_ID": f"campaign-replica-{index}",
+                    "APP_LEASE_TIMEOUT_S": "8",  # > the stall timeout below
                     "APP_CHILD_STALL_TIMEOUT_S": "3",
                     "APP_LIVENESS_TIMEOUT_S": "30",
                     "APP_MIN_FILE_AGE_S": "0.5",

@@ -34,6 +34,15 @@ def assert_all_arrived(
     assert not wrong, f"blobs whose bytes differ from the source: {wrong}"
 
 
+LEASES = ".leases"
+"""``.processing/.leases``: each running replica's lease (ingestd.leases) stays there
+while it runs, by design; it is no leftover. Owner links (``.owner``) are checked."""
+
+
+def _is_lease(label: str, relative: Path) -> bool:
+    return label == "processing" and relative.parts[0] == LEASES
+
+
 def leftovers(layout: Layout) -> dict[str, list[str]]:
     """Files still in incoming, ``.processing`` (bookkeeping included) or staging."""
     found = {}
@@ -44,7 +53,9 @@ def leftovers(layout: Layout) -> dict[str, list[str]]:
     ):
         if folder.exists():
             found[label] = sorted(
-                str(p.relative_to(folder)) for p in folder.rglob("*") if not p.is_dir()
+                str(p.relative_to(folder))
+                for p in folder.rglob("*")
+                if not p.is_dir() and not _is_lease(label, p.relative_to(folder))
             )
         else:
             found[label] = []

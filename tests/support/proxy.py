@@ -46,6 +46,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import struct
 import threading
@@ -57,6 +58,10 @@ MODES = ("pass", "refuse", "blackhole", "corrupt_auth")
 AUTH_PREFIX = b"Authorization: SharedKey "
 REQUEST_MARK = b" HTTP/1.1\r\n"
 RECV_SIZE = 64 * 1024
+REQUEST_LINE = re.compile(rb"(GET|PUT|POST|HEAD|DELETE) (/\S*) HTTP/1\.1\r\n")
+LINE_TAIL = 4096
+"""Bytes of a connection's upstream stream kept between reads, so that a request
+line split across two reads is still seen whole (and only once)."""
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,7 @@ class _Connection:
         self.black = upstream is None
         self.auth_buffer = b""
         self.mark_tail = b""
+        self.line_tail = b""
 
     def reset(self) -> None:
         _reset(self.client)
@@ -138,6 +144,7 @@ class BlobProxy:
         self._connections: set[_Connection] = set()
         self._counts = dict.fromkeys(("up", "down", "requests", "connections"), 0)
         self._totals = dict(self._counts)
+        self._request_lines: list[tuple[str, str]] = []
         self._running = False
 
     # ---------------------------------------------------------------- lifecycle
@@ -206,6 +213,16 @@ class BlobProxy:
     def counts(self) -> Counts:
         with self._lock:
             return Counts(**self._counts, **{f"{k}_total": v for k, v in self._totals.items()})
+
+    def requests_seen(self) -> list[tuple[str, str]]:
+        """Every request line forwarded so far, as ``(method, path with query)``.
+
+        What storage was asked to do, counted where it is asked: e.g. the
+        Put Blob and Put Block List requests per blob name tell how many
+        times each blob was committed, whoever sent them.
+        """
+        with self._lock:
+            return list(self._request_lines)
 
     def reset_counts(self) -> Counts:
         """Zero the resettable counters; returns what they were."""
@@ -325,6 +342,13 @@ class BlobProxy:
         window = conn.mark_tail + data
         self._count("requests", window.count(REQUEST_MARK))
         conn.mark_tail = window[-(len(REQUEST_MARK) - 1):]
+        lines = conn.line_tail + data
+        seen = [(m.group(1).decode(), m.group(2).decode("latin-1"))
+                for m in REQUEST_LINE.finditer(lines) if m.end() > len(conn.line_tail)]
+        conn.line_tail = lines[-LINE_TAIL:]
+        if seen:
+            with self._lock:
+                self._request_lines.extend(seen)
 
     def _corrupt(self, conn: _Connection, data: bytes) -> bytes:
         """What may be sent now, with every complete SharedKey line altered.
