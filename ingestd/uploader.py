@@ -142,17 +142,14 @@ def claim(paths: Paths, job: Job, owner: str) -> bool:
 def _rename_into(source: Path, target: Path) -> bool:
     """Rename ``source`` to ``target`` (which did not exist); False if ``source`` is gone.
 
-    Two things can make a rename report failure on NFS although it did not
-    fail. A retransmitted request whose first copy already renamed the file
-    answers with an error; for EIO (the outcome is unknown), the file found
-    at ``target`` and no longer at ``source`` means the rename happened, and
-    the claim goes on. ENOENT is what a replica that lost the race for the
-    file is told, too, and the two cannot be told apart (same inode, same
-    place): it is taken as a lost race, so two replicas never upload one
-    file; had it been our own lost reply, the file waits in ``.processing``
-    for recovery. And a folder emptied by another uploader's cleanup can
-    disappear between our ``mkdir`` and the rename, so the folder is made
-    again and the rename retried.
+    Called only by the holder of the file's owner link, so no other replica
+    renames this file meanwhile. Two things can then make a rename report
+    failure on NFS although it did not fail. A retransmitted request whose
+    first copy already renamed the file answers ENOENT or EIO: the file
+    found at ``target`` and no longer at ``source`` means the rename
+    happened, and the claim goes on. And a folder emptied by another
+    uploader's cleanup can disappear between our ``mkdir`` and the rename,
+    so the folder is made again and the rename retried.
     """
     for _ in range(3):
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -166,9 +163,9 @@ def _rename_into(source: Path, target: Path) -> bool:
                 if exc.errno == errno.EIO:
                     raise
                 continue  # the folder vanished under us: make it again
-            if exc.errno == errno.EIO and os.path.lexists(target):
+            if os.path.lexists(target):
                 return True  # it happened; the reply was lost
-            return False  # taken by another replica
+            return False  # gone (taken away by hand, or by a replica without leases)
     raise FileNotFoundError(errno.ENOENT, "the claim folder keeps disappearing", str(target))
 
 
