@@ -66,7 +66,7 @@ def run(
 ) -> dict:
     container = f"compare{replicas}-{int(time.time())}"
     azurite.create_container(container)
-    nfs = Layout(work / f"r{replicas}")
+    nfs = Layout.under(work / f"r{replicas}")
     nfs.make()
     proxies = [BlobProxy(azurite.port).start() for _ in range(replicas)]
     services = []

@@ -245,7 +245,7 @@ def proxies(azurite: Azurite):
 
 
 def visible(folder: Path) -> list[Path]:
-    return Layout(folder).files_under(folder)
+    return Layout.under(folder).files_under(folder)
 
 
 FILES, WRITE_S = 80, 30.0
