@@ -166,6 +166,16 @@ class BlobProxy:
         """Path-style account URL through the proxy, as Azurite wants it."""
         return f"{self.url}/{account}"
 
+    def service_env(self, account: str, key: str) -> dict[str, str]:
+        """ingestd settings that send every blob request (startup check too) through here."""
+        endpoint = self.account_url(account)
+        return {
+            "APP_AZURE_ACCOUNT_URL": endpoint,
+            "APP_AZURE_CONNECTION_STRING": (
+                f"DefaultEndpointsProtocol=http;AccountName={account};AccountKey={key};"
+                f"BlobEndpoint={endpoint};"),
+        }
+
     # ------------------------------------------------------------------- modes
     @property
     def mode(self) -> str:
