@@ -32,6 +32,12 @@ lines seen client->server; a body that happens to contain `` HTTP/1.1\\r\\n``
 would count too, which random data makes vanishingly rare). Totals since
 start, and since the last :meth:`BlobProxy.reset_counts`.
 
+Rates (:meth:`BlobProxy.sample`): the bandwidth cap must be measured at the
+storage side, finer than whole blocks (Azurite shows a staged block only once
+all of it is in). Sampling records the running ``up`` total ten times a
+second, so any window's rate can be read off afterwards (:func:`rate`,
+:func:`transfer_span`).
+
 Only 127.0.0.1 is ever bound or connected to.
 
 Example::
@@ -45,10 +51,12 @@ Example::
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import socket
 import struct
 import threading
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -57,6 +65,7 @@ MODES = ("pass", "refuse", "blackhole", "corrupt_auth")
 AUTH_PREFIX = b"Authorization: SharedKey "
 REQUEST_MARK = b" HTTP/1.1\r\n"
 RECV_SIZE = 64 * 1024
+SAMPLE_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -139,6 +148,8 @@ class BlobProxy:
         self._counts = dict.fromkeys(("up", "down", "requests", "connections"), 0)
         self._totals = dict(self._counts)
         self._running = False
+        self._samples: list[tuple[float, int]] = []
+        self._sampling = threading.Event()
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> BlobProxy:
@@ -149,6 +160,7 @@ class BlobProxy:
     def stop(self) -> None:
         """Stop listening and reset every connection; idempotent."""
         self._running = False
+        self._sampling.clear()
         self._close_listener()
         self._reset_all(lambda conn: True)
 
@@ -223,6 +235,28 @@ class BlobProxy:
             before = Counts(**self._counts, **{f"{k}_total": v for k, v in self._totals.items()})
             self._counts = dict.fromkeys(self._counts, 0)
         return before
+
+    @property
+    def sent(self) -> int:
+        """Bytes client->server since start."""
+        with self._lock:
+            return self._totals["up"]
+
+    def sample(self, interval: float = SAMPLE_S) -> None:
+        """Record ``(monotonic time, bytes sent so far)`` every ``interval`` until stopped."""
+        self._sampling.set()
+
+        def run() -> None:
+            while self._sampling.is_set():
+                with self._lock:
+                    self._samples.append((time.monotonic(), self._totals["up"]))
+                time.sleep(interval)
+
+        threading.Thread(target=run, name="proxy-sampler", daemon=True).start()
+
+    def samples(self) -> list[tuple[float, int]]:
+        with self._lock:
+            return list(self._samples)
 
     def live_connections(self) -> int:
         with self._lock:
@@ -358,3 +392,31 @@ class BlobProxy:
                 return bytes(out)
             out += buffer[:start] + corrupt_signature(buffer[start:end])
             buffer = buffer[end:]
+
+
+def bytes_at(samples: list[tuple[float, int]], when: float) -> float:
+    """The running total at ``when``, interpolated between the two samples around it."""
+    times = [t for t, _ in samples]
+    i = bisect.bisect_left(times, when)
+    if i == 0:
+        return float(samples[0][1])
+    if i >= len(samples):
+        return float(samples[-1][1])
+    (t0, b0), (t1, b1) = samples[i - 1], samples[i]
+    return b0 + (b1 - b0) * (when - t0) / (t1 - t0)
+
+
+def rate(samples: list[tuple[float, int]], start: float, seconds: float) -> float:
+    """Bytes per second sent over ``[start, start + seconds]``."""
+    return (bytes_at(samples, start + seconds) - bytes_at(samples, start)) / seconds
+
+
+def transfer_span(samples: list[tuple[float, int]], baseline: int,
+                  threshold: int = 1_000_000) -> tuple[float, float]:
+    """When the upload got going (``threshold`` bytes past ``baseline``, the count
+    before it began: startup checks go through the proxy too) and when the last
+    byte went through."""
+    first = next(t for t, b in samples if b > baseline + threshold)
+    total = samples[-1][1]
+    last = next(t for t, b in samples if b >= total)
+    return first, last
