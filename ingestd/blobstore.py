@@ -606,11 +606,13 @@ class BlockUpload:
     blocks and its commit fails (400 InvalidBlockList).
 
     The same IDs make an interrupted upload resumable without a plan file:
-    the blob's uncommitted block list *is* the plan. :meth:`load_existing`
-    reads it (Azure keeps uncommitted blocks for 7 days), and :meth:`add`
-    skips every block whose ID (so bytes, position and, checked too, size)
-    is already there. A block of an earlier, different version of the file
-    has another MD5, so another ID, and is never committed.
+    the blob's uncommitted block list *is* the plan. :meth:`list_existing`
+    asks for it (Azure keeps uncommitted blocks for 7 days) on the network
+    thread while the copy goes on; blocks added before the answer wait for
+    it, and then every block whose ID (so bytes, position and, checked too,
+    size) is already there is skipped. A block of an earlier, different
+    version of the file has another MD5, so another ID, and is never
+    committed.
 
     Every wait of the work loop here (for room in the window, for the
     blocks before the commit, for running blocks on close) wakes every
@@ -624,7 +626,9 @@ class BlockUpload:
                  bucket: TokenBucket | None = None,
                  on_wait: Callable[[], None] | None = None,
                  run: Runner = _in_place,
-                 file_calls: FileCalls | None = None) -> None:
+                 file_calls: FileCalls | None = None,
+                 submit: Callable[[Callable[[], object]], Future] | None = None,
+                 on_listed: Callable[[], None] | None = None) -> None:
         self.blob = client.get_blob_client(blob_name)
         self.path = path
         self.pool = pool
@@ -638,6 +642,10 @@ class BlockUpload:
         self.block_ids: list[str] = []
         self.pending: set[Future] = set()
         self.existing: dict[str, int] = {}  # block ID -> size, already held by storage
+        self.listing: Future | None = None  # the block list, while it is being asked for
+        self.held: list[tuple[str, int, int, bytes]] = []  # blocks waiting for that answer
+        self.submit_request = submit
+        self.on_listed = on_listed or (lambda: None)
         self.uploaded = 0  # bytes of this file known to be in storage (sent or found)
         self.skipped = 0  # of which found there, not sent
         self.total: int | None = None
@@ -645,25 +653,53 @@ class BlockUpload:
         self._lock = threading.Lock()
         self._fd: int | None = None
 
-    def load_existing(self) -> int:
-        """Read which blocks storage already holds for this blob; return how many.
+    def list_existing(self) -> None:
+        """Start asking which blocks storage already holds for this blob.
 
         Uncommitted and committed both: a commit lists each ID as "latest",
         which storage looks up in the uncommitted list first, then in the
-        committed one. A blob that does not exist holds none.
+        committed one. The request runs on the network thread (``submit``),
+        so a slow or hung endpoint never holds the copy back.
         """
+        assert self.submit_request is not None
+        self.listing = self.submit_request(self._existing_blocks)
+
+    def _existing_blocks(self) -> dict[str, int]:
         try:
-            committed, uncommitted = self.run(lambda: self.blob.get_block_list("all"))
-        except ResourceNotFoundError:
-            return 0
-        self.existing = {block.id: block.size for block in (*committed, *uncommitted)}
-        return len(self.existing)
+            committed, uncommitted = self.blob.get_block_list("all")
+        except ResourceNotFoundError:  # no blob yet: no block either
+            return {}
+        return {block.id: block.size for block in (*committed, *uncommitted)}
+
+    def _release(self, block: bool) -> None:
+        """Once the block list is known, send (or skip) the blocks held for it."""
+        if self.listing is None:
+            return
+        while block and not self.listing.done():
+            wait([self.listing], timeout=WAKE_S)
+            if not self.listing.done():
+                self.on_wait()
+        if not self.listing.done():
+            return
+        listing, self.listing = self.listing, None
+        self.existing = listing.result()  # raises the request's error
+        self.on_listed()
+        held, self.held = self.held, []
+        for ident, offset, length, md5 in held:
+            self._send(ident, offset, length, md5)
 
     def add(self, offset: int, length: int, md5: bytes) -> None:
         """Queue the next block; raises the error of any block that already failed."""
         self._collect(block=False)
         ident = block_id(md5, len(self.block_ids))
         self.block_ids.append(ident)
+        self._release(block=False)
+        if self.listing is not None:
+            self.held.append((ident, offset, length, md5))
+            return
+        self._send(ident, offset, length, md5)
+
+    def _send(self, ident: str, offset: int, length: int, md5: bytes) -> None:
         if self.existing.get(ident) == length:
             with self._lock:
                 self.uploaded += length
@@ -713,6 +749,7 @@ class BlockUpload:
         has them, with no window where a second call has not happened yet.
         """
         self.total = size
+        self._release(block=True)
         if self.started is None:
             self.started = time.monotonic()
         while self.pending:
@@ -725,6 +762,7 @@ class BlockUpload:
 
     def close(self) -> None:
         """Cancel what has not started, wait (beating) for what has, release the file."""
+        self.held = []
         for future in self.pending:
             future.cancel()
         while self.pending:  # no block thread may outlive the descriptor

@@ -658,12 +658,12 @@ class Uploader:
         upload = blobstore.BlockUpload(self.client, settings, job.blob_name,
                                        str(paths.staged), self.pool, progress,
                                        self.bucket, self._network_beat, self._over_network,
-                                       self.channel.file_calls)
+                                       self.channel.file_calls, self.net.submit,
+                                       lambda: self.channel.send(StorageOk()))
         try:
             kept = kept_copy(paths, block_size, settings.azure_put_md5)
             if kept is not None or file_size(paths.claimed) > settings.azure_max_single_put_size:
-                self._storage_call(lambda: upload.load_existing())
-                self.channel.send(StorageOk())
+                upload.list_existing()
             if kept is not None:
                 copied, size_hint[0], staged = True, kept.size, kept
                 self.channel.beat("uploading", job.name, 0, kept.size, force=True)

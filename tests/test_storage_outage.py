@@ -107,7 +107,7 @@ def uploading(service: Service, count: int) -> bool:
                and 0 < f["bytes_done"] < f["bytes_total"]) >= count
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(150 + OUTAGE_S)
 @pytest.mark.parametrize("fault", ["blackhole", "refuse"])
 def test_an_outage_longer_than_stall_and_liveness_kills_nothing_and_loses_nothing(
     make_service, proxy: BlobProxy, layout: Layout, azurite: Azurite, azurite_container: str,
