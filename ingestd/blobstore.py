@@ -21,6 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
+from azure.core import MatchConditions
 from azure.core.exceptions import (
     ClientAuthenticationError,
     HttpResponseError,
@@ -741,13 +742,8 @@ class BlockUpload:
         for future in finished:
             future.result()  # raises the block's error
 
-    def commit(self, size: int, md5: bytes | None,
-               metadata: dict[str, str] | None = None) -> None:
-        """Wait for every block, then commit them, with the whole file's MD5 if known.
-
-        The tier and the metadata go in the commit itself: a blob that exists
-        has them, with no window where a second call has not happened yet.
-        """
+    def wait_for_blocks(self, size: int) -> None:
+        """Wait (beating every ``WAKE_S``) until every block added is in storage."""
         self.total = size
         self._release(block=True)
         if self.started is None:
@@ -755,10 +751,22 @@ class BlockUpload:
         while self.pending:
             self._collect(block=True, timeout=WAKE_S)
             self.on_wait()
+
+    def commit(self, size: int, md5: bytes | None,
+               metadata: dict[str, str] | None = None,
+               unchanged_since: Version | None = None) -> None:
+        """Wait for every block, then commit them, with the whole file's MD5 if known.
+
+        The tier and the metadata go in the commit itself: a blob that exists
+        has them, with no window where a second call has not happened yet.
+        With ``unchanged_since`` (see :func:`blob_version`) the commit happens
+        only if the blob is still as it was then.
+        """
+        self.wait_for_blocks(size)
         settings = ContentSettings(content_md5=bytearray(md5)) if md5 is not None else None
         self.run(lambda: self.blob.commit_block_list(
             self.block_ids, content_settings=settings, metadata=metadata,
-            standard_blob_tier=self.tier))
+            standard_blob_tier=self.tier, **_condition(unchanged_since)))
 
     def close(self) -> None:
         """Cancel what has not started, wait (beating) for what has, release the file."""
@@ -774,9 +782,44 @@ class BlockUpload:
             self._fd = None
 
 
+Version = tuple[str | None]
+"""A blob's ETag when it was looked at, or ``(None,)`` when there was no blob."""
+
+
+def blob_version(client: ContainerClient, blob_name: str) -> Version:
+    """What the blob is now, so that a commit can require it unchanged.
+
+    Two replicas may upload one claimed file at once (the recovery of one
+    takes a file the other is still uploading). The one that read the file
+    earlier must not replace what the other committed from a newer read:
+    the uploader looks at the blob, checks that the NFS file is still the
+    version it read, and commits only if the blob did not change in between.
+    """
+    try:
+        return (client.get_blob_client(blob_name).get_blob_properties().etag,)
+    except ResourceNotFoundError:
+        return (None,)
+
+
+def _condition(version: Version | None) -> dict:
+    if version is None:
+        return {}
+    if version[0] is None:
+        return {"match_condition": MatchConditions.IfMissing}  # If-None-Match: *
+    return {"etag": version[0], "match_condition": MatchConditions.IfNotModified}
+
+
+def committed_meanwhile(exc: BaseException) -> bool:
+    """The conditional commit failed: another upload committed the blob since we looked."""
+    return isinstance(exc, HttpResponseError) and exc.status_code in (409, 412) and \
+        str(getattr(exc.error_code, "value", exc.error_code) or "") in (
+            "ConditionNotMet", "BlobAlreadyExists")
+
+
 def put_whole(client: ContainerClient, blob_name: str, path: str, staged: Staged,
               tier: StandardBlobTier | None = None,
-              metadata: dict[str, str] | None = None) -> None:
+              metadata: dict[str, str] | None = None,
+              unchanged_since: Version | None = None) -> None:
     """One Put Blob request: the file's bytes (kept by staging, else read), MD5-checked,
     with the tier and metadata set in the same request.
 
@@ -794,4 +837,4 @@ def put_whole(client: ContainerClient, blob_name: str, path: str, staged: Staged
     client.get_blob_client(blob_name).upload_blob(
         data, blob_type=BlobType.BLOCKBLOB, length=len(data), overwrite=True,
         transactional_content_md5=md5, content_settings=ContentSettings(content_md5=md5),
-        standard_blob_tier=tier, metadata=metadata)
+        standard_blob_tier=tier, metadata=metadata, **_condition(unchanged_since))

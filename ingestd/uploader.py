@@ -678,12 +678,25 @@ class Uploader:
             started = upload.started or time.monotonic()
             metadata = provenance.blob_metadata(job, staged.size, staged.mtime_ns, staged.md5,
                                                 self.host)
-            if staged.data is not None:
-                self._storage_call(lambda: self._over_network(lambda: blobstore.put_whole(
-                    self.client, job.blob_name, str(paths.staged), staged, upload.tier,
-                    metadata)))
-            else:
-                self._storage_call(lambda: upload.commit(staged.size, staged.md5, metadata))
+            self._blocks_sent(upload, staged)
+            version = self._storage_call(lambda: self._over_network(
+                lambda: blobstore.blob_version(self.client, job.blob_name)))
+            self._still_the_version_read(paths, staged.source)
+            try:
+                if staged.data is not None:
+                    self._storage_call(lambda: self._over_network(lambda: blobstore.put_whole(
+                        self.client, job.blob_name, str(paths.staged), staged, upload.tier,
+                        metadata, version)))
+                else:
+                    self._storage_call(lambda: upload.commit(staged.size, staged.md5, metadata,
+                                                             version))
+            except StepError as exc:
+                cause = exc.__cause__
+                if cause is not None and blobstore.committed_meanwhile(cause):
+                    raise StepError("upload", "another upload of this file committed the blob "
+                                    "since it was checked: not committed over it; tried "
+                                    "again", False) from cause
+                raise
             if upload.skipped or kept is not None:
                 log.info("%s resumed: %d of %d bytes were already in storage%s",
                          job.blob_name, upload.skipped, staged.size,
@@ -692,6 +705,36 @@ class Uploader:
             return staged, time.monotonic() - started
         finally:
             upload.close()
+
+    def _blocks_sent(self, upload: blobstore.BlockUpload, staged: Staged) -> None:
+        """Wait (beating) until every block is in storage, before the last check and commit."""
+        if staged.data is None:
+            self._storage_call(lambda: upload.wait_for_blocks(staged.size))
+
+    @staticmethod
+    def _still_the_version_read(paths: Paths, source: Signature) -> None:
+        """Commit only the version of the file that is still on NFS.
+
+        An older read must never be committed over a newer one. With two
+        replicas on one share, a replica whose recovery took a file the other
+        was still uploading may have read it before a writer appended to it;
+        if the other replica commits the newer version and deletes the file
+        first, a commit of the older read would then replace the blob, and
+        the only copy of the appended bytes would be gone. So: a file that
+        changed is not committed (it is uploaded again), and a file that
+        vanished was finished by another replica. Cleanup checks once more
+        after the commit (see :func:`cleanup`).
+        """
+        try:
+            now = signature(paths.claimed)
+        except OSError as exc:
+            raise StepError("copy", f"copy failed (nfs): {describe_os_error(exc)}",
+                            True) from exc
+        if now is None:
+            raise Vanished()
+        if now != source:
+            raise StepError("verify", f"it changed while it was uploaded (size, mtime, inode "
+                            f"{source} -> {now}): not committed, to be uploaded again", True)
 
     @staticmethod
     def _add_blocks(upload: blobstore.BlockUpload, staged: Staged, block_size: int) -> None:
