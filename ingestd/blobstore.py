@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import logging
 import os
 import threading
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
+from azure.core import MatchConditions
 from azure.core.exceptions import (
     ClientAuthenticationError,
     HttpResponseError,
@@ -30,6 +32,7 @@ from azure.core.exceptions import (
 from azure.storage.blob import BlobType, ContainerClient, ContentSettings, StandardBlobTier
 from azure.storage.blob._shared.policies import ExponentialRetry
 
+from ingestd.child import FileCalls
 from ingestd.config import Settings
 from ingestd.ratelimit import TokenBucket
 
@@ -60,40 +63,91 @@ class Outcome:
 # Clients
 
 
+@dataclass(frozen=True)
+class NetworkBudget:
+    """Every network wait of an uploader's requests, derived from one setting.
+
+    The one documented place for the SDK's timeouts (README, "Timeouts").
+    All of them follow ``APP_CHILD_STALL_TIMEOUT_S`` so that each single wait
+    (a connect, a read, a backoff between retries) is shorter than it, and a
+    request with all its retries ends, with the defaults, within it:
+
+    * connect: stall / 6, between 1 and 10 s (default 10 s);
+    * read (no byte of the answer for this long): stall / 4, between 3 and 30 s
+      (default 15 s; the SDK's own is 60 s, as long as the old stall timeout);
+    * retries: 2, waiting ``backoff`` then ``backoff + 2`` s, jitter
+      ``backoff / 2`` (the SDK's default first wait is 15 s, jitter 3 s);
+      backoff is stall / 15, between 0.5 and 4 s (default 4 s).
+
+    With the defaults a blackholed endpoint fails a request after at most
+    3 x 15 + 4 + 6 (+ 5 jitter) = 60 s, a refusing one after about 10 s.
+    A network wait never gets an uploader killed (its work loop beats while
+    it waits, see :class:`ingestd.messages.Beat`); these bounds only make a
+    failure surface, as an outage, after a known time.
+    """
+
+    connect_s: float
+    read_s: float
+    backoff_s: float
+    retries: int = 2
+
+    @classmethod
+    def of(cls, settings: Settings) -> NetworkBudget:
+        stall = settings.child_stall_timeout_s
+        return cls(connect_s=_clamp(stall / 6, 1.0, 10.0),
+                   read_s=_clamp(stall / 4, 3.0, 30.0),
+                   backoff_s=_clamp(stall / 15, 0.5, 4.0))
+
+    def retry_policy(self) -> ExponentialRetry:
+        return ExponentialRetry(initial_backoff=self.backoff_s, increment_base=2,
+                                retry_total=self.retries,
+                                random_jitter_range=self.backoff_s / 2)
+
+    def worst_case_s(self) -> float:
+        """A request that gets no answer at all: every try reads until its timeout."""
+        waits = sum(self.backoff_s + (2 ** n if n else 0) + self.backoff_s / 2
+                    for n in range(self.retries))
+        return (self.retries + 1) * self.read_s + waits
+
+
+def _clamp(value: float, low: float, high: float) -> float:
+    return round(min(high, max(low, value)), 3)
+
+
 def _transport_options(settings: Settings, startup: bool) -> dict:
     """Timeouts and retries for a client.
 
-    The SDK's default retry waits 15 s, then more, before a network error
-    surfaces; uploads would stop beating for over a minute and be killed as
-    stalled. Short, few retries here; the supervisor retries the file.
+    At startup one short try (a crash-looping pod is the retry). In the
+    uploaders, :class:`NetworkBudget`; the supervisor retries the file.
     """
     if startup:
         retry = ExponentialRetry(initial_backoff=1, increment_base=2, retry_total=0)
         return {"retry_policy": retry, "connection_timeout": 5, "read_timeout": 10}
-    retry = ExponentialRetry(initial_backoff=1, increment_base=2, retry_total=3)
+    budget = NetworkBudget.of(settings)
     return {
-        "retry_policy": retry,
-        "connection_timeout": 10,
-        "read_timeout": 60,
+        "retry_policy": budget.retry_policy(),
+        "connection_timeout": budget.connect_s,
+        "read_timeout": budget.read_s,
         "max_block_size": settings.azure_max_block_size,
         "max_single_put_size": settings.azure_max_single_put_size,
     }
 
 
-def _credential_options(startup: bool) -> dict:
+def _credential_options(settings: Settings, startup: bool) -> dict:
     """Timeouts and retries for DefaultAzureCredential's own token requests.
 
     The credential fetches tokens through its own HTTP pipeline, which the
     storage client's timeouts do not bound: with the defaults a token
     endpoint that accepts and never answers holds a request for 4 x 300 s.
-    At startup one short try (a crash-looping pod is the retry). In the
-    uploaders a few tries whose worst case (3 x 15 s) stays under the
-    default ``APP_CHILD_STALL_TIMEOUT_S`` (60 s), so a hung token endpoint
-    surfaces as an upload error (an outage) instead of a stalled child.
+    At startup one short try. In the uploaders the same budget as storage
+    requests (:class:`NetworkBudget`), so a hung token endpoint surfaces as
+    an upload error (auth failing) after a known time.
     """
     if startup:
         return {"connection_timeout": 5, "read_timeout": 10, "retry_total": 0}
-    return {"connection_timeout": 5, "read_timeout": 15, "retry_total": 2}
+    budget = NetworkBudget.of(settings)
+    return {"connection_timeout": budget.connect_s, "read_timeout": budget.read_s,
+            "retry_total": budget.retries}
 
 
 def container_client(settings: Settings, method: str, startup: bool = False) -> ContainerClient:
@@ -110,7 +164,7 @@ def container_client(settings: Settings, method: str, startup: bool = False) -> 
         return ContainerClient(
             settings.azure_account_url,
             settings.azure_container,
-            credential=DefaultAzureCredential(**_credential_options(startup)),
+            credential=DefaultAzureCredential(**_credential_options(settings, startup)),
             **options,
         )
     if method == CONNECTION_STRING:
@@ -321,17 +375,59 @@ def describe_error(exc: BaseException, method: str | None = None) -> str:
     return f"{type(exc).__name__}: {_first_line(str(exc))}"
 
 
+OUTAGE_KINDS = ("refused", "timeout", "unreachable", "5xx", "throttled", "auth")
+"""Why storage failed, as /v1/status and the logs say it."""
+
+
+def outage_kind(exc: BaseException) -> str:
+    """Which kind of storage outage ``exc`` is, or ``""`` if it is none.
+
+    ``auth``: storage rejected the credential (401, 403), or no token could be
+    had. ``5xx``/``throttled``: storage answered with a server error or asked
+    us to slow down. ``refused``/``timeout``/``unreachable``: no answer at all.
+    Anything else (a 400, a 404, an MD5 mismatch) is about the request or the
+    file, not an outage.
+    """
+    if isinstance(exc, ClientAuthenticationError) and not exc.status_code:
+        return "auth"
+    status = getattr(exc, "status_code", None) or 0
+    if isinstance(exc, HttpResponseError) and status:
+        code = str(getattr(exc.error_code, "value", exc.error_code) or "")
+        if _rejected(exc) or status in (401, 403):
+            return "auth"
+        if status == 429 or code == "ServerBusy":
+            return "throttled"
+        if status >= 500:
+            return "5xx"
+        return "timeout" if status == 408 else ""
+    if isinstance(exc, (ServiceRequestError, ServiceResponseError)):
+        text = _chain_text(exc).lower()
+        if "refused" in text:
+            return "refused"
+        if "timed out" in text or "timeout" in text:
+            return "timeout"
+        return "unreachable"
+    return ""
+
+
+def _chain_text(exc: BaseException) -> str:
+    """The messages of ``exc`` and its causes: the SDK wraps the socket error."""
+    parts, seen = [], set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        parts.append(f"{type(current).__name__}: {current}")
+        current = current.__cause__ or current.__context__
+    return " | ".join(parts)
+
+
 def is_outage(exc: BaseException) -> bool:
     """True when the endpoint was unreachable, overloaded or refused our credential.
 
     Such failures say nothing about the file, so they must not count
     towards its attempts (an outage is not a poison file).
     """
-    if isinstance(exc, (ServiceRequestError, ServiceResponseError, ClientAuthenticationError)):
-        return True
-    status = getattr(exc, "status_code", None) or 0
-    return _rejected(exc) or (
-        isinstance(exc, HttpResponseError) and (status >= 500 or status in (401, 403, 408, 429)))
+    return bool(outage_kind(exc))
 
 
 def _squash(text: object, limit: int = 800) -> str:
@@ -411,17 +507,23 @@ class FileRange:
     is a heartbeat from inside a block's upload, however large the block.
     ``bucket``, when given, is the uploader's share of the rate cap: each read
     first waits for its budget, beating (``on_read``) while it waits.
+    ``file_calls``, when given, records each ``pread`` while it runs (see
+    :class:`ingestd.child.FileCalls`): a block thread stuck on a frozen
+    staging disk must still get the uploader killed, although the work loop
+    keeps beating while it waits for the blocks.
     """
 
     def __init__(self, fd: int, offset: int, length: int,
                  on_read: Callable[[], None] | None = None,
-                 bucket: TokenBucket | None = None) -> None:
+                 bucket: TokenBucket | None = None,
+                 file_calls: FileCalls | None = None) -> None:
         self._fd = fd
         self._offset = offset
         self._length = length
         self._pos = 0
         self._on_read = on_read
         self._bucket = bucket
+        self._track = file_calls.track if file_calls is not None else contextlib.nullcontext
 
     def __len__(self) -> int:
         return self._length
@@ -448,13 +550,14 @@ class FileRange:
         if self._bucket is not None:
             self._bucket.take(want, self._on_read)
         data: bytes | memoryview
-        if want > READ_SIZE:  # read() of the whole range: not what the HTTP stack does
-            data = os.pread(self._fd, want, self._offset + self._pos)
-        else:
-            buffer = getattr(_read_buffers, "buffer", None)
-            if buffer is None:
-                buffer = _read_buffers.buffer = memoryview(bytearray(READ_SIZE))
-            data = buffer[:os.preadv(self._fd, [buffer[:want]], self._offset + self._pos)]
+        with self._track():
+            if want > READ_SIZE:  # read() of the whole range: not what the HTTP stack does
+                data = os.pread(self._fd, want, self._offset + self._pos)
+            else:
+                buffer = getattr(_read_buffers, "buffer", None)
+                if buffer is None:
+                    buffer = _read_buffers.buffer = memoryview(bytearray(READ_SIZE))
+                data = buffer[:os.preadv(self._fd, [buffer[:want]], self._offset + self._pos)]
         if not len(data):
             raise OSError(f"staging file shorter than expected at {self._offset + self._pos}")
         self._pos += len(data)
@@ -466,6 +569,24 @@ class FileRange:
 MAX_BLOCKS_AHEAD = 256
 """Blocks queued for upload at most (each is a few small objects, no data):
 the staging copy may run this far ahead of the upload."""
+
+
+WAKE_S = 1.0
+"""The work loop waits for blocks and requests in slices this long, beating
+between them: a network wait shows as alive, never as a stall."""
+
+Runner = Callable[[Callable[[], object]], object]
+"""Runs a network call for the work loop: by default in place; the uploader's
+runs it on a side thread and beats (waiting on "network") until it returns."""
+
+
+def _in_place(call: Callable[[], object]) -> object:
+    return call()
+
+
+def block_id(md5: bytes, index: int) -> str:
+    """A block's ID: its content's MD5 and its position (every ID the same length)."""
+    return f"{md5.hex()}{index:08d}"
 
 
 class BlockUpload:
@@ -483,47 +604,120 @@ class BlockUpload:
     replica whose recovery takes a file another replica is still uploading)
     then name every block alike, so whichever commits last still finds all
     its blocks: with random IDs the first commit discards the other's staged
-    blocks and its commit fails (400 InvalidBlockList). A block left by an
-    earlier, interrupted attempt is only reused if its bytes are the same.
+    blocks and its commit fails (400 InvalidBlockList).
+
+    The same IDs make an interrupted upload resumable without a plan file:
+    the blob's uncommitted block list *is* the plan. :meth:`list_existing`
+    asks for it (Azure keeps uncommitted blocks for 7 days) on the network
+    thread while the copy goes on; blocks added before the answer wait for
+    it, and then every block whose ID (so bytes, position and, checked too,
+    size) is already there is skipped. A block of an earlier, different
+    version of the file has another MD5, so another ID, and is never
+    committed.
+
+    Every wait of the work loop here (for room in the window, for the
+    blocks before the commit, for running blocks on close) wakes every
+    ``WAKE_S`` and calls ``on_wait`` (a beat saying "network"); a block
+    thread stuck reading a frozen staging disk is caught through
+    ``file_calls`` instead (see :class:`FileRange`).
     """
 
     def __init__(self, client: ContainerClient, settings: Settings, blob_name: str, path: str,
                  pool: ThreadPoolExecutor, progress: Callable[[int, int | None], None],
                  bucket: TokenBucket | None = None,
-                 on_wait: Callable[[], None] | None = None) -> None:
+                 on_wait: Callable[[], None] | None = None,
+                 run: Runner = _in_place,
+                 file_calls: FileCalls | None = None,
+                 submit: Callable[[Callable[[], object]], Future] | None = None,
+                 on_listed: Callable[[], None] | None = None) -> None:
         self.blob = client.get_blob_client(blob_name)
         self.path = path
         self.pool = pool
         self.progress = progress
         self.bucket = bucket
-        self.on_wait = on_wait
-        self._activity = 0  # bumped by every block read and budget wait
+        self.on_wait = on_wait or (lambda: None)
+        self.run = run
+        self.file_calls = file_calls
         self.window = settings.azure_max_concurrency
         self.tier = access_tier(settings)
         self.block_ids: list[str] = []
         self.pending: set[Future] = set()
-        self.uploaded = 0
+        self.existing: dict[str, int] = {}  # block ID -> size, already held by storage
+        self.listing: Future | None = None  # the block list, while it is being asked for
+        self.held: list[tuple[str, int, int, bytes]] = []  # blocks waiting for that answer
+        self.submit_request = submit
+        self.on_listed = on_listed or (lambda: None)
+        self.uploaded = 0  # bytes of this file known to be in storage (sent or found)
+        self.skipped = 0  # of which found there, not sent
         self.total: int | None = None
         self.started: float | None = None
         self._lock = threading.Lock()
         self._fd: int | None = None
 
+    def list_existing(self) -> None:
+        """Start asking which blocks storage already holds for this blob.
+
+        Uncommitted and committed both: a commit lists each ID as "latest",
+        which storage looks up in the uncommitted list first, then in the
+        committed one. The request runs on the network thread (``submit``),
+        so a slow or hung endpoint never holds the copy back.
+        """
+        assert self.submit_request is not None
+        self.listing = self.submit_request(self._existing_blocks)
+
+    def _existing_blocks(self) -> dict[str, int]:
+        try:
+            committed, uncommitted = self.blob.get_block_list("all")
+        except ResourceNotFoundError:  # no blob yet: no block either
+            return {}
+        return {block.id: block.size for block in (*committed, *uncommitted)}
+
+    def _release(self, block: bool) -> None:
+        """Once the block list is known, send (or skip) the blocks held for it."""
+        if self.listing is None:
+            return
+        while block and not self.listing.done():
+            wait([self.listing], timeout=WAKE_S)
+            if not self.listing.done():
+                self.on_wait()
+        if not self.listing.done():
+            return
+        listing, self.listing = self.listing, None
+        self.existing = listing.result()  # raises the request's error
+        self.on_listed()
+        held, self.held = self.held, []
+        for ident, offset, length, md5 in held:
+            self._send(ident, offset, length, md5)
+
     def add(self, offset: int, length: int, md5: bytes) -> None:
         """Queue the next block; raises the error of any block that already failed."""
         self._collect(block=False)
+        ident = block_id(md5, len(self.block_ids))
+        self.block_ids.append(ident)
+        self._release(block=False)
+        if self.listing is not None:
+            self.held.append((ident, offset, length, md5))
+            return
+        self._send(ident, offset, length, md5)
+
+    def _send(self, ident: str, offset: int, length: int, md5: bytes) -> None:
+        if self.existing.get(ident) == length:
+            with self._lock:
+                self.uploaded += length
+                self.skipped += length
+            return
         while len(self.pending) >= MAX_BLOCKS_AHEAD:
             self._wait_for_room()
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
+        if self.started is None:
             self.started = time.monotonic()
-        block_id = f"{md5.hex()}{len(self.block_ids):08d}"
-        self.block_ids.append(block_id)
-        self.pending.add(self.pool.submit(self._put, block_id, offset, length, md5))
+        self.pending.add(self.pool.submit(self._put, ident, offset, length, md5))
 
-    def _put(self, block_id: str, offset: int, length: int, md5: bytes) -> None:
+    def _put(self, ident: str, offset: int, length: int, md5: bytes) -> None:
         assert self._fd is not None
-        body = FileRange(self._fd, offset, length, self._sending, self.bucket)
-        self.blob.stage_block(block_id, body, length=length,
+        body = FileRange(self._fd, offset, length, self._sending, self.bucket, self.file_calls)
+        self.blob.stage_block(ident, body, length=length,
                               transactional_content_md5=bytearray(md5))
         with self._lock:
             self.uploaded += length
@@ -532,23 +726,13 @@ class BlockUpload:
 
     def _sending(self) -> None:
         """A block is going out (or waiting for its budget): beat (the channel keeps
-        this to one per 0.25 s), so a slow link with large blocks never looks like
-        a stalled uploader."""
-        self._activity += 1
+        this to one per 0.25 s), so a slow link with large blocks shows progress."""
         self.progress(self.uploaded, self.total)
 
     def _wait_for_room(self) -> None:
-        """The copy is ``MAX_BLOCKS_AHEAD`` blocks ahead: wait for one to finish.
-
-        Under a low rate cap that can take longer than the stall timeout. The
-        copy loop then beats (``on_wait``) for as long as the block threads
-        show activity (reads, budget waits), and only then: blocks stuck in a
-        syscall still let the uploader be seen as stalled.
-        """
-        seen = self._activity
-        self._collect(block=True, timeout=1.0)
-        if self._activity != seen and self.on_wait is not None:
-            self.on_wait()
+        """The copy is ``MAX_BLOCKS_AHEAD`` blocks ahead: wait (beating) for one to finish."""
+        self._collect(block=True, timeout=WAKE_S)
+        self.on_wait()
 
     def _collect(self, block: bool, timeout: float | None = None) -> None:
         if not self.pending:
@@ -558,35 +742,84 @@ class BlockUpload:
         for future in finished:
             future.result()  # raises the block's error
 
+    def wait_for_blocks(self, size: int) -> None:
+        """Wait (beating every ``WAKE_S``) until every block added is in storage."""
+        self.total = size
+        self._release(block=True)
+        if self.started is None:
+            self.started = time.monotonic()
+        while self.pending:
+            self._collect(block=True, timeout=WAKE_S)
+            self.on_wait()
+
     def commit(self, size: int, md5: bytes | None,
-               metadata: dict[str, str] | None = None) -> None:
+               metadata: dict[str, str] | None = None,
+               unchanged_since: Version | None = None) -> None:
         """Wait for every block, then commit them, with the whole file's MD5 if known.
 
         The tier and the metadata go in the commit itself: a blob that exists
         has them, with no window where a second call has not happened yet.
+        With ``unchanged_since`` (see :func:`blob_version`) the commit happens
+        only if the blob is still as it was then.
         """
-        self.total = size
-        while self.pending:
-            self._collect(block=True)
+        self.wait_for_blocks(size)
         settings = ContentSettings(content_md5=bytearray(md5)) if md5 is not None else None
-        self.blob.commit_block_list(self.block_ids, content_settings=settings,
-                                    metadata=metadata, standard_blob_tier=self.tier)
+        self.run(lambda: self.blob.commit_block_list(
+            self.block_ids, content_settings=settings, metadata=metadata,
+            standard_blob_tier=self.tier, **_condition(unchanged_since)))
 
     def close(self) -> None:
-        """Cancel what has not started, wait for what has, release the file."""
+        """Cancel what has not started, wait (beating) for what has, release the file."""
+        self.held = []
         for future in self.pending:
             future.cancel()
-        if self.pending:
-            wait(self.pending)  # no block thread may outlive the descriptor
-        self.pending = set()
+        while self.pending:  # no block thread may outlive the descriptor
+            _, self.pending = wait(self.pending, timeout=WAKE_S)
+            if self.pending:
+                self.on_wait()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
 
 
+Version = tuple[str | None]
+"""A blob's ETag when it was looked at, or ``(None,)`` when there was no blob."""
+
+
+def blob_version(client: ContainerClient, blob_name: str) -> Version:
+    """What the blob is now, so that a commit can require it unchanged.
+
+    Two replicas may upload one claimed file at once (the recovery of one
+    takes a file the other is still uploading). The one that read the file
+    earlier must not replace what the other committed from a newer read:
+    the uploader looks at the blob, checks that the NFS file is still the
+    version it read, and commits only if the blob did not change in between.
+    """
+    try:
+        return (client.get_blob_client(blob_name).get_blob_properties().etag,)
+    except ResourceNotFoundError:
+        return (None,)
+
+
+def _condition(version: Version | None) -> dict:
+    if version is None:
+        return {}
+    if version[0] is None:
+        return {"match_condition": MatchConditions.IfMissing}  # If-None-Match: *
+    return {"etag": version[0], "match_condition": MatchConditions.IfNotModified}
+
+
+def committed_meanwhile(exc: BaseException) -> bool:
+    """The conditional commit failed: another upload committed the blob since we looked."""
+    return isinstance(exc, HttpResponseError) and exc.status_code in (409, 412) and \
+        str(getattr(exc.error_code, "value", exc.error_code) or "") in (
+            "ConditionNotMet", "BlobAlreadyExists")
+
+
 def put_whole(client: ContainerClient, blob_name: str, path: str, staged: Staged,
               tier: StandardBlobTier | None = None,
-              metadata: dict[str, str] | None = None) -> None:
+              metadata: dict[str, str] | None = None,
+              unchanged_since: Version | None = None) -> None:
     """One Put Blob request: the file's bytes (kept by staging, else read), MD5-checked,
     with the tier and metadata set in the same request.
 
@@ -604,4 +837,4 @@ def put_whole(client: ContainerClient, blob_name: str, path: str, staged: Staged
     client.get_blob_client(blob_name).upload_blob(
         data, blob_type=BlobType.BLOCKBLOB, length=len(data), overwrite=True,
         transactional_content_md5=md5, content_settings=ContentSettings(content_md5=md5),
-        standard_blob_tier=tier, metadata=metadata)
+        standard_blob_tier=tier, metadata=metadata, **_condition(unchanged_since))

@@ -8,14 +8,16 @@ its block-upload threads), and should not flood the parent with beats.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import itertools
 import logging
 import os
 import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 
 from ingestd import logs
@@ -29,6 +31,37 @@ BEAT_INTERVAL_S = 0.25
 
 class ParentGone(Exception):
     """The parent closed its end of the pipe: time to exit."""
+
+
+class FileCalls:
+    """File syscalls in progress on side threads (block threads reading staging).
+
+    The work loop's own syscalls need no tracking: a work loop stuck in one
+    stops beating. A block thread stuck in ``pread`` on a frozen disk does
+    not stop the work loop, which keeps beating while it waits for the
+    blocks; so each beat carries the age of the oldest call in here, and the
+    supervisor kills the child once that age passes the stall timeout.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._started: dict[int, float] = {}
+        self._tokens = itertools.count()
+
+    @contextlib.contextmanager
+    def track(self) -> Iterator[None]:
+        token = next(self._tokens)
+        with self._lock:
+            self._started[token] = time.monotonic()
+        try:
+            yield
+        finally:
+            with self._lock:
+                del self._started[token]
+
+    def oldest_age(self, now: float) -> float:
+        with self._lock:
+            return now - min(self._started.values()) if self._started else 0.0
 
 
 class Channel:
@@ -48,6 +81,8 @@ class Channel:
         self._last = ("starting", None, 0, 0)
         self._handlers: dict[type, Callable[[object], None]] = {}
         self._inbox: deque[object] = deque()
+        self._waiting = ""
+        self.file_calls = FileCalls()
 
     def on(self, kind: type, handler: Callable[[object], None]) -> None:
         """Apply messages of type ``kind`` as soon as they are read, wherever that is."""
@@ -68,10 +103,21 @@ class Channel:
         if not force and now - self._last_beat < BEAT_INTERVAL_S:
             return
         self._last_beat = now
-        self.send(Beat(state=state, file=file, bytes_done=done, bytes_total=total))
+        self.send(Beat(state=state, file=file, bytes_done=done, bytes_total=total,
+                       waiting=self._waiting,
+                       syscall_age=round(self.file_calls.oldest_age(now), 3)))
         if self._handlers:
             with self._lock:
                 self._pump()
+
+    @contextlib.contextmanager
+    def waiting(self, what: str) -> Iterator[None]:
+        """While inside, every beat says the work loop waits on ``what`` (``"network"``)."""
+        previous, self._waiting = self._waiting, what
+        try:
+            yield
+        finally:
+            self._waiting = previous
 
     def renew(self) -> None:
         """Beat again with what the last beat said (rate-limited like any beat).

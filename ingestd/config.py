@@ -150,6 +150,10 @@ class Settings(BaseSettings):
     # At least 1: with 0, no killed child could ever be replaced.
     max_stuck_children: int = Field(8, ge=1)
     shutdown_grace_s: float = Field(120.0, ge=0)
+    # How long storage may keep rejecting the credential (401/403, or no
+    # token) before the service stops taking work, lets in-flight files
+    # settle and exits with code 3. Long enough to ride out a token refresh.
+    auth_failure_exit_s: float = Field(300.0, gt=0)
 
     # HTTP and logs.
     http_host: str = "0.0.0.0"

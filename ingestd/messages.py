@@ -190,14 +190,24 @@ class Beat:
     """I am alive, and this is what I am doing.
 
     Sent from the work loop itself (per scan, per copied chunk, per uploaded
-    block), never from a side thread, so a child stuck in a syscall stops
-    beating and the supervisor notices.
+    block), so a child whose work loop is stuck in a syscall stops beating
+    and the supervisor notices.
+
+    ``waiting`` says what the work loop is waiting on: ``"network"`` while it
+    waits for block uploads or a request to storage (it wakes every second
+    to beat: a network wait is bounded by the SDK's timeouts and is never a
+    reason to kill). ``syscall_age`` is the age in seconds of the oldest file
+    syscall in progress on a side thread (a block thread's read of the
+    staging copy), 0 if none: a side thread blocked on a frozen disk does not
+    stop the beats, so the beat carries how long it has been blocked.
     """
 
     state: str
     file: str | None = None
     bytes_done: int = 0
     bytes_total: int = 0
+    waiting: str = ""
+    syscall_age: float = 0.0
 
 
 # uploader -> parent
@@ -212,6 +222,26 @@ class Done:
     md5: str
     seconds: float
     upload_seconds: float
+
+
+@dataclass(frozen=True)
+class StorageOk:
+    """A request to storage succeeded: the endpoint answers and accepts the credential.
+
+    Sent once per job, after the first request that worked, so the parent
+    can clear an outage before a large file's commit."""
+
+
+@dataclass(frozen=True)
+class StorageFailing:
+    """A request to storage failed (``kind``: see ``blobstore.outage_kind``).
+
+    Sent the moment the work loop sees the failure, before it waits for the
+    job's other block threads to give up too (each bounded by the SDK's
+    timeouts), so status shows an outage as early as it is known."""
+
+    kind: str
+    error: str
 
 
 @dataclass(frozen=True)
@@ -230,13 +260,16 @@ class Failed:
     blob is committed. ``counted`` is False when the failure says nothing
     about the file (the endpoint was unreachable, the credential was refused,
     staging was full): such attempts do not move a file towards ``.failed``,
-    because an outage is not a poison file.
+    because an outage is not a poison file. ``outage`` names the kind of
+    storage failure (``refused``, ``timeout``, ``5xx``, ``throttled``,
+    ``unreachable``, ``auth``), empty when storage is not what failed.
     """
 
     job: Job
     error: str
     stage: str
     counted: bool
+    outage: str = ""  # why storage failed, when it did (see blobstore.outage_kind)
 
     @property
     def attempts(self) -> int:

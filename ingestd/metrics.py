@@ -152,6 +152,18 @@ def _gauges(view: dict) -> Iterator:
     yield GaugeMetricFamily("ingestd_upload_rate_cap_bytes_per_second",
                             "The pod's upload rate cap now (0: no cap).",
                             value=view["rate_cap"])
+    storage = view["storage"]
+    yield GaugeMetricFamily("ingestd_storage_reachable",
+                            "0 while the blob endpoint does not answer (refused, timing out, "
+                            "5xx, throttled); 1 otherwise. Liveness stays green meanwhile.",
+                            value=1 if storage["reachable"] else 0)
+    yield GaugeMetricFamily("ingestd_storage_auth_failing",
+                            "1 while storage rejects the credential (401/403, or no token); "
+                            "the service exits with code 3 after APP_AUTH_FAILURE_EXIT_S.",
+                            value=1 if storage["state"] == "auth_failing" else 0)
+    yield GaugeMetricFamily("ingestd_storage_problem_seconds",
+                            "Seconds the current storage problem has lasted (0: none).",
+                            value=storage["for_s"] or 0)
 
 
 def _children(view: dict) -> Iterator:

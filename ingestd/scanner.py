@@ -202,6 +202,10 @@ def _staging_problem(root: Path) -> str | None:
     return None
 
 
+RECORDS_FOLDER = ".blocks"
+"""Where uploaders record what each complete staging copy holds (see uploader)."""
+
+
 def clean_staging(staging_root: Path) -> int:
     """Delete leftover staging copies from a previous run of this instance.
 
@@ -215,11 +219,17 @@ def clean_staging(staging_root: Path) -> int:
         if not DATE_FOLDER.match(date):
             continue
         for session in _folders(staging_root / date):
-            for path in (staging_root / date / session).iterdir():
+            folder = staging_root / date / session
+            for path in [*folder.iterdir(), *_files_in(folder / RECORDS_FOLDER)]:
                 if path.is_file() and not path.is_symlink():
                     path.unlink(missing_ok=True)
                     removed += 1
     return removed
+
+
+def _files_in(folder: Path) -> list[Path]:
+    """The records of staging copies (``.blocks``): stale with their copies."""
+    return list(folder.iterdir()) if folder.is_dir() and not folder.is_symlink() else []
 
 
 def _folders(path: Path) -> list[str]:

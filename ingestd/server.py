@@ -100,6 +100,8 @@ def serve(settings: Settings, auth_method: str) -> NoReturn:
         ready["ready"] = True
         server.run(sockets=[sock])
         code = 0 if server.started else EXIT_INTERNAL
+        if supervisor.exit_code is not None:
+            code = supervisor.exit_code
     except StartupError as exc:
         log.critical("cannot start: %s", exc)
         code = EXIT_CONFIG
@@ -148,6 +150,8 @@ def _stop(supervisor: Supervisor | None) -> None:
         if supervisor is not None:
             supervisor.stop()
         log.info("stopped")
+        if supervisor is not None and supervisor.exit_line:
+            log.critical(supervisor.exit_line)  # the last line: what Kubernetes shows
         logging.shutdown()
     except BaseException:  # noqa: BLE001 - nothing may keep the process from exiting
         pass

@@ -5,7 +5,10 @@ blocking for longer than a tick:
 
 1. wait (with a timeout) for messages on the children's pipes and apply them;
 2. respawn children that exited; SIGKILL and replace children whose heartbeat
-   is older than ``APP_CHILD_STALL_TIMEOUT_S``, and put their file back;
+   is older than ``APP_CHILD_STALL_TIMEOUT_S``, or whose beats say a side
+   thread has been in one file syscall for that long, and put their file
+   back. A child that beats while it waits on the blob endpoint is never
+   killed: an outage of storage is shown (``storage``), not "cured";
 3. reap killed children with WNOHANG; those the kernel keeps (stuck in a hung
    NFS call) are counted, and past ``APP_MAX_STUCK_CHILDREN`` no more are made;
 4. hand queued jobs to idle uploaders.
@@ -25,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from multiprocessing.connection import wait
 
 from ingestd import leases, scanner, uploader
+from ingestd.cli import EXIT_AUTH
 from ingestd.config import Settings
 from ingestd.messages import (
     Backlog,
@@ -47,11 +51,14 @@ from ingestd.messages import (
     SetupProblem,
     Stable,
     Stop,
+    StorageFailing,
+    StorageOk,
 )
 from ingestd.metrics import Metrics
 from ingestd.process import ChildProcess
 from ingestd.sessions import Session
 from ingestd.stats import Stats
+from ingestd.storagehealth import StorageHealth
 from ingestd.workqueue import OutageBackoff, WorkQueue
 
 log = logging.getLogger(__name__)
@@ -92,6 +99,8 @@ class Slot:
     quick_deaths: int = 0
     held_back: str | None = None  # why no child runs here now
     rate_sent: float | None = None  # the rate share this child was last sent
+    waiting: str = ""  # what its work loop waits on ("network"), per its last beat
+    syscall_since: float | None = None  # a side thread's file syscall in progress since
 
     @property
     def is_uploader(self) -> bool:
@@ -139,6 +148,9 @@ class Supervisor:
         # This life's lease token: claims are recorded under it (ingestd.leases).
         self.owner = leases.new_token(leases.replica_name(settings.replica_id))
         self.lease_lost: str | None = None
+        self.storage = StorageHealth()
+        self.exit_code: int | None = None  # set when the service must exit non-zero
+        self.exit_line: str | None = None  # and the one line that says why
         self._thread = threading.Thread(target=self._run, name="supervisor", daemon=True)
         self.on_drained: Callable[[], None] | None = None
 
@@ -271,6 +283,7 @@ class Supervisor:
             self._control_scanner()
             self._dispatch(now)
             self._share_rate(now)
+            self._check_auth(now)
             self._finish_drain(now)
             self.last_tick = time.monotonic()
 
@@ -306,6 +319,12 @@ class Supervisor:
         if isinstance(message, Beat):
             slot.state, slot.file = message.state, message.file
             slot.bytes_done, slot.bytes_total = message.bytes_done, message.bytes_total
+            slot.waiting = message.waiting
+            slot.syscall_since = now - message.syscall_age if message.syscall_age > 0 else None
+        elif isinstance(message, StorageOk):
+            self._storage_ok(now)
+        elif isinstance(message, StorageFailing):
+            self.storage.failed(message.kind, message.error, now, time.time())
         elif isinstance(message, Stable):
             self._on_stable(message)
         elif isinstance(message, Recovered):
@@ -377,7 +396,7 @@ class Supervisor:
         counters = self.stats.session(job.date, job.session)
         if isinstance(message, Done):
             self.queue.finish(job)
-            self.outage.reset()
+            self._storage_ok(now)
             self.stats.on_done(counters, message.size)
             self.metrics.upload_seconds.observe(message.seconds)
             self.metrics.file_bytes.observe(message.size)
@@ -392,6 +411,29 @@ class Supervisor:
         else:
             self.stats.on_failed(counters, f"{job.blob_name}: {message.error}")
             self.queue.retry(job, self._retry_at(message, now))
+
+    def _storage_ok(self, now: float) -> None:
+        self.outage.reset()
+        self.storage.ok(now, time.time())
+
+    def _check_auth(self, now: float) -> None:
+        """Storage has rejected the credential for ``APP_AUTH_FAILURE_EXIT_S``: stop.
+
+        Retrying cannot help (a removed role, a rotated key, an expired SAS),
+        so no more work is taken, in-flight files settle as in a drain (none
+        is deleted without its commit), and the service exits with code 3;
+        the restart's startup check then names the keys to fix.
+        """
+        failing_for = self.storage.auth_failing_for(now)
+        if self.draining or failing_for < self.settings.auth_failure_exit_s:
+            return
+        self.exit_code = EXIT_AUTH
+        self.exit_line = (
+            f"cannot continue: blob storage has rejected the {self.auth_method} for "
+            f"{failing_for:.0f} s (APP_AUTH_FAILURE_EXIT_S={self.settings.auth_failure_exit_s:g}):"
+            f" {self.storage.error}; stopped taking work, exiting with code {EXIT_AUTH}")
+        log.critical(self.exit_line)
+        self.begin_drain()
 
     def _on_gave_up(self, message: GaveUp, counters) -> None:
         """A step failed too often: no more tries in this run; the file stays on NFS.
@@ -438,6 +480,7 @@ class Supervisor:
             time.monotonic(), None
         slot.first_beat = None
         slot.rate_sent = None
+        slot.waiting, slot.syscall_since = "", None
         log.info("started %s (pid %d)", slot.role, slot.child.pid)
 
     def _check_children(self, now: float) -> None:
@@ -449,6 +492,9 @@ class Supervisor:
                 self._on_exit(slot, child, now)
             elif slot.beat_age(now) > self.settings.child_stall_timeout_s:
                 self._on_stall(slot, child, now)
+            elif slot.syscall_since is not None and \
+                    now - slot.syscall_since > self.settings.child_stall_timeout_s:
+                self._on_stall(slot, child, now, in_syscall=True)
 
     def _on_exit(self, slot: Slot, child: ChildProcess, now: float) -> None:
         lived, code = now - child.started, child.exitcode
@@ -464,20 +510,28 @@ class Supervisor:
         self.stats.restarts[self._role_kind(slot)] += 1
         self._maybe_respawn(slot, now)
 
-    def _on_stall(self, slot: Slot, child: ChildProcess, now: float) -> None:
-        """SIGKILL a silent child and replace it.
+    def _on_stall(self, slot: Slot, child: ChildProcess, now: float,
+                  in_syscall: bool = False) -> None:
+        """SIGKILL a silent child, or one with a thread stuck in a file syscall, and replace it.
 
-        The slot stays ``stalled_since`` the killed child's last beat until a
-        replacement keeps beating for a whole stall period, so a mount that
-        stays frozen fails liveness after ``APP_LIVENESS_TIMEOUT_S`` even
-        though each replacement beats once at its start and then blocks.
+        The slot stays ``stalled_since`` the killed child's last beat (or the
+        start of the stuck syscall) until a replacement keeps beating for a
+        whole stall period, so a mount that stays frozen fails liveness after
+        ``APP_LIVENESS_TIMEOUT_S`` even though each replacement beats once at
+        its start and then blocks.
         """
-        age = slot.beat_age(now)
+        stalled_at = slot.syscall_since if in_syscall and slot.syscall_since else slot.last_beat
+        age = now - stalled_at
         if slot.stalled_since is None:
-            slot.stalled_since = slot.last_beat
-        log.error("%s (pid %d) sent no heartbeat for %.0f s while %s%s: killing it",
-                  slot.role, child.pid, age, slot.state,
-                  f" {slot.file}" if slot.file else "", extra={"file": slot.file})
+            slot.stalled_since = stalled_at
+        if in_syscall:
+            log.error("%s (pid %d) has had a block thread in one staging read for %.0f s "
+                      "while %s%s: killing it", slot.role, child.pid, age, slot.state,
+                      f" {slot.file}" if slot.file else "", extra={"file": slot.file})
+        else:
+            log.error("%s (pid %d) sent no heartbeat for %.0f s while %s%s: killing it",
+                      slot.role, child.pid, age, slot.state,
+                      f" {slot.file}" if slot.file else "", extra={"file": slot.file})
         child.kill()
         self.stuck.append(child)
         slot.child = None
@@ -619,6 +673,7 @@ class Supervisor:
             return {
                 "auth_method": self.auth_method,
                 "rate_cap": self.rate_cap,
+                "storage": self.storage.view(now, self.settings.auth_failure_exit_s),
                 "stats": self.stats,
                 "enabled": self.enabled,
                 "healthy": self._health(now)[0],
@@ -651,6 +706,7 @@ class Supervisor:
                 "stuck_children": self.stuck_count(now),
                 "killed_unreaped": len(self.stuck),
                 "auth_method": self.auth_method,
+                "storage": self.storage.view(now, self.settings.auth_failure_exit_s),
                 "upload_rate_cap": self._rate_view(),
                 "replica": {"id": leases.replica_of(self.owner), "lease": self.owner,
                             "lease_lost": self.lease_lost},
@@ -687,6 +743,9 @@ class Supervisor:
             "state": slot.state,
             "file": slot.file,
             "heartbeat_age_s": round(slot.beat_age(now), 2),
+            "waiting_on": slot.waiting or None,
+            "file_syscall_age_s": round(now - slot.syscall_since, 2)
+            if slot.syscall_since is not None else None,
             "restarts": slot.restarts,
             "held_back": slot.held_back,
         }

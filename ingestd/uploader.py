@@ -3,7 +3,13 @@
 Every step leaves the disk in a state that says what to do after a crash:
 
 * claimed: the file sits in ``.processing/<date>/<session>/``; recovery finds it.
-* staged: a local copy, fsynced, whose MD5 was computed in the same pass.
+* staged: a local copy, fsynced, whose MD5 was computed in the same pass;
+  for a file sent in blocks, then a record of its size and block MD5s
+  (``<staging>/<date>/<session>/.blocks/<name>``), written after the fsync.
+  A retry after an outage uploads from that copy without reading NFS again.
+* sent: each block staged in storage under an ID made of its MD5 and index;
+  a retry (or recovery after a crash) asks storage which are there and
+  sends only the others.
 * uploaded: the blob is committed (overwrite, so a retry is harmless).
 * cleaned: the NFS copy is deleted only now, then the staging copy.
 
@@ -23,12 +29,12 @@ import os
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from ingestd import blobstore, child, leases, provenance
+from ingestd import blobstore, child, leases, provenance, scanner
 from ingestd.blobstore import Staged
 from ingestd.child import Channel, ParentGone
 from ingestd.config import Settings
@@ -43,6 +49,8 @@ from ingestd.messages import (
     RateLimit,
     Signature,
     Stop,
+    StorageFailing,
+    StorageOk,
 )
 from ingestd.ratelimit import TokenBucket
 
@@ -54,15 +62,19 @@ COPY_CHUNK = 256 * 1024
 less resident per uploader."""
 ATTEMPTS_FOLDER = ".attempts"
 ERRORS_FOLDER = ".errors"
+RECORDS_FOLDER = scanner.RECORDS_FOLDER
+"""Beside the staging copies: what each complete copy holds (size, block MD5s)."""
 
 
 class StepError(Exception):
-    """A step failed; carries the stage and whether it counts against the file."""
+    """A step failed; carries the stage, whether it counts against the file,
+    and the kind of storage outage when that is what failed."""
 
-    def __init__(self, stage: str, message: str, counted: bool) -> None:
+    def __init__(self, stage: str, message: str, counted: bool, outage: str = "") -> None:
         super().__init__(message)
         self.stage = stage
         self.counted = counted
+        self.outage = outage
 
 
 class Vanished(Exception):
@@ -76,6 +88,7 @@ class Paths:
     incoming: Path
     claimed: Path
     staged: Path
+    staged_record: Path
     attempts: Path
     owner: Path  # the claim's owner link (ingestd.leases)
     failed: Path
@@ -89,6 +102,8 @@ class Paths:
             incoming=settings.nfs_incoming_dir / job.name,
             claimed=processing / job.name,
             staged=settings.local_staging_root / job.date / job.session / job.name,
+            staged_record=(settings.local_staging_root / job.date / job.session
+                           / RECORDS_FOLDER / job.name),
             attempts=processing / ATTEMPTS_FOLDER / job.name,
             owner=processing / leases.OWNERS / job.name,
             failed=failed / job.name,
@@ -371,14 +386,68 @@ def cleanup(paths: Paths, uploaded: Signature, staged_ino: int | None,
 
 
 def discard_staged(paths: Paths, staged_ino: int | None = None) -> None:
-    """Remove this job's staging copy; with ``staged_ino``, only if it is that file."""
+    """Remove this job's staging copy and its record; with ``staged_ino``, only
+    if the copy is that file."""
     if staged_ino is not None:
         try:
             if os.lstat(paths.staged).st_ino != staged_ino:
                 return
         except FileNotFoundError:
             return
+    paths.staged_record.unlink(missing_ok=True)
     paths.staged.unlink(missing_ok=True)
+
+
+def write_record(paths: Paths, staged: Staged, block_size: int) -> None:
+    """Record what the (fsynced) staging copy holds, so a retry can trust it.
+
+    Written only after the copy and its folder are fsynced, by rename, then
+    fsynced itself: a record on disk always describes a complete copy.
+    """
+    record = {"size": staged.size, "block_size": block_size,
+              "md5": staged.md5.hex() if staged.md5 is not None else None,
+              "blocks": [digest.hex() for digest in staged.block_md5s],
+              "source": list(staged.source), "staged_ino": staged.staged_ino}
+    folder = paths.staged_record.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    temp = folder / f".{uuid.uuid4().hex}.tmp"
+    with open(temp, "w") as stream:
+        stream.write(json.dumps(record))
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(temp, paths.staged_record)
+    _fsync_folder(folder)
+
+
+def kept_copy(paths: Paths, block_size: int, need_md5: bool) -> Staged | None:
+    """The staging copy left by an earlier attempt, if it can be uploaded as it is.
+
+    It can when its record says it is complete (size, block MD5s at this
+    block size, the whole MD5 if one is wanted), the copy on disk is that
+    file (inode and size), and the NFS file is still the version that was
+    copied (size, mtime, inode: one ``lstat``, no read). Its bytes are not
+    hashed again: every block carries its recorded MD5 as Content-MD5, so
+    storage refuses a block whose bytes differ, and that failure counts
+    against the file and discards the copy.
+    """
+    try:
+        record = json.loads(paths.staged_record.read_text())
+        source = tuple(record["source"])
+        staged = Staged(int(record["size"]),
+                        bytes.fromhex(record["md5"]) if record["md5"] else None,
+                        tuple(bytes.fromhex(b) for b in record["blocks"]), None,
+                        (int(source[0]), int(source[1]), int(source[2])),
+                        int(record["staged_ino"]))
+        if int(record["block_size"]) != block_size or (need_md5 and staged.md5 is None):
+            return None
+        copy = os.lstat(paths.staged)
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
+    if (copy.st_ino, copy.st_size) != (staged.staged_ino, staged.size):
+        return None
+    if signature(paths.claimed) != staged.source:
+        return None
+    return staged
 
 
 def prune_folders(paths: Paths, roots: tuple[Path, Path]) -> None:
@@ -391,6 +460,7 @@ def prune_folders(paths: Paths, roots: tuple[Path, Path]) -> None:
     processing_root, staging_root = roots
     _remove_empty(paths.attempts.parent)
     _remove_empty(paths.owner.parent)
+    _remove_empty(paths.staged_record.parent)
     for folder, root in ((paths.claimed.parent, processing_root),
                          (paths.staged.parent, staging_root)):
         while folder != root and root in folder.parents:
@@ -490,6 +560,7 @@ class Uploader:
         self.settings = settings
         self.channel = channel
         self.owner = owner  # this replica's lease token (ingestd.leases)
+        self.auth_method = auth_method
         self.client = blobstore.container_client(settings, auth_method)
         self.host = provenance.host_name()
         self.bucket = TokenBucket(initial_share(settings))
@@ -498,6 +569,9 @@ class Uploader:
         # from file to file instead of started and joined per file.
         self.pool = ThreadPoolExecutor(settings.azure_max_concurrency,
                                        thread_name_prefix="block")
+        # Requests the work loop waits for (block list, commit, one-request
+        # put) run here, so the work loop can beat while it waits.
+        self.net = ThreadPoolExecutor(1, thread_name_prefix="net")
 
     def _set_rate(self, message: RateLimit) -> None:
         """The parent sent this uploader's share of the cap: apply it now, mid-file too."""
@@ -581,13 +655,19 @@ class Uploader:
         return Done(job, size, md5.hex() if md5 else "", seconds, upload_seconds)
 
     def _transfer(self, paths: Paths, job: Job) -> tuple[Staged, float]:
-        """Stage the file and upload it, the two overlapped.
+        """Stage the file and upload it, the two overlapped; or resume an upload.
 
         Each block is uploaded (from the staging file) as soon as the copy
         has written it, so the network is busy from the first block on and
         a file's copy costs no extra wall time. The blob is committed only
         once the whole file is staged and fsynced and every block is in.
-        Returns what was staged and the seconds from first block to commit.
+
+        A file sent in blocks first asks storage which of its blocks it
+        already holds (an earlier attempt's, even one from before a crash)
+        and sends only the others. When an earlier attempt left a complete
+        staging copy of this very version (:func:`kept_copy`), NFS is not
+        read at all. Returns what was staged and the seconds from first
+        block to commit.
         """
         copied = False
         size_hint = [0]
@@ -596,29 +676,125 @@ class Uploader:
             if copied:  # while copying, the copy's progress is what operators need
                 self.channel.beat("uploading", job.name, current, total or size_hint[0])
 
-        upload = blobstore.BlockUpload(self.client, self.settings, job.blob_name,
+        settings = self.settings
+        block_size = settings.azure_max_block_size
+        upload = blobstore.BlockUpload(self.client, settings, job.blob_name,
                                        str(paths.staged), self.pool, progress,
-                                       self.bucket, self.channel.renew)
+                                       self.bucket, self._network_beat, self._over_network,
+                                       self.channel.file_calls, self.net.submit,
+                                       lambda: self.channel.send(StorageOk()))
         try:
-            staged = self._stage(paths, job, upload.add)
+            kept = kept_copy(paths, block_size, settings.azure_put_md5)
+            if kept is not None or file_size(paths.claimed) > settings.azure_max_single_put_size:
+                upload.list_existing()
+            if kept is not None:
+                copied, size_hint[0], staged = True, kept.size, kept
+                self.channel.beat("uploading", job.name, 0, kept.size, force=True)
+                self._storage_call(lambda: self._add_blocks(upload, kept, block_size))
+            else:
+                paths.staged_record.unlink(missing_ok=True)  # it would describe the old copy
+                staged = self._stage(paths, job, upload.add)
+                if staged.block_md5s:
+                    write_record(paths, staged, block_size)
             copied, size_hint[0] = True, staged.size
             self.channel.beat("uploading", job.name, upload.uploaded, staged.size, force=True)
             started = upload.started or time.monotonic()
             metadata = provenance.blob_metadata(job, staged.size, staged.mtime_ns, staged.md5,
                                                 self.host)
+            self._blocks_sent(upload, staged)
+            version = self._storage_call(lambda: self._over_network(
+                lambda: blobstore.blob_version(self.client, job.blob_name)))
+            self._still_the_version_read(paths, staged.source)
             try:
                 if staged.data is not None:
-                    blobstore.put_whole(self.client, job.blob_name, str(paths.staged), staged,
-                                        upload.tier, metadata)
+                    self._storage_call(lambda: self._over_network(lambda: blobstore.put_whole(
+                        self.client, job.blob_name, str(paths.staged), staged, upload.tier,
+                        metadata, version)))
                 else:
-                    upload.commit(staged.size, staged.md5, metadata)
-            except ParentGone:
+                    self._storage_call(lambda: upload.commit(staged.size, staged.md5, metadata,
+                                                             version))
+            except StepError as exc:
+                cause = exc.__cause__
+                if cause is not None and blobstore.committed_meanwhile(cause):
+                    raise StepError("upload", "another upload of this file committed the blob "
+                                    "since it was checked: not committed over it; tried "
+                                    "again", False) from cause
                 raise
-            except Exception as exc:
-                raise self._upload_error(exc) from exc
+            if upload.skipped or kept is not None:
+                log.info("%s resumed: %d of %d bytes were already in storage%s",
+                         job.blob_name, upload.skipped, staged.size,
+                         "; uploaded from the staging copy (NFS not read again)"
+                         if kept is not None else "", extra=_context(job))
             return staged, time.monotonic() - started
         finally:
             upload.close()
+
+    def _blocks_sent(self, upload: blobstore.BlockUpload, staged: Staged) -> None:
+        """Wait (beating) until every block is in storage, before the last check and commit."""
+        if staged.data is None:
+            self._storage_call(lambda: upload.wait_for_blocks(staged.size))
+
+    @staticmethod
+    def _still_the_version_read(paths: Paths, source: Signature) -> None:
+        """Commit only the version of the file that is still on NFS.
+
+        An older read must never be committed over a newer one. With two
+        replicas on one share, a replica whose recovery took a file the other
+        was still uploading may have read it before a writer appended to it;
+        if the other replica commits the newer version and deletes the file
+        first, a commit of the older read would then replace the blob, and
+        the only copy of the appended bytes would be gone. So: a file that
+        changed is not committed (it is uploaded again), and a file that
+        vanished was finished by another replica. Cleanup checks once more
+        after the commit (see :func:`cleanup`).
+        """
+        try:
+            now = signature(paths.claimed)
+        except OSError as exc:
+            raise StepError("copy", f"copy failed (nfs): {describe_os_error(exc)}",
+                            True) from exc
+        if now is None:
+            raise Vanished()
+        if now != source:
+            raise StepError("verify", f"it changed while it was uploaded (size, mtime, inode "
+                            f"{source} -> {now}): not committed, to be uploaded again", True)
+
+    @staticmethod
+    def _add_blocks(upload: blobstore.BlockUpload, staged: Staged, block_size: int) -> None:
+        """Queue every block of a kept staging copy, as the copy would have."""
+        for index, md5 in enumerate(staged.block_md5s):
+            offset = index * block_size
+            upload.add(offset, min(block_size, staged.size - offset), md5)
+
+    def _storage_call(self, call: Callable[[], object]) -> object:
+        """Run a step that talks to storage; its failure is an upload error."""
+        try:
+            return call()
+        except (ParentGone, KeyboardInterrupt, StepError, Vanished):
+            raise
+        except OSError as exc:  # reading the staging copy for a block
+            raise StepError("upload", f"upload failed (staging): {describe_os_error(exc)}",
+                            True) from exc
+        except Exception as exc:
+            raise self._upload_error(exc) from exc
+
+    def _over_network(self, call: Callable[[], object]) -> object:
+        """Run a request on the network thread; beat (waiting on "network") until it returns.
+
+        The request is bounded by the SDK's timeouts and retries
+        (:class:`ingestd.blobstore.NetworkBudget`); however long it takes, the
+        uploader is alive, so it must not stop beating and be killed as stalled.
+        """
+        future = self.net.submit(call)
+        while True:
+            done, _ = wait([future], timeout=blobstore.WAKE_S)
+            if done:
+                return future.result()
+            self._network_beat()
+
+    def _network_beat(self) -> None:
+        with self.channel.waiting("network"):
+            self.channel.renew()
 
     def _stage(self, paths: Paths, job: Job, on_block) -> Staged:
         try:
@@ -659,10 +835,14 @@ class Uploader:
         return StepError("copy", f"{message}: staging is full ({size} bytes needed, "
                          f"{capacity} in all); retried, not counted against the file", False)
 
-    @staticmethod
-    def _upload_error(exc: BaseException) -> StepError:
-        message = f"upload failed: {blobstore.describe_error(exc)}"
-        return StepError("upload", message, not blobstore.is_outage(exc))
+    def _upload_error(self, exc: BaseException) -> StepError:
+        """The step error for a failed upload; tells the parent at once if storage failed."""
+        kind = blobstore.outage_kind(exc)
+        method = self.auth_method if kind == "auth" else None
+        message = f"upload failed: {blobstore.describe_error(exc, method)}"
+        if kind:
+            self.channel.send(StorageFailing(kind, message))
+        return StepError("upload", message, not kind, kind)
 
     def _cleanup(self, job: Job, paths: Paths, staged_ino: int | None) -> None:
         assert job.uploaded is not None
@@ -695,8 +875,14 @@ class Uploader:
                         describe_os_error(exc))
 
     def _failed(self, job: Job, paths: Paths, exc: StepError) -> Failed | Quarantined | GaveUp:
-        """Count the failure, then quarantine, give up, or ask for a retry."""
-        discard_staged(paths)  # a retry copies again, or only deletes (job.uploaded)
+        """Count the failure, then quarantine, give up, or ask for a retry.
+
+        The staging copy is kept after a storage outage (the retry uploads
+        from it, see :func:`kept_copy`); after any other failure a retry
+        copies again, or only deletes (``job.uploaded``).
+        """
+        if not exc.outage:
+            discard_staged(paths)
         if not job.claimed:
             self._unlink_owner(paths)  # a failed claim: the file is still in incoming
         note = ""
@@ -714,7 +900,7 @@ class Uploader:
         log.error("%s failed at %s (attempt %d of %d)%s", job.blob_name, exc.stage,
                   job.attempts, self.settings.max_attempts, note,
                   extra={**_context(job), "error": str(exc)})
-        return Failed(job, str(exc), exc.stage, exc.counted)
+        return Failed(job, str(exc), exc.stage, exc.counted, exc.outage)
 
     def _count(self, job: Job, paths: Paths, exc: StepError) -> tuple[int, str]:
         """The file's attempts after this failure, and a note if NFS could not record it.

@@ -18,7 +18,6 @@ from urllib.parse import unquote
 import pytest
 
 import ingestd
-from tests.support import devstore
 from tests.support.azurite import Azurite
 from tests.support.service import Layout, azurite_env, run_once, write_random
 
@@ -168,21 +167,17 @@ TOLERANCE = 0.10
 
 @pytest.fixture
 def proxy(azurite: Azurite):
-    """A byte-counting proxy between ingestd and Azurite (the storage side)."""
-    from tests.support.countingproxy import CountingProxy
+    """The blob proxy between ingestd and Azurite, sampling the bytes sent (storage side)."""
+    from tests.support.proxy import BlobProxy
 
-    counting = CountingProxy(azurite.port)
-    yield counting
-    counting.stop()
+    with BlobProxy(azurite.port) as counting:
+        counting.sample()
+        yield counting
 
 
 def through(proxy, azurite: Azurite) -> dict[str, str]:
     """Settings that send ingestd's blob traffic through ``proxy``."""
-    endpoint = proxy.endpoint(azurite.account_name)
-    return {
-        "APP_AZURE_ACCOUNT_URL": endpoint,
-        "APP_AZURE_CONNECTION_STRING": devstore.connection_string(endpoint),
-    }
+    return proxy.service_env(azurite.account_name)
 
 
 def drop_files(layout: Layout, count: int, size: int, stem: str) -> dict[str, str]:
@@ -206,7 +201,7 @@ def check_and_delete(
 
 def windows(samples, start: float, end: float, step: float = 0.5) -> list[tuple[float, float]]:
     """``(offset from start, MB/s)`` of every 5 s window inside ``[start, end]``."""
-    from tests.support.countingproxy import rate
+    from tests.support.proxy import rate
 
     out, at = [], start
     while at + WINDOW_S <= end + 1e-9:
@@ -267,7 +262,7 @@ def test_the_cap_holds_the_pod_to_40_mb_per_s(
     proxy, sampled every 0.1 s), from 1 s after the transfer got going to
     its last byte, windows every 0.5 s. The API answers throughout.
     """
-    from tests.support.countingproxy import transfer_span
+    from tests.support.proxy import transfer_span
 
     cap = 40.0
     service = make_service(
@@ -313,7 +308,7 @@ def test_the_cap_changes_at_runtime_within_seconds(
     """POST /v1/limits from 40 to 15 MB/s mid-transfer: the 5 s window that starts
     3 s later is at 15 MB/s +/- 10 %. Then 0 removes the cap and the rest goes
     uncapped. Status and metric follow each change."""
-    from tests.support.countingproxy import transfer_span
+    from tests.support.proxy import transfer_span
 
     service = make_service(APP_AZURE_MAX_MBPS="40", **through(proxy, azurite))
     expected = drop_files(layout, 6, CAP_FILE_SIZE, "runtime")
@@ -362,7 +357,7 @@ def wait_for_bytes(proxy, count: int, timeout: float) -> None:
 
 def one_second_rates(samples, start: float, end: float) -> list[tuple[float, float]]:
     """For the printout only: MB/s in each second of ``[start, end]``."""
-    from tests.support.countingproxy import rate
+    from tests.support.proxy import rate
 
     return [(start + i, rate(samples, start + i, 1.0) / 1e6) for i in range(int(end - start))]
 

@@ -348,9 +348,10 @@ def test_a_replica_killed_for_good_hands_its_claimed_files_to_the_survivor(
 ) -> None:
     """Replica 1 claims 4 files of 6 MiB (4 uploaders; block uploads under a 0.5 MB/s
     cap, so they stay in flight) and is killed with -9 for good. Replica 0 is not
-    watching (it claims nothing from incoming) but runs its recovery passes: it must take and deliver the 4 files once
-    replica 1's lease expires, not before, and within lease + two renew intervals
-    (plus upload time; the bound asserted is loose, the figure is printed)."""
+    watching (it claims nothing from incoming) but runs its recovery passes: it must
+    take and deliver the 4 files once replica 1's lease expires, not before, and
+    within lease + two renew intervals (plus upload time; the bound asserted is
+    loose, the figure is printed)."""
     pods = Replicas(make_service, layout, tmp_path, azurite, proxies)
     survivor = pods.start(0, APP_AUTOSTART="false")
     victim = pods.start(

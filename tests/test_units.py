@@ -186,3 +186,71 @@ def test_outage_backoff_rises_once_per_round_not_once_per_failed_file() -> None:
     assert delays == [8.0, 16.0, 32.0, 60.0, 60.0]
     backoff.reset()  # an upload went through
     assert backoff.retry_at(500.0) == 502.0
+
+
+# Storage outages (issue 13): the timeout arithmetic, the classification, the state
+
+
+@pytest.mark.parametrize("stall", [4.0, 10.0, 15.0, 60.0, 300.0])
+def test_every_network_wait_is_shorter_than_the_stall_timeout(stall: float) -> None:
+    from ingestd.blobstore import NetworkBudget
+    from ingestd.config import Settings
+
+    budget = NetworkBudget.of(Settings(azure_account_url="http://127.0.0.1:1/x",
+                                       azure_container="c", child_stall_timeout_s=stall))
+    backoffs = [budget.backoff_s + (2 ** n if n else 0) + budget.backoff_s / 2
+                for n in range(budget.retries)]
+    assert max(budget.connect_s, budget.read_s, *backoffs) < stall, budget
+    if stall == 60.0:  # the defaults: a whole unanswered request within the stall timeout
+        assert (budget.connect_s, budget.read_s, budget.backoff_s) == (10.0, 15.0, 4.0)
+        assert budget.worst_case_s() <= stall
+
+
+def test_storage_failures_are_classified_for_operators() -> None:
+    from azure.core.exceptions import (
+        ClientAuthenticationError,
+        HttpResponseError,
+        ServiceRequestError,
+        ServiceResponseError,
+    )
+
+    from ingestd.blobstore import outage_kind
+
+    def status(code: int, error_code: str = "") -> HttpResponseError:
+        exc = HttpResponseError(message="x")
+        exc.status_code, exc.error_code = code, error_code
+        return exc
+
+    refused = ServiceRequestError("Failed to establish a new connection: [Errno 111] "
+                                  "Connection refused")
+    assert outage_kind(refused) == "refused"
+    assert outage_kind(ServiceResponseError("Read timed out. (read timeout=3)")) == "timeout"
+    assert outage_kind(ServiceRequestError("Connection aborted: reset by peer")) == "unreachable"
+    assert outage_kind(status(503, "ServerBusy")) == "throttled"
+    assert outage_kind(status(429)) == "throttled"
+    assert outage_kind(status(500, "InternalError")) == "5xx"
+    assert outage_kind(status(403, "AuthorizationFailure")) == "auth"
+    assert outage_kind(status(403, "AuthorizationPermissionMismatch")) == "auth"
+    assert outage_kind(ClientAuthenticationError("no token")) == "auth"
+    assert outage_kind(status(400, "Md5Mismatch")) == ""  # the file's problem, counted
+    assert outage_kind(ValueError("bug")) == ""
+
+
+def test_storage_health_tells_outage_from_auth_and_times_the_auth_exit() -> None:
+    from ingestd.storagehealth import StorageHealth
+
+    health = StorageHealth()
+    health.failed("timeout", "read timed out", mono=10.0, wall=1000.0)
+    view = health.view(12.0, auth_exit_s=300)
+    assert (view["state"], view["reachable"], view["reason"], view["for_s"]) == \
+        ("unreachable", False, "timeout", 2.0)
+    assert health.auth_failing_for(12.0) == 0.0 and view["auth_exit_in_s"] is None
+    health.failed("auth", "403", mono=20.0, wall=1010.0)
+    health.failed("refused", "refused", mono=25.0, wall=1015.0)  # a blip does not restart it
+    health.failed("auth", "403", mono=30.0, wall=1020.0)
+    assert health.view(40.0, 300)["state"] == "auth_failing"
+    assert health.view(40.0, 300)["reachable"] is True
+    assert health.auth_failing_for(40.0) == 20.0
+    assert health.view(40.0, 300)["auth_exit_in_s"] == 280.0
+    health.ok(mono=41.0, wall=1031.0)
+    assert health.view(42.0, 300)["state"] == "ok" and health.auth_failing_for(42.0) == 0.0

@@ -32,6 +32,12 @@ lines seen client->server; a body that happens to contain `` HTTP/1.1\\r\\n``
 would count too, which random data makes vanishingly rare). Totals since
 start, and since the last :meth:`BlobProxy.reset_counts`.
 
+Rates (:meth:`BlobProxy.sample`): the bandwidth cap must be measured at the
+storage side, finer than whole blocks (Azurite shows a staged block only once
+all of it is in). Sampling records the running ``up`` total ten times a
+second, so any window's rate can be read off afterwards (:func:`rate`,
+:func:`transfer_span`).
+
 Only 127.0.0.1 is ever bound or connected to.
 
 Example::
@@ -45,13 +51,16 @@ Example::
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import re
 import socket
 import struct
 import threading
+import time
 from dataclasses import dataclass
-from typing import Optional
+
+from tests.support import devstore
 
 LOOPBACK = "127.0.0.1"
 MODES = ("pass", "refuse", "blackhole", "corrupt_auth")
@@ -62,6 +71,7 @@ REQUEST_LINE = re.compile(rb"(GET|PUT|POST|HEAD|DELETE) (/\S*) HTTP/1\.1\r\n")
 LINE_TAIL = 4096
 """Bytes of a connection's upstream stream kept between reads, so that a request
 line split across two reads is still seen whole (and only once)."""
+SAMPLE_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -100,9 +110,9 @@ def corrupt_signature(line: bytes) -> bytes:
     """
     colon = line.index(b":", len(AUTH_PREFIX))
     position = colon + 1
-    old = line[position:position + 1]
+    old = line[position : position + 1]
     new = b"B" if old == b"A" else b"A"
-    return line[:position] + new + line[position + 1:]
+    return line[:position] + new + line[position + 1 :]
 
 
 def _partial_suffix(data: bytes, pattern: bytes) -> int:
@@ -116,7 +126,7 @@ def _partial_suffix(data: bytes, pattern: bytes) -> int:
 class _Connection:
     """One client connection and, unless black, its upstream connection."""
 
-    def __init__(self, client: socket.socket, upstream: Optional[socket.socket]) -> None:
+    def __init__(self, client: socket.socket, upstream: socket.socket | None) -> None:
         self.client = client
         self.upstream = upstream
         self.black = upstream is None
@@ -139,13 +149,15 @@ class BlobProxy:
         self.port = 0
         self._mode = "pass"
         self._lock = threading.Lock()
-        self._listener: Optional[socket.socket] = None
-        self._accept_thread: Optional[threading.Thread] = None
+        self._listener: socket.socket | None = None
+        self._accept_thread: threading.Thread | None = None
         self._connections: set[_Connection] = set()
         self._counts = dict.fromkeys(("up", "down", "requests", "connections"), 0)
         self._totals = dict(self._counts)
         self._request_lines: list[tuple[str, str]] = []
         self._running = False
+        self._samples: list[tuple[float, int]] = []
+        self._sampling = threading.Event()
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> BlobProxy:
@@ -156,6 +168,7 @@ class BlobProxy:
     def stop(self) -> None:
         """Stop listening and reset every connection; idempotent."""
         self._running = False
+        self._sampling.clear()
         self._close_listener()
         self._reset_all(lambda conn: True)
 
@@ -172,6 +185,14 @@ class BlobProxy:
     def account_url(self, account: str) -> str:
         """Path-style account URL through the proxy, as Azurite wants it."""
         return f"{self.url}/{account}"
+
+    def service_env(self, account: str = devstore.ACCOUNT_NAME) -> dict[str, str]:
+        """ingestd settings that send every blob request (startup check too) through here."""
+        endpoint = self.account_url(account)
+        return {
+            "APP_AZURE_ACCOUNT_URL": endpoint,
+            "APP_AZURE_CONNECTION_STRING": devstore.connection_string(endpoint),
+        }
 
     # ------------------------------------------------------------------- modes
     @property
@@ -231,6 +252,28 @@ class BlobProxy:
             self._counts = dict.fromkeys(self._counts, 0)
         return before
 
+    @property
+    def sent(self) -> int:
+        """Bytes client->server since start."""
+        with self._lock:
+            return self._totals["up"]
+
+    def sample(self, interval: float = SAMPLE_S) -> None:
+        """Record ``(monotonic time, bytes sent so far)`` every ``interval`` until stopped."""
+        self._sampling.set()
+
+        def run() -> None:
+            while self._sampling.is_set():
+                with self._lock:
+                    self._samples.append((time.monotonic(), self._totals["up"]))
+                time.sleep(interval)
+
+        threading.Thread(target=run, name="proxy-sampler", daemon=True).start()
+
+    def samples(self) -> list[tuple[float, int]]:
+        with self._lock:
+            return list(self._samples)
+
     def live_connections(self) -> int:
         with self._lock:
             return len(self._connections)
@@ -248,8 +291,12 @@ class BlobProxy:
         listener.listen(128)
         self.port = listener.getsockname()[1]
         self._listener = listener
-        self._accept_thread = threading.Thread(target=self._accept_loop, args=(listener,),
-                                               name=f"proxy-accept-{self.port}", daemon=True)
+        self._accept_thread = threading.Thread(
+            target=self._accept_loop,
+            args=(listener,),
+            name=f"proxy-accept-{self.port}",
+            daemon=True,
+        )
         self._accept_thread.start()
 
     def _close_listener(self) -> None:
@@ -284,11 +331,11 @@ class BlobProxy:
         conn = _Connection(client, upstream)
         with self._lock:
             self._connections.add(conn)
-        threading.Thread(target=self._pump_up, args=(conn,), daemon=True,
-                         name="proxy-up").start()
+        threading.Thread(target=self._pump_up, args=(conn,), daemon=True, name="proxy-up").start()
         if upstream is not None:
-            threading.Thread(target=self._pump_down, args=(conn,), daemon=True,
-                             name="proxy-down").start()
+            threading.Thread(
+                target=self._pump_down, args=(conn,), daemon=True, name="proxy-down"
+            ).start()
 
     def _reset_all(self, which) -> None:
         with self._lock:
@@ -341,10 +388,13 @@ class BlobProxy:
     def _count_requests(self, conn: _Connection, data: bytes) -> None:
         window = conn.mark_tail + data
         self._count("requests", window.count(REQUEST_MARK))
-        conn.mark_tail = window[-(len(REQUEST_MARK) - 1):]
+        conn.mark_tail = window[-(len(REQUEST_MARK) - 1) :]
         lines = conn.line_tail + data
-        seen = [(m.group(1).decode(), m.group(2).decode("latin-1"))
-                for m in REQUEST_LINE.finditer(lines) if m.end() > len(conn.line_tail)]
+        seen = [
+            (m.group(1).decode(), m.group(2).decode("latin-1"))
+            for m in REQUEST_LINE.finditer(lines)
+            if m.end() > len(conn.line_tail)
+        ]
         conn.line_tail = lines[-LINE_TAIL:]
         if seen:
             with self._lock:
@@ -362,8 +412,8 @@ class BlobProxy:
             start = buffer.find(AUTH_PREFIX)
             if start < 0:
                 keep = _partial_suffix(buffer, AUTH_PREFIX)
-                out += buffer[:len(buffer) - keep]
-                conn.auth_buffer = buffer[len(buffer) - keep:]
+                out += buffer[: len(buffer) - keep]
+                conn.auth_buffer = buffer[len(buffer) - keep :]
                 return bytes(out)
             end = buffer.find(b"\r\n", start)
             if end < 0:
@@ -372,3 +422,32 @@ class BlobProxy:
                 return bytes(out)
             out += buffer[:start] + corrupt_signature(buffer[start:end])
             buffer = buffer[end:]
+
+
+def bytes_at(samples: list[tuple[float, int]], when: float) -> float:
+    """The running total at ``when``, interpolated between the two samples around it."""
+    times = [t for t, _ in samples]
+    i = bisect.bisect_left(times, when)
+    if i == 0:
+        return float(samples[0][1])
+    if i >= len(samples):
+        return float(samples[-1][1])
+    (t0, b0), (t1, b1) = samples[i - 1], samples[i]
+    return b0 + (b1 - b0) * (when - t0) / (t1 - t0)
+
+
+def rate(samples: list[tuple[float, int]], start: float, seconds: float) -> float:
+    """Bytes per second sent over ``[start, start + seconds]``."""
+    return (bytes_at(samples, start + seconds) - bytes_at(samples, start)) / seconds
+
+
+def transfer_span(
+    samples: list[tuple[float, int]], baseline: int, threshold: int = 1_000_000
+) -> tuple[float, float]:
+    """When the upload got going (``threshold`` bytes past ``baseline``, the count
+    before it began: startup checks go through the proxy too) and when the last
+    byte went through."""
+    first = next(t for t, b in samples if b > baseline + threshold)
+    total = samples[-1][1]
+    last = next(t for t, b in samples if b >= total)
+    return first, last
