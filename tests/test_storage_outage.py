@@ -207,18 +207,14 @@ def test_a_block_thread_frozen_in_a_staging_read_still_gets_its_uploader_killed(
     sits in a frozen pread. The beats carry its age, so the uploader is killed
     and replaced within a few stall timeouts; after the thaw the file arrives.
     """
-    from tests.test_hung_nfs import MountLayout, child, new_pid
+    from tests.test_hung_nfs import child, new_pid
 
     staging_dir = fuse_mount.path("staging")
     for folder in (layout.incoming, layout.processing, layout.failed, layout.nfs / "staging"):
         folder.mkdir(parents=True, exist_ok=True)
 
-    class StagingOnMount(MountLayout):
-        def env(self) -> dict[str, str]:
-            return {**super().env(), "APP_LOCAL_STAGING_ROOT": str(staging_dir)}
-
     service = make_service(
-        layout_=StagingOnMount(fuse_mount, staging_dir),
+        layout_=Layout(nfs=fuse_mount.path(), staging=staging_dir),
         APP_CHILD_STALL_TIMEOUT_S="2.5",
         APP_WORKER_CONCURRENCY="1",
         APP_AZURE_MAX_BLOCK_SIZE="4MiB",
