@@ -653,6 +653,28 @@ class BlockUpload:
         self.started: float | None = None
         self._lock = threading.Lock()
         self._fd: int | None = None
+        self.acked: list[tuple[int, int]] | None = None  # see track_acks
+
+    def track_acks(self) -> None:
+        """Record each block storage acknowledged (or already held), for :meth:`take_acked`.
+
+        A staging window releases a block's space only once it is in storage.
+        """
+        self.acked = []
+
+    def take_acked(self) -> list[tuple[int, int]]:
+        """The (offset, length) of blocks acknowledged since the last call."""
+        with self._lock:
+            acked, self.acked = self.acked or [], []
+        return acked
+
+    def wait_for_acks(self) -> None:
+        """Wait (beating) up to ``WAKE_S`` for a block to be acknowledged, or the block list."""
+        if self.listing is not None:
+            self._release(block=True)
+        else:
+            self._collect(block=True, timeout=WAKE_S)
+        self.on_wait()
 
     def list_existing(self) -> None:
         """Start asking which blocks storage already holds for this blob.
@@ -705,6 +727,8 @@ class BlockUpload:
             with self._lock:
                 self.uploaded += length
                 self.skipped += length
+                if self.acked is not None:
+                    self.acked.append((offset, length))
             return
         while len(self.pending) >= MAX_BLOCKS_AHEAD:
             self._wait_for_room()
@@ -722,6 +746,8 @@ class BlockUpload:
         with self._lock:
             self.uploaded += length
             done = self.uploaded
+            if self.acked is not None:
+                self.acked.append((offset, length))
         self.progress(done, self.total)
 
     def _sending(self) -> None:

@@ -54,10 +54,15 @@ def parse_size(value: object) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[unit])
 
 
+STAGING_COPY_CHUNK = 256 * 1024
+"""Bytes per read from NFS while staging (``ingestd.uploader.COPY_CHUNK``)."""
+
 MIN_TOKEN_LENGTH = 16
 """Shorter API tokens are refused: 16 random characters are beyond guessing."""
 
 ByteSize = Annotated[int, BeforeValidator(parse_size), Field(gt=0)]
+OptionalSize = Annotated[int, BeforeValidator(parse_size), Field(ge=0)]
+"""A size where 0 means "derive it" (see the field's comment)."""
 
 ACCESS_TIERS = ("Hot", "Cool", "Cold", "Archive")
 """The block blob tiers a commit may set (``x-ms-access-tier``), as Azure spells them."""
@@ -102,6 +107,15 @@ class Settings(BaseSettings):
     nfs_processing_root: Path = Path("/mnt/nfs/.processing")
     nfs_failed_root: Path = Path("/mnt/nfs/.failed")
     local_staging_root: Path = Path("/mnt/staging")
+    # The staging space all uploaders share (bytes). 0: the staging
+    # filesystem's whole size, as the scanner measures it at start. The
+    # parent dispatches a file only when its reservation (its size, or a
+    # window) fits what is left of it (README, "Staging window").
+    staging_budget: OptionalSize = 0
+    # The most one windowed file holds in staging at a time. 0: the block
+    # size x (APP_AZURE_MAX_CONCURRENCY + 2): the blocks being sent, the one
+    # being copied, and one ready for the next free block thread.
+    staging_window: OptionalSize = 0
 
     # Scanner.
     poll_interval_s: float = Field(2.0, gt=0)
@@ -227,6 +241,17 @@ class Settings(BaseSettings):
         if self.api_token_for_reads and self.api_token is None:
             raise ValueError("APP_API_TOKEN_FOR_READS=true needs APP_API_TOKEN")
         return self
+
+    def staging_window_bytes(self) -> int:
+        """The window one file too large to stage whole may hold in staging.
+
+        ``APP_STAGING_WINDOW``, or by default block size x (concurrency + 2),
+        and never less than one block and one copy chunk, without which the
+        copy could not finish a block for the upload to release.
+        """
+        block = self.azure_max_block_size
+        window = self.staging_window or block * (self.azure_max_concurrency + 2)
+        return max(window, block + STAGING_COPY_CHUNK)
 
     def secrets(self) -> list[str]:
         """The secret values configured, for the log redactor."""

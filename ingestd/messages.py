@@ -50,6 +50,8 @@ class Job:
     attempts: int = 0
     tries: int = 0
     uploaded: Signature | None = None
+    size: int = 0  # bytes, as the scan or recovery found it (0: not known)
+    window: int = 0  # >0: stage through a window of this many bytes, not whole
 
     @property
     def blob_name(self) -> str:
@@ -172,6 +174,7 @@ class SetupProblem:
     """
 
     problems: tuple[str, ...]
+    staging_bytes: int = 0  # the staging filesystem's whole size; 0 if unknown
 
 
 @dataclass(frozen=True)

@@ -164,6 +164,22 @@ def _gauges(view: dict) -> Iterator:
     yield GaugeMetricFamily("ingestd_storage_problem_seconds",
                             "Seconds the current storage problem has lasted (0: none).",
                             value=storage["for_s"] or 0)
+    staging = view["staging"]
+    yield GaugeMetricFamily("ingestd_staging_budget_bytes",
+                            "Staging bytes all uploaders share (APP_STAGING_BUDGET, else the "
+                            "staging filesystem's size; 0: not known, no budget kept).",
+                            value=staging["budget_bytes"])
+    yield GaugeMetricFamily("ingestd_staging_reserved_bytes",
+                            "Staging bytes reserved by files in flight (whole files, or "
+                            "windows).", value=staging["reserved_bytes"])
+    yield GaugeMetricFamily("ingestd_files_windowed_in_flight",
+                            "Files in flight staged through a window (too large to stage "
+                            "whole).", value=len(staging["windowed_in_flight"]))
+    yield GaugeMetricFamily("ingestd_files_waiting_for_staging",
+                            "1 while a file waits for its staging reservation to fit.",
+                            value=1 if staging["waiting_for_space"] else 0)
+    yield _counter("ingestd_files_windowed", "Files uploaded through a staging window.",
+                   staging["windowed_total"])
 
 
 def _children(view: dict) -> Iterator:

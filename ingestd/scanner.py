@@ -202,6 +202,19 @@ def _staging_problem(root: Path) -> str | None:
     return None
 
 
+def staging_size(root: Path) -> int:
+    """The staging filesystem's whole size in bytes (the parent's staging budget), 0 if unknown.
+
+    Measured here because the parent makes no file syscall: it learns the
+    size from the setup check's message.
+    """
+    try:
+        st = os.statvfs(root)
+    except OSError:
+        return 0
+    return st.f_blocks * st.f_frsize
+
+
 RECORDS_FOLDER = ".blocks"
 """Where uploaders record what each complete staging copy holds (see uploader)."""
 
@@ -289,7 +302,8 @@ class Scanner:
         while True:
             self.channel.beat("checking", force=True)
             problems = self._retrying("folder check", lambda: check_setup(self.settings))
-            self.channel.send(SetupProblem(tuple(problems)))
+            self.channel.send(SetupProblem(tuple(problems),
+                                           staging_size(self.settings.local_staging_root)))
             if not problems:
                 return
             if problems != reported:

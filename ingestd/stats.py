@@ -62,6 +62,7 @@ class Stats:
     gave_up: Counter = field(default_factory=Counter)
     interrupted: int = 0
     recovered_total: int = 0
+    windowed_total: int = 0  # files uploaded through a staging window
     scan_errors: int = 0
     scans: int = 0
     last_scan_seen: int = 0

@@ -70,6 +70,8 @@ REAP_GRACE_S = 2.0
 """A killed child still unreaped after this long is stuck in the kernel."""
 MAX_RESPAWN_DELAY_S = 30.0
 MAX_RETRY_DELAY_S = 60.0
+STAGING_LOOKAHEAD = 64
+"""Queued jobs looked at per free uploader for one whose staging reservation fits."""
 SCANNER = "scanner"
 GAVE_UP_SHOWN = 100
 """Files given up on that /v1/status lists (the newest); older ones are only counted."""
@@ -134,6 +136,8 @@ class Supervisor:
         self.enabled = False
         self.recovery_done = False
         self.setup_problems: tuple[str, ...] = ()
+        self.staging_capacity = 0  # the staging filesystem's size, from the scanner's check
+        self.staging_parked: Job | None = None  # the oldest job waiting for staging space
         self.gave_up: deque[dict] = deque(maxlen=GAVE_UP_SHOWN)
         self.unclaimable: dict[tuple[str, str, str], tuple[int, int] | None] = {}
         self.draining = False
@@ -357,7 +361,7 @@ class Supervisor:
             return  # found after a stop: it stays in incoming for the next session
         for name, size, mtime in message.files:
             job = Job(name=name, date=self.session.date, session=self.session.encoded,
-                      seen=(size, mtime))
+                      seen=(size, mtime), size=size)
             if job.key in self.unclaimable:
                 if self.unclaimable[job.key] == job.seen:
                     continue  # given up on this version; a changed file is tried afresh
@@ -365,6 +369,8 @@ class Supervisor:
             self.queue.add_new(job)
 
     def _on_setup(self, message: SetupProblem) -> None:
+        if message.staging_bytes:
+            self.staging_capacity = message.staging_bytes
         if message.problems and message.problems != self.setup_problems:
             self.stats.last_error = "; ".join(message.problems)
         elif not message.problems and self.setup_problems:
@@ -386,7 +392,7 @@ class Supervisor:
         if self.draining:
             return  # ours now; the lease released at the end hands it on at once
         job = Job(name=message.name, date=message.date, session=message.session,
-                  claimed=True)
+                  claimed=True, size=message.size)
         self.queue.add_recovered(job)
 
     def _on_result(self, slot: Slot, message: Done | Failed | Gone | Quarantined | GaveUp,
@@ -397,6 +403,8 @@ class Supervisor:
         if isinstance(message, Done):
             self.queue.finish(job)
             self._storage_ok(now)
+            if job.window:
+                self.stats.windowed_total += 1
             self.stats.on_done(counters, message.size)
             self.metrics.upload_seconds.observe(message.seconds)
             self.metrics.file_bytes.observe(message.size)
@@ -597,18 +605,99 @@ class Supervisor:
     def _dispatch(self, now: float) -> None:
         if not self.recovery_done or self.draining or self.lease_lost:
             return
-        for slot in self.slots[1:]:
-            if slot.child is None or slot.child.conn is None or slot.job is not None:
-                continue
+        later: list[Job] = []
+        try:
+            for slot in self.slots[1:]:
+                if slot.child is None or slot.child.conn is None or slot.job is not None:
+                    continue
+                job = self._next_job(now, later)
+                if job is None:
+                    return
+                if not slot.child.send(job):
+                    self.queue.retry(job, now)
+                    continue
+                slot.job, slot.job_started = job, now
+                slot.state, slot.file, slot.bytes_done, slot.bytes_total = \
+                    "claiming", job.name, 0, 0
+                slot.last_beat = now
+        finally:
+            for job in later:  # no room in staging now: their turn comes again
+                self.queue.retry(job, now + TICK_S)
+
+    # The staging budget
+
+    def staging_budget(self) -> int:
+        """Bytes of staging all uploaders share: APP_STAGING_BUDGET, else the whole filesystem."""
+        return self.settings.staging_budget or self.staging_capacity
+
+    def _staging_reserved(self) -> int:
+        return sum(_reservation(slot.job) for slot in self.slots[1:] if slot.job)
+
+    def _plan_staging(self, job: Job, budget: int) -> Job:
+        """Stage ``job`` whole, or through a window; see the README, "Staging window".
+
+        A file is staged whole if it is no larger than what the budget
+        leaves once every other uploader has a window (and never when it is
+        no larger than a window: a window would save nothing). Larger files
+        go through a window. Sizes are those the scan or recovery reported.
+        """
+        settings = self.settings
+        floor = settings.azure_max_block_size + uploader.COPY_CHUNK
+        window = max(min(settings.staging_window_bytes(), budget), floor)
+        whole_max = max(window, budget - (settings.worker_concurrency - 1) * window)
+        if job.size > whole_max and job.size > settings.azure_max_single_put_size:
+            return replace(job, window=window)
+        return replace(job, window=0)
+
+    def _next_job(self, now: float, later: list[Job]) -> Job | None:
+        """The next job whose staging reservation (its size, or a window) fits the budget.
+
+        A job that does not fit now waits, and is not failed: the oldest
+        such job is parked, and others may pass it only if they leave it its
+        room, so it runs as soon as files in flight finish. A job that could
+        never fit (a budget smaller than one window) runs when nothing else
+        is in flight, and meets the disk as it is (see
+        ``Uploader._staging_failure``).
+        """
+        budget = self.staging_budget()
+        if budget <= 0:
+            return self.queue.take(now)
+        free = budget - self._staging_reserved()
+        busy = any(slot.job for slot in self.slots[1:])
+        parked = self.staging_parked
+        if parked is not None:
+            if _reservation(parked) <= free or not busy:
+                self.staging_parked = None
+                return parked
+            free -= _reservation(parked)
+        for _ in range(STAGING_LOOKAHEAD):
             job = self.queue.take(now)
             if job is None:
-                return
-            if not slot.child.send(job):
-                self.queue.retry(job, now)
-                continue
-            slot.job, slot.job_started = job, now
-            slot.state, slot.file, slot.bytes_done, slot.bytes_total = "claiming", job.name, 0, 0
-            slot.last_beat = now
+                return None
+            job = self._plan_staging(job, budget)
+            if _reservation(job) <= free or (not busy and self.staging_parked is None):
+                return job
+            if self.staging_parked is None:
+                self.staging_parked = job
+                free -= _reservation(job)
+                log.info("%s waits for staging space: it needs %d bytes, %d of %d are free",
+                         job.blob_name, _reservation(job), free + _reservation(job), budget)
+            else:
+                later.append(job)
+        return None
+
+    def _staging_view(self) -> dict:
+        windowed = [slot.job.blob_name for slot in self.slots[1:] if slot.job and slot.job.window]
+        parked = self.staging_parked
+        return {
+            "budget_bytes": self.staging_budget(),
+            "filesystem_bytes": self.staging_capacity,
+            "reserved_bytes": self._staging_reserved(),
+            "window_bytes": self.settings.staging_window_bytes(),
+            "windowed_in_flight": windowed,
+            "windowed_total": self.stats.windowed_total,
+            "waiting_for_space": parked.blob_name if parked else None,
+        }
 
     def _finish_drain(self, now: float) -> None:
         """Once nothing is in flight, or the grace period is over, let the server exit."""
@@ -679,7 +768,8 @@ class Supervisor:
                 "healthy": self._health(now)[0],
                 "setup_problems": self.setup_problems,
                 "in_flight": sum(1 for s in self.slots[1:] if s.job),
-                "queued": len(self.queue),
+                "queued": len(self.queue) + (self.staging_parked is not None),
+                "staging": self._staging_view(),
                 "stuck": stuck,
                 "heartbeats": [(s.role, self._role_kind(s), round(s.beat_age(now), 3))
                                for s in self.slots],
@@ -699,7 +789,10 @@ class Supervisor:
                 "recovery_done": self.recovery_done,
                 "setup_problems": list(self.setup_problems),
                 "gave_up": list(self.gave_up),
-                "queue": {"depth": len(self.queue), **self.queue.depth(),
+                "staging": self._staging_view(),
+                "queue": {"depth": len(self.queue) + (self.staging_parked is not None),
+                          **self.queue.depth(),
+                          "waiting_for_staging": int(self.staging_parked is not None),
                           "max": self.queue.max_size, "dropped_full": self.queue.dropped},
                 "in_flight": [self._flight_view(s, now) for s in self.slots[1:] if s.job],
                 "children": [self._child_view(s, now) for s in self.slots],
@@ -715,7 +808,8 @@ class Supervisor:
 
     def _sessions_view(self) -> dict:
         """Per-session counters (bounded), with queued and in-flight counted from the jobs."""
-        queued = Counter(job.key[:2] for job in self.queue.jobs())
+        waiting = [*self.queue.jobs(), *([self.staging_parked] if self.staging_parked else [])]
+        queued = Counter(job.key[:2] for job in waiting)
         flying = Counter(slot.job.key[:2] for slot in self.slots[1:] if slot.job)
         kept, older = self.stats.sessions_view(queued, flying)
         return {"sessions": kept, "older_sessions": older}
@@ -733,6 +827,8 @@ class Supervisor:
             "bytes_total": slot.bytes_total,
             "seconds": round(now - slot.job_started, 1),
             "worker": slot.role,
+            "staging": "window" if slot.job.window else "whole",
+            "staging_reserved_bytes": _reservation(slot.job),
         }
 
     @staticmethod
@@ -749,6 +845,11 @@ class Supervisor:
             "restarts": slot.restarts,
             "held_back": slot.held_back,
         }
+
+
+def _reservation(job: Job) -> int:
+    """The staging bytes a job holds: its window, or its whole size."""
+    return job.window or job.size
 
 
 def _mbps(bytes_per_s: float) -> str:

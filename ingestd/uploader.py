@@ -20,6 +20,7 @@ Attempts are counted on NFS, next to the claimed file, so they survive restarts.
 
 from __future__ import annotations
 
+import ctypes
 import datetime as dt
 import errno
 import hashlib
@@ -34,7 +35,7 @@ from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from ingestd import blobstore, child, leases, provenance, scanner
+from ingestd import blobstore, child, config, leases, provenance, scanner
 from ingestd.blobstore import Staged
 from ingestd.child import Channel, ParentGone
 from ingestd.config import Settings
@@ -56,7 +57,7 @@ from ingestd.ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
 
-COPY_CHUNK = 256 * 1024
+COPY_CHUNK = config.STAGING_COPY_CHUNK
 """Bytes per read from NFS while staging. Measured: the same CPU per GiB as
 1 MiB (hashing dominates; the NFS client reads ahead anyway), and 0.75 MiB
 less resident per uploader."""
@@ -207,7 +208,7 @@ class BlockFailed(Exception):
 
 def stage(paths: Paths, channel: Channel, file: str, block_size: int, single_put_size: int,
           on_block: Callable[[int, int, bytes], None] | None = None,
-          whole_md5: bool = True) -> Staged:
+          whole_md5: bool = True, window: StagingWindow | None = None) -> Staged:
     """Copy the claimed file to staging, hashing it in the same pass; fsync both.
 
     The one read of the NFS file yields everything the upload needs: one
@@ -223,6 +224,12 @@ def stage(paths: Paths, channel: Channel, file: str, block_size: int, single_put
     copy chunk (plus the file itself when it goes in one request, at most
     ``single_put_size``). A partial copy is removed on failure so staging
     never fills with junk.
+
+    With a ``window`` (a file too large to stage whole), the copy never
+    holds more than the window in staging: before each chunk is written it
+    waits (beating) until enough blocks are acknowledged by storage, whose
+    space is then released (see :class:`StagingWindow`). The hashing, the
+    blocks and their uploads are the same pass as without one.
     """
     md5 = hashlib.md5()
     whole = md5.update if whole_md5 else _skip
@@ -262,6 +269,8 @@ def stage(paths: Paths, channel: Channel, file: str, block_size: int, single_put
             while count := src.readinto(buffer):
                 chunk = view[:count]
                 whole(chunk)
+                if window is not None:
+                    _make_room(window, dst, count)
                 _write_all(dst, chunk)
                 start = 0
                 while start < count:  # a chunk may end a block and start the next
@@ -282,6 +291,77 @@ def stage(paths: Paths, channel: Channel, file: str, block_size: int, single_put
         raise
     return Staged(done, md5.digest() if whole_md5 else None, tuple(block_md5s), None,
                   _read_version(opened, done), staged_ino)
+
+
+def _make_room(window: StagingWindow, dst, count: int) -> None:
+    """Wait for room for ``count`` more bytes in the window; a failed block is a BlockFailed."""
+    try:
+        window.room(dst.fileno(), count)
+    except (ParentGone, KeyboardInterrupt):
+        raise
+    except OSError as exc:  # punching a hole in the staging copy
+        _name_file(exc, dst.name)
+        raise
+    except Exception as exc:
+        raise BlockFailed(exc) from exc
+
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = ctypes.CDLL(None, use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Give ``length`` bytes at ``offset`` of a file back to its filesystem; its size stays.
+
+    Python 3.11's ``os`` has ``posix_fallocate`` but no ``fallocate`` with
+    flags, so libc's is called. Supported by tmpfs (an emptyDir with
+    ``medium: Memory``), ext4 and xfs (a disk-backed emptyDir).
+    """
+    if _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"cannot release staging space: {os.strerror(code)}")
+
+
+class StagingWindow:
+    """The staging space of one file copied through a window of ``size`` bytes.
+
+    The staging file keeps its full length, but only the blocks not yet
+    acknowledged by storage (and the block being copied) occupy space: each
+    acknowledged block's range is punched out (:func:`punch_hole`). The
+    copy asks :meth:`room` before each chunk and waits, beating as a wait on
+    the network, while the bytes it holds plus the chunk would exceed the
+    window. ``size`` is at least a block and a chunk (see
+    ``Settings.staging_window_bytes``), so the copy can always complete the
+    block it is on, and an upload then always has something to release.
+    """
+
+    def __init__(self, size: int, upload: blobstore.BlockUpload) -> None:
+        self.size = size
+        self.upload = upload
+        self.written = 0  # bytes the copy has written
+        self.released = 0  # of which punched out after their block was acknowledged
+        self.peak = 0  # the most held at once
+        upload.track_acks()
+
+    @property
+    def held(self) -> int:
+        return self.written - self.released
+
+    def room(self, fd: int, count: int) -> None:
+        """Wait until ``count`` more bytes fit, releasing acknowledged blocks."""
+        while True:
+            for offset, length in self.upload.take_acked():
+                punch_hole(fd, offset, length)
+                self.released += length
+            if self.held + count <= self.size or self.held == 0:
+                break
+            self.upload.wait_for_acks()
+        self.written += count
+        self.peak = max(self.peak, self.held)
 
 
 def _read_version(opened: os.stat_result, size: int) -> Signature:
@@ -572,6 +652,7 @@ class Uploader:
         # Requests the work loop waits for (block list, commit, one-request
         # put) run here, so the work loop can beat while it waits.
         self.net = ThreadPoolExecutor(1, thread_name_prefix="net")
+        self.windowed: StagingWindow | None = None  # the current file's window, if it has one
 
     def _set_rate(self, message: RateLimit) -> None:
         """The parent sent this uploader's share of the cap: apply it now, mid-file too."""
@@ -594,6 +675,7 @@ class Uploader:
         """Run every step of one job and say how it ended."""
         paths = Paths.of(self.settings, job)
         started = time.monotonic()
+        self.windowed = None
         self.channel.beat("claiming", job.name, force=True)
         try:
             if not claim(paths, job, self.owner):
@@ -685,16 +767,18 @@ class Uploader:
                                        lambda: self.channel.send(StorageOk()))
         try:
             kept = kept_copy(paths, block_size, settings.azure_put_md5)
-            if kept is not None or file_size(paths.claimed) > settings.azure_max_single_put_size:
+            size = file_size(paths.claimed)
+            if kept is not None or size > settings.azure_max_single_put_size:
                 upload.list_existing()
+            window = self._window(job, size, upload) if kept is None else None
             if kept is not None:
                 copied, size_hint[0], staged = True, kept.size, kept
                 self.channel.beat("uploading", job.name, 0, kept.size, force=True)
                 self._storage_call(lambda: self._add_blocks(upload, kept, block_size))
             else:
                 paths.staged_record.unlink(missing_ok=True)  # it would describe the old copy
-                staged = self._stage(paths, job, upload.add)
-                if staged.block_md5s:
+                staged = self._stage(paths, job, upload.add, window)
+                if staged.block_md5s and window is None:  # a windowed copy has holes
                     write_record(paths, staged, block_size)
             copied, size_hint[0] = True, staged.size
             self.channel.beat("uploading", job.name, upload.uploaded, staged.size, force=True)
@@ -720,6 +804,9 @@ class Uploader:
                                     "since it was checked: not committed over it; tried "
                                     "again", False) from cause
                 raise
+            if window is not None:
+                log.info("%s: staged through a window of %d bytes, at most %d held at once",
+                         job.blob_name, window.size, window.peak, extra=_context(job))
             if upload.skipped or kept is not None:
                 log.info("%s resumed: %d of %d bytes were already in storage%s",
                          job.blob_name, upload.skipped, staged.size,
@@ -728,6 +815,21 @@ class Uploader:
             return staged, time.monotonic() - started
         finally:
             upload.close()
+
+    def _window(self, job: Job, size: int,
+                upload: blobstore.BlockUpload) -> StagingWindow | None:
+        """The window to copy this file through, if the parent gave it one (``job.window``).
+
+        A file that goes in one request, or is no larger than the window
+        after all (it shrank since the scan), is staged whole.
+        """
+        if job.window <= 0 or size <= max(job.window, self.settings.azure_max_single_put_size):
+            self.windowed = None
+            return None
+        log.info("%s (%d bytes) is staged through a window of %d bytes", job.blob_name, size,
+                 job.window, extra=_context(job))
+        self.windowed = StagingWindow(job.window, upload)
+        return self.windowed
 
     def _blocks_sent(self, upload: blobstore.BlockUpload, staged: Staged) -> None:
         """Wait (beating) until every block is in storage, before the last check and commit."""
@@ -796,11 +898,12 @@ class Uploader:
         with self.channel.waiting("network"):
             self.channel.renew()
 
-    def _stage(self, paths: Paths, job: Job, on_block) -> Staged:
+    def _stage(self, paths: Paths, job: Job, on_block,
+               window: StagingWindow | None = None) -> Staged:
         try:
             return stage(paths, self.channel, job.name, self.settings.azure_max_block_size,
                          self.settings.azure_max_single_put_size, on_block,
-                         self.settings.azure_put_md5)
+                         self.settings.azure_put_md5, window)
         except BlockFailed as exc:
             cause = exc.__cause__ or exc
             raise self._upload_error(cause) from cause
@@ -878,10 +981,12 @@ class Uploader:
         """Count the failure, then quarantine, give up, or ask for a retry.
 
         The staging copy is kept after a storage outage (the retry uploads
-        from it, see :func:`kept_copy`); after any other failure a retry
+        from it, see :func:`kept_copy`), unless it was copied through a
+        window (its released blocks are holes, and the parent lends its
+        space to other files meanwhile); after any other failure a retry
         copies again, or only deletes (``job.uploaded``).
         """
-        if not exc.outage:
+        if not exc.outage or self.windowed is not None:  # a windowed copy has holes
             discard_staged(paths)
         if not job.claimed:
             self._unlink_owner(paths)  # a failed claim: the file is still in incoming

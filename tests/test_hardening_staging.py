@@ -2,9 +2,12 @@
 
 What is right, decided here and in ``Uploader._staging_failure``:
 
-* A file larger than the whole staging filesystem can never be staged. Its
-  failures count; after ``APP_MAX_ATTEMPTS`` it moves to ``.failed`` with a
-  sidecar that gives both sizes. Until then it stays claimed in ``.processing``.
+* A file larger than the whole staging filesystem is staged through a window
+  (tests/test_staging_window.py). Only when the operator's
+  ``APP_STAGING_BUDGET`` claims more than the disk holds is it staged whole,
+  and then it can never be: its failures count; after ``APP_MAX_ATTEMPTS``
+  it moves to ``.failed`` with a sidecar that gives both sizes. Until then
+  it stays claimed in ``.processing``.
 * A file that would fit an empty staging disk but finds it full (other uploads
   hold the space, or an operator's leftovers) is not a poison file: the
   failure is not counted, the file stays in ``.processing`` and is retried
@@ -47,7 +50,10 @@ def test_file_larger_than_staging_fails_clearly_and_ends_in_failed(
     azurite_container: str,
 ) -> None:
     layout = folder_layout(layout.nfs, small_staging)
-    service = make_service(layout_=layout, APP_MAX_ATTEMPTS="2", APP_WORKER_CONCURRENCY="2")
+    # A budget beyond the disk: the file fits it, so it is staged whole, as before windows.
+    service = make_service(
+        layout_=layout, APP_MAX_ATTEMPTS="2", APP_WORKER_CONCURRENCY="2", APP_STAGING_BUDGET="1GiB"
+    )
     date = service.start_session("full")["date_prefix"]
     big_md5 = write_random(layout.incoming / "huge.bin", 40 * MiB)
     small = {
