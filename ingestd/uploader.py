@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from ingestd import blobstore, child, provenance
+from ingestd import blobstore, child, md5pair, provenance
 from ingestd.blobstore import Staged
 from ingestd.child import Channel, ParentGone
 from ingestd.config import Settings
@@ -199,15 +199,11 @@ def stage(paths: Paths, channel: Channel, file: str, block_size: int, single_put
     ``single_put_size``). A partial copy is removed on failure so staging
     never fills with junk.
     """
-    md5 = hashlib.md5()
-    whole = md5.update if whole_md5 else _skip
     block_md5s: list[bytes] = []
-    block = hashlib.md5()
     block_start = 0
     done = 0
 
-    def block_done(end: int) -> None:
-        digest = block.digest()
+    def block_done(end: int, digest: bytes) -> None:
         block_md5s.append(digest)
         if on_block is not None:
             try:
@@ -226,36 +222,36 @@ def stage(paths: Paths, channel: Channel, file: str, block_size: int, single_put
             channel.beat("copying", file, 0, total, force=True)
             if total <= single_put_size:
                 data = _read_small(src, total)
-                md5.update(data)
                 _write_all(dst, memoryview(data))
                 _fsync_staged(dst)
                 _fsync_folder(paths.staged.parent)
-                return Staged(len(data), md5.digest(), (), data,
+                return Staged(len(data), hashlib.md5(data).digest(), (), data,
                               _read_version(opened, len(data)), staged_ino)
+            # Both MD5s of each byte (its block's, the whole file's) in one pass.
+            hashes = md5pair.pair(block_size) if whole_md5 else md5pair.BlockOnly()
             buffer = bytearray(COPY_CHUNK)
             view = memoryview(buffer)
             while count := src.readinto(buffer):
                 chunk = view[:count]
-                whole(chunk)
                 _write_all(dst, chunk)
                 start = 0
                 while start < count:  # a chunk may end a block and start the next
                     take = min(block_start + block_size - done, count - start)
-                    block.update(chunk[start:start + take])
+                    hashes.update(chunk[start:start + take] if take < count else chunk)
                     start += take
                     done += take
                     if done - block_start == block_size:
-                        block_done(done)
-                        block, block_start = hashlib.md5(), done
+                        block_done(done, hashes.split())
+                        block_start = done
                 channel.beat("copying", file, done, total)
             if done > block_start or not block_md5s:
-                block_done(done)
+                block_done(done, hashes.split())
             _fsync_staged(dst)
         _fsync_folder(paths.staged.parent)
     except BaseException:
         paths.staged.unlink(missing_ok=True)
         raise
-    return Staged(done, md5.digest() if whole_md5 else None, tuple(block_md5s), None,
+    return Staged(done, hashes.digest(), tuple(block_md5s), None,
                   _read_version(opened, done), staged_ino)
 
 
@@ -279,10 +275,6 @@ def _create_staged(path: Path):
         except FileNotFoundError:
             continue  # another uploader removed the emptied folder meanwhile
     return open(path, "wb", buffering=0)
-
-
-def _skip(chunk: memoryview) -> None:
-    """In place of the whole file's MD5 when it is not wanted."""
 
 
 def _read_small(src, size_hint: int) -> bytes:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ingestd import blobstore, uploader
+from ingestd import blobstore, md5pair, uploader
 from ingestd.child import Channel
 from ingestd.scanner import choose_offers
 
@@ -52,6 +52,45 @@ def test_stage_hashes_the_file_and_each_block_in_one_pass(tmp_path: Path, size: 
     assert list(staged.block_md5s) == [md5 for _, _, md5 in expected]
     assert len(staged.block_md5s) == max(1, -(-size // block))
     parent.close()
+
+
+@pytest.mark.parametrize("accelerated", [True, False], ids=["c", "hashlib"])
+@pytest.mark.parametrize("block", [64, 4096, 1000 * 64, MiB])
+def test_md5_pair_gives_each_block_and_the_whole_file_exactly_as_hashlib(
+        accelerated: bool, block: int) -> None:
+    if accelerated and not md5pair.ACCELERATED:
+        pytest.skip("ingestd._md5pair is not built here")
+    rng = __import__("random").Random(block)
+    for size in [0, 1, 55, 56, 63, 64, 65, 119, 120, 128, block - 1, block, block + 1,
+                 3 * block + 17, 2 * MiB + 3]:
+        data = os.urandom(size)
+        hashes = md5pair.pair(block, accelerated)
+        digests, pos = [], 0
+        while pos < size:  # feed each block in uneven pieces, as short reads do
+            end = min(size, (pos // block + 1) * block)
+            while pos < end:
+                step = min(end - pos, rng.randint(1, 9000))
+                hashes.update(memoryview(data)[pos:pos + step])
+                pos += step
+            digests.append(hashes.split())
+        expected = [hashlib.md5(data[o:o + block]).digest() for o in range(0, size, block)]
+        assert digests == expected, size
+        assert hashes.digest() == hashlib.md5(data).digest(), size
+
+
+def test_md5_pair_refuses_input_after_a_block_that_ends_mid_md5_block() -> None:
+    if not md5pair.ACCELERATED:
+        pytest.skip("ingestd._md5pair is not built here")
+    hashes = md5pair.pair(64)
+    hashes.update(b"abc")
+    assert hashes.split() == hashlib.md5(b"abc").digest()
+    with pytest.raises(ValueError):
+        hashes.update(b"more")
+    assert hashes.digest() == hashlib.md5(b"abc").digest()
+
+
+def test_a_block_size_off_the_md5_block_uses_the_fallback() -> None:
+    assert not md5pair.ACCELERATED or isinstance(md5pair.pair(1000), md5pair._HashlibPair)
 
 
 def test_a_failing_block_upload_stops_the_copy_and_removes_the_partial_copy(
