@@ -27,7 +27,13 @@ from azure.core.exceptions import (
     ServiceRequestError,
     ServiceResponseError,
 )
-from azure.storage.blob import BlobType, ContainerClient, ContentSettings, StandardBlobTier
+from azure.storage.blob import (
+    BlobClient,
+    BlobType,
+    ContainerClient,
+    ContentSettings,
+    StandardBlobTier,
+)
 from azure.storage.blob._shared.policies import ExponentialRetry
 
 from ingestd.config import Settings
@@ -491,7 +497,9 @@ class BlockUpload:
                  pool: ThreadPoolExecutor, progress: Callable[[int, int | None], None],
                  bucket: TokenBucket | None = None,
                  on_wait: Callable[[], None] | None = None) -> None:
-        self.blob = client.get_blob_client(blob_name)
+        self.client = client
+        self.blob_name = blob_name
+        self._blob: BlobClient | None = None
         self.path = path
         self.pool = pool
         self.progress = progress
@@ -508,6 +516,15 @@ class BlockUpload:
         self._lock = threading.Lock()
         self._fd: int | None = None
 
+    @property
+    def blob(self) -> BlobClient:
+        """The blob's client, made on first use: a file sent in one request
+        (``put_whole``) never needs it, and making one is a good part of the
+        per-file cost of small files (its own pipeline and configuration)."""
+        if self._blob is None:
+            self._blob = self.client.get_blob_client(self.blob_name)
+        return self._blob
+
     def add(self, offset: int, length: int, md5: bytes) -> None:
         """Queue the next block; raises the error of any block that already failed."""
         self._collect(block=False)
@@ -516,6 +533,7 @@ class BlockUpload:
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
             self.started = time.monotonic()
+            self.blob  # made here, before any block thread needs it
         block_id = f"{md5.hex()}{len(self.block_ids):08d}"
         self.block_ids.append(block_id)
         self.pending.add(self.pool.submit(self._put, block_id, offset, length, md5))
