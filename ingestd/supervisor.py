@@ -318,6 +318,8 @@ class Supervisor:
         elif isinstance(message, Claimed):
             if slot.job is not None and slot.job.key == message.key:
                 slot.job = replace(slot.job, claimed=True, maybe_claimed=False)
+                # What the uploader does next; it does not spend a beat saying so.
+                slot.state, slot.file = "copying", slot.job.name
         elif isinstance(message, (Done, Failed, Gone, Quarantined, GaveUp)):
             self._on_result(slot, message, now)
 
