@@ -142,7 +142,10 @@ def _rename_into(source: Path, target: Path) -> bool:
     again and the rename retried.
     """
     for _ in range(3):
-        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except FileNotFoundError:
+            continue  # another uploader's cleanup pruned a parent between two mkdirs
         try:
             os.rename(source, target)
             return True

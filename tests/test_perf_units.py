@@ -153,3 +153,24 @@ def test_waiting_files_are_offered_again_once_every_few_polls() -> None:
     offers, offered = choose_offers([("f0001", 2, 2)], changed, offered, poll=10, every=8)
     assert offers == [("f0001", 2, 2)]
     assert list(offered) == ["f0001"]  # gone files are forgotten
+
+
+def test_a_claim_survives_its_folder_being_pruned_while_it_is_made(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by the benchmark (2,000 small files, 4 uploaders): one uploader's cleanup
+    removed the emptied date folder between another's two mkdirs, and the claim failed."""
+    source = tmp_path / "incoming" / "a.bin"
+    source.parent.mkdir()
+    source.write_bytes(b"x")
+    target = tmp_path / ".processing" / "20260101" / "s" / "a.bin"
+    real_mkdir, calls = Path.mkdir, []
+
+    def pruned_once(self: Path, *args, **kwargs) -> None:
+        calls.append(self)
+        if len(calls) == 1:
+            raise FileNotFoundError(2, "No such file or directory", str(self))
+        real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", pruned_once)
+    assert uploader._rename_into(source, target)
+    assert target.read_bytes() == b"x" and not source.exists()
