@@ -155,6 +155,64 @@ def test_waiting_files_are_offered_again_once_every_few_polls() -> None:
     assert list(offered) == ["f0001"]  # gone files are forgotten
 
 
+class _ScanSettings:
+    def __init__(self, incoming: Path) -> None:
+        self.nfs_incoming_dir = incoming
+        self.min_file_age_s = 0.0
+        self.poll_interval_s = 0.1
+
+
+def test_waiting_files_are_looked_at_only_when_due_and_a_change_is_still_seen(
+        tmp_path: Path) -> None:
+    """A file already offered is lstat'ed only at the polls where it is due for a
+    re-offer; a change made meanwhile is seen then, and the new version is offered."""
+    from ingestd.messages import Stable
+    from ingestd.scanner import REOFFER_POLLS, Scanner
+
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    names = [f"f{i:03d}" for i in range(64)]
+    for name in names:
+        (incoming / name).write_bytes(b"x")
+    parent, child = Pipe()
+    scanner = Scanner(_ScanSettings(incoming), Channel(child))  # type: ignore[arg-type]
+    looked_at: list[str] = []
+    unchecked = scanner._unchecked
+
+    def counting(name: str):
+        signature = unchecked(name)
+        if signature is None:
+            looked_at.append(name)
+        return signature
+
+    scanner._unchecked = counting  # type: ignore[method-assign]
+
+    def offers() -> dict[str, int]:
+        found = {}
+        while parent.poll(0):
+            message = parent.recv()
+            if isinstance(message, Stable):
+                found.update({name: size for name, size, _ in message.files})
+        return found
+
+    scanner._poll()
+    scanner._poll()
+    assert set(offers()) == set(names)  # stable at the second poll: offered at once
+    looked_at.clear()
+    (incoming / "f007").write_bytes(b"longer")  # rewritten while it waits
+    seen: dict[str, int] = {}
+    for _ in range(REOFFER_POLLS):
+        scanner._poll()
+        seen.update(offers())
+    # Each waiting file was lstat'ed once in REOFFER_POLLS polls, not at every poll.
+    assert sorted(set(looked_at) - {"f007"}) == sorted(set(names) - {"f007"})
+    assert len(looked_at) <= len(names) + 2
+    scanner._poll()
+    seen.update(offers())
+    assert seen["f007"] == len(b"longer"), "the new version is offered"
+    parent.close()
+
+
 def test_a_claim_survives_its_folder_being_pruned_while_it_is_made(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Found by the benchmark (2,000 small files, 4 uploaders): one uploader's cleanup
