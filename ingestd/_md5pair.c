@@ -4,9 +4,8 @@
  * block with its own MD5; both are MD5s of the same bytes, from different starting
  * points. One MD5 is a chain of dependent steps, so a core runs it far below its
  * width; running the two chains interleaved in one loop fills the idle slots and
- * costs about what one OpenSSL MD5 pass costs (measured on this project's bench
- * machine: 1.25 against 2.40 CPU s/GiB for two OpenSSL passes; see
- * bench/RESULTS.md). The MD5 steps are RFC 1321's, written as in its reference
+ * costs about what one OpenSSL MD5 pass costs. Figures: bench/RESULTS.md.
+ * The MD5 steps are RFC 1321's, written as in its reference
  * implementation; tests/test_perf_units.py checks every digest against hashlib.
  *
  * Optional: ingestd/md5pair.py falls back to two hashlib objects when this module

@@ -392,9 +392,9 @@ def access_tier(settings: Settings) -> StandardBlobTier | None:
 READ_SIZE = 128 * 1024
 """Bytes per read when a block's body is sent from the staging file. The HTTP
 stack asks for 32 KiB at a time; answering with more means a few dozen
-read/send rounds per block instead of hundreds (measured: 32 KiB reads cost
-0.15 s/GiB more CPU than 256 KiB; 128 KiB is within 0.02 s/GiB of it), and
-only this much of a block is ever in memory, per block thread."""
+read/send rounds per block instead of hundreds (about as cheap as larger
+reads), and only this much of a block is ever in memory, per block thread.
+Figures: bench/RESULTS.md."""
 
 _read_buffers = threading.local()
 
@@ -406,8 +406,7 @@ class FileRange:
     calling thread, so many blocks of one file go out in parallel from one
     descriptor without a shared position or a lock, nothing is allocated per
     read, and nothing but the chunk being sent is in memory (a fresh bytes
-    object per read left about 2 MiB more per uploader in malloc's per-thread
-    arenas). ``read`` returns a view of that buffer, valid until the same
+    object per read leaves more behind in malloc's per-thread arenas). ``read`` returns a view of that buffer, valid until the same
     thread's next read: the HTTP stack sends each chunk before it asks for
     the next. ``read(size)`` may return up to ``READ_SIZE`` bytes even when
     asked for fewer (urllib3 and http.client send whatever they get).

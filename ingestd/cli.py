@@ -39,7 +39,7 @@ def main() -> int:
 
     if settings.azure_put_md5 and not md5pair.ACCELERATED:
         log.warning("the MD5 accelerator (ingestd._md5pair) is not built: hashing with "
-                    "hashlib, about 1 CPU s/GiB more (see bench/RESULTS.md)")
+                    "hashlib, which costs more CPU (see bench/RESULTS.md)")
     # Imported here, not at the top: every spawned child re-imports this
     # module when the service runs as the console script, and only the
     # parent needs the HTTP server (about 75 MiB over the process tree).

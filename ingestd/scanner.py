@@ -45,9 +45,9 @@ REOFFER_POLLS = 8
 """A stable file already offered and still waiting in incoming (queued, or
 dropped because the parent's queue was full) is offered again once every
 this many polls, an eighth of them at each poll. Offering every waiting file
-at every poll cost the parent as much as the scan itself (10,000 waiting:
-37 ms of parent CPU per poll, under its lock); this way a poll's messages
-stay small however many files wait, and a dropped file comes back soon."""
+at every poll cost the parent as much as the scan itself, under its lock;
+this way a poll's messages stay small however many files wait, and a
+dropped file comes back soon. Figures: bench/RESULTS.md."""
 BEAT_EVERY = 256
 """Entries between heartbeats while listing: a stat stuck on a hung mount
 still stops the beats, without a clock read per entry."""
@@ -303,9 +303,8 @@ class Scanner:
         in between is caught by the uploader, which claims only the
         ``(size, mtime)`` that was offered, and by the next lstat, after
         which the file must be stable again before it is offered. With
-        thousands of files waiting this takes most of a poll's lstats away
-        (the scanner was 12 % of the tree's CPU with 2,000 small files
-        waiting at 0.1 s polls; see bench/RESULTS.md).
+        thousands of files waiting this takes most of a poll's lstats away.
+        Figures: bench/RESULTS.md.
         """
         signature = self.offered.get(name)
         if signature is None or (hash(name) + self.polls + 1) % REOFFER_POLLS == 0:

@@ -49,9 +49,9 @@ from ingestd.ratelimit import TokenBucket
 log = logging.getLogger(__name__)
 
 COPY_CHUNK = 256 * 1024
-"""Bytes per read from NFS while staging. Measured: the same CPU per GiB as
-1 MiB (hashing dominates; the NFS client reads ahead anyway), and 0.75 MiB
-less resident per uploader."""
+"""Bytes per read from NFS while staging: as cheap per GiB as larger reads
+(hashing dominates; the NFS client reads ahead anyway) and less resident
+memory. Figures: bench/RESULTS.md."""
 ATTEMPTS_FOLDER = ".attempts"
 ERRORS_FOLDER = ".errors"
 
@@ -781,12 +781,11 @@ def read_attempts_quietly(paths: Paths) -> int:
 
 
 UPLOADER_NICE = 10
-"""Uploads are batch work that can use every core (an MD5 pass at about
-0.7 GB/s per core, two with APP_AZURE_PUT_MD5); the parent's API, its probes and the scanner must not
-queue behind them when the pod's CPU limit is reached. Measured with the
-machine loaded by other work: /v1/status p99 about 20 ms at nice 10 against
-about 36 ms at nice 0; on a quiet machine no difference in throughput or p99
-(the uploaders still get all the CPU nothing else wants)."""
+"""Uploads are batch work that can use every core (hashing); the parent's API,
+its probes and the scanner must not queue behind them when the pod's CPU
+limit is reached. On a loaded machine this lowers /v1/status p99; on a quiet
+one it changes nothing (the uploaders still get all the CPU nothing else
+wants). Figures: bench/RESULTS.md."""
 
 
 def _lower_priority() -> None:
