@@ -318,8 +318,6 @@ class Supervisor:
         elif isinstance(message, Claimed):
             if slot.job is not None and slot.job.key == message.key:
                 slot.job = replace(slot.job, claimed=True, maybe_claimed=False)
-                # What the uploader does next; it does not spend a beat saying so.
-                slot.state, slot.file = "copying", slot.job.name
         elif isinstance(message, (Done, Failed, Gone, Quarantined, GaveUp)):
             self._on_result(slot, message, now)
 
@@ -628,7 +626,7 @@ class Supervisor:
 
     def _sessions_view(self) -> dict:
         """Per-session counters (bounded), with queued and in-flight counted from the jobs."""
-        queued = Counter(job.key[:2] for job in self.queue.jobs())
+        queued = self.queue.waiting_by_session()
         flying = Counter(slot.job.key[:2] for slot in self.slots[1:] if slot.job)
         kept, older = self.stats.sessions_view(queued, flying)
         return {"sessions": kept, "older_sessions": older}

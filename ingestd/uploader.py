@@ -185,7 +185,7 @@ class BlockFailed(Exception):
 
 def stage(paths: Paths, channel: Channel, file: str, block_size: int, single_put_size: int,
           on_block: Callable[[int, int, bytes], None] | None = None,
-          whole_md5: bool = True, announced: bool = False) -> Staged:
+          whole_md5: bool = True) -> Staged:
     """Copy the claimed file to staging, hashing it in the same pass; fsync both.
 
     The one read of the NFS file yields everything the upload needs: one
@@ -194,9 +194,6 @@ def stage(paths: Paths, channel: Channel, file: str, block_size: int, single_put
     (``whole_md5``, stored on the blob; a file that goes in one request
     always gets it, as that request's Content-MD5), and, for such a small
     file, its bytes.
-
-    ``announced``: the parent already shows this file as copying (the
-    uploader just sent ``Claimed``), so the first beat need not be forced.
 
     ``on_block(offset, length, md5)`` is called as soon as each block is in
     the staging file, so its upload can start while the copy goes on; an
@@ -225,7 +222,7 @@ def stage(paths: Paths, channel: Channel, file: str, block_size: int, single_put
             opened = os.fstat(src.fileno())
             total = opened.st_size
             staged_ino = os.fstat(dst.fileno()).st_ino
-            channel.beat("copying", file, 0, total, force=not announced)
+            channel.beat("copying", file, 0, total, force=True)
             if total <= single_put_size:
                 data = _read_small(src, total)
                 _write_all(dst, memoryview(data))
@@ -476,7 +473,6 @@ class Uploader:
         self.client = blobstore.container_client(settings, auth_method)
         self.host = provenance.host_name()
         self.bucket = TokenBucket(initial_share(settings))
-        self._announced = False
         channel.on(RateLimit, self._set_rate)
         # One pool for the life of the process: block threads are reused
         # from file to file instead of started and joined per file.
@@ -514,7 +510,6 @@ class Uploader:
                 return Gone(job, "gone from incoming, or changed since it was found stable")
         except OSError as exc:
             return self._failed(job, paths, StepError("claim", describe_os_error(exc), True))
-        self._announced = not job.claimed  # Claimed tells the parent "copying" too
         if not job.claimed:
             job = replace(job, claimed=True, maybe_claimed=False)
             self.channel.send(Claimed(job.key))
@@ -608,7 +603,7 @@ class Uploader:
         try:
             return stage(paths, self.channel, job.name, self.settings.azure_max_block_size,
                          self.settings.azure_max_single_put_size, on_block,
-                         self.settings.azure_put_md5, self._announced)
+                         self.settings.azure_put_md5)
         except BlockFailed as exc:
             cause = exc.__cause__ or exc
             raise self._upload_error(cause) from cause
