@@ -232,3 +232,29 @@ def test_a_claim_survives_its_folder_being_pruned_while_it_is_made(
     monkeypatch.setattr(Path, "mkdir", pruned_once)
     assert uploader._rename_into(source, target)
     assert target.read_bytes() == b"x" and not source.exists()
+
+
+def test_the_queue_counts_waiting_jobs_per_session_as_they_come_and_go() -> None:
+    from collections import Counter
+
+    from ingestd.messages import Job
+    from ingestd.workqueue import WorkQueue
+
+    queue = WorkQueue(10)
+
+    def expected() -> Counter:
+        return Counter(job.key[:2] for job in queue.jobs())
+
+    jobs = [Job(name=f"f{i}", date="20260101", session=f"s{i % 3}") for i in range(7)]
+    for job in jobs[:5]:
+        queue.add_new(job)
+    queue.add_recovered(jobs[5])
+    assert queue.waiting_by_session() == expected()
+    taken = [queue.take(0.0) for _ in range(4)]
+    assert queue.waiting_by_session() == expected()
+    queue.retry(taken[0], 5.0)  # not due yet
+    queue.add_new(jobs[6])
+    assert queue.waiting_by_session() == expected()
+    while queue.take(10.0) is not None:
+        assert queue.waiting_by_session() == expected()
+    assert queue.waiting_by_session() == Counter()
