@@ -37,9 +37,17 @@ RUN /opt/venv/bin/pip install --require-hashes --no-deps --only-binary=:all: \
 # The app itself: build a wheel, then install it without resolving anything
 # (its dependencies are already in the venv from the lock). The wheel build
 # runs in pip's isolated build environment (setuptools, wheel from PyPI);
-# only the resulting pure-Python wheel reaches the final image.
+# only the resulting wheel reaches the final image, not the compiler. The
+# compiler is for ingestd's one C module, the MD5 accelerator
+# (ingestd/_md5pair.c: both MD5s of each byte in one pass, about 1 CPU s/GiB
+# less; see bench/RESULTS.md). It is optional: built without it, ingestd
+# hashes with hashlib and logs a warning at start.
+# Versions pinned with a glob on the Debian revision, as tini's below.
 # README* is a glob so the build works whether or not README.md exists yet.
-COPY pyproject.toml setup.cfg README* ./
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends 'gcc=4:14.2.0-*' 'libc6-dev=2.41-*' \
+    && rm -rf /var/lib/apt/lists/*
+COPY pyproject.toml setup.py setup.cfg README* ./
 COPY ingestd ./ingestd
 RUN /opt/venv/bin/pip wheel --no-deps --wheel-dir /wheels . \
     && /opt/venv/bin/pip install --no-deps --no-index /wheels/ingestd-*.whl \

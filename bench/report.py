@@ -159,6 +159,12 @@ def build(
     }
 
 
+def _accelerator(built: bool | None) -> str:
+    if built is None:
+        return "unknown"
+    return "built" if built else "NOT built (hashlib fallback: more CPU)"
+
+
 def markdown(data: dict[str, Any]) -> str:
     m, plan = data["machine"], data["plan"]
     shape = plan["shape"]
@@ -169,7 +175,8 @@ def markdown(data: dict[str, Any]) -> str:
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Linux {m['kernel']}, "
         f"Python {m['python']}, azure-storage-blob {m['azure_storage_blob']}, "
         f"{m['rclone']}, Azurite {m['azurite']} (in memory, loopback). "
-        f"Load average before {_load(m['load_before'])}, after {_load(m.get('load_after'))}.",
+        f"Load average before {_load(m['load_before'])}, after {_load(m.get('load_after'))}. "
+        f"ingestd's MD5 accelerator: {_accelerator(m.get('md5_accelerator'))}.",
         "",
         f"Shape for every contender: {shape['workers']} files at a time, "
         f"{shape['block_size'] / MiB:g} MiB blocks, {shape['concurrency']} blocks in parallel "

@@ -186,6 +186,19 @@ def machine() -> dict[str, Any]:
     }
 
 
+def md5_accelerator(source: Path) -> bool | None:
+    """Whether the ingestd under test hashes with its C accelerator (ingestd._md5pair)
+    or falls back to hashlib: a figure from the fallback is not the default's."""
+    try:
+        out = subprocess.run([sys.executable, "-c",
+                              "from ingestd import md5pair; print(md5pair.ACCELERATED)"],
+                             cwd=source, env={**os.environ, "PYTHONPATH": str(source)},
+                             capture_output=True, text=True, timeout=60).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"True": True, "False": False}.get(out)
+
+
 def _git(*args: str) -> str:
     try:
         return subprocess.run(
@@ -343,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
 
     info = machine()
     info["ingestd_src"] = str(args.ingestd_src or REPO)
+    info["md5_accelerator"] = md5_accelerator(args.ingestd_src or REPO)
     log(
         f"machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB; "
         f"load {info['load_before']}"

@@ -29,7 +29,13 @@ from azure.core.exceptions import (
     ServiceRequestError,
     ServiceResponseError,
 )
-from azure.storage.blob import BlobType, ContainerClient, ContentSettings, StandardBlobTier
+from azure.storage.blob import (
+    BlobClient,
+    BlobType,
+    ContainerClient,
+    ContentSettings,
+    StandardBlobTier,
+)
 from azure.storage.blob._shared.policies import ExponentialRetry
 
 from ingestd.child import FileCalls
@@ -482,9 +488,9 @@ def access_tier(settings: Settings) -> StandardBlobTier | None:
 READ_SIZE = 128 * 1024
 """Bytes per read when a block's body is sent from the staging file. The HTTP
 stack asks for 32 KiB at a time; answering with more means a few dozen
-read/send rounds per block instead of hundreds (measured: 32 KiB reads cost
-0.15 s/GiB more CPU than 256 KiB; 128 KiB is within 0.02 s/GiB of it), and
-only this much of a block is ever in memory, per block thread."""
+read/send rounds per block instead of hundreds (about as cheap as larger
+reads), and only this much of a block is ever in memory, per block thread.
+Figures: bench/RESULTS.md."""
 
 _read_buffers = threading.local()
 
@@ -496,8 +502,7 @@ class FileRange:
     calling thread, so many blocks of one file go out in parallel from one
     descriptor without a shared position or a lock, nothing is allocated per
     read, and nothing but the chunk being sent is in memory (a fresh bytes
-    object per read left about 2 MiB more per uploader in malloc's per-thread
-    arenas). ``read`` returns a view of that buffer, valid until the same
+    object per read leaves more behind in malloc's per-thread arenas). ``read`` returns a view of that buffer, valid until the same
     thread's next read: the HTTP stack sends each chunk before it asks for
     the next. ``read(size)`` may return up to ``READ_SIZE`` bytes even when
     asked for fewer (urllib3 and http.client send whatever they get).
@@ -630,7 +635,9 @@ class BlockUpload:
                  file_calls: FileCalls | None = None,
                  submit: Callable[[Callable[[], object]], Future] | None = None,
                  on_listed: Callable[[], None] | None = None) -> None:
-        self.blob = client.get_blob_client(blob_name)
+        self.client = client
+        self.blob_name = blob_name
+        self._blob: BlobClient | None = None
         self.path = path
         self.pool = pool
         self.progress = progress
@@ -711,6 +718,15 @@ class BlockUpload:
         for ident, offset, length, md5 in held:
             self._send(ident, offset, length, md5)
 
+    @property
+    def blob(self) -> BlobClient:
+        """The blob's client, made on first use: a file sent in one request
+        (``put_whole``) never needs it, and making one is a good part of the
+        per-file cost of small files (its own pipeline and configuration)."""
+        if self._blob is None:
+            self._blob = self.client.get_blob_client(self.blob_name)
+        return self._blob
+
     def add(self, offset: int, length: int, md5: bytes) -> None:
         """Queue the next block; raises the error of any block that already failed."""
         self._collect(block=False)
@@ -736,6 +752,7 @@ class BlockUpload:
             self._fd = os.open(self.path, os.O_RDONLY)
         if self.started is None:
             self.started = time.monotonic()
+            self.blob  # made here, before any block thread needs it
         self.pending.add(self.pool.submit(self._put, ident, offset, length, md5))
 
     def _put(self, ident: str, offset: int, length: int, md5: bytes) -> None:

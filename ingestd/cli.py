@@ -35,6 +35,11 @@ def main() -> int:
     logs.configure(settings.log_format, settings.log_level, "api", settings.secrets())
     log.info("ingestd %s starting; incoming %s, staging %s, %d uploaders", __version__,
              settings.nfs_incoming_dir, settings.local_staging_root, settings.worker_concurrency)
+    from ingestd import md5pair
+
+    if settings.azure_put_md5 and not md5pair.ACCELERATED:
+        log.warning("the MD5 accelerator (ingestd._md5pair) is not built: hashing with "
+                    "hashlib, which costs more CPU (see bench/RESULTS.md)")
     # Imported here, not at the top: every spawned child re-imports this
     # module when the service runs as the console script, and only the
     # parent needs the HTTP server (about 75 MiB over the process tree).

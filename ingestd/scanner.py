@@ -53,9 +53,9 @@ REOFFER_POLLS = 8
 """A stable file already offered and still waiting in incoming (queued, or
 dropped because the parent's queue was full) is offered again once every
 this many polls, an eighth of them at each poll. Offering every waiting file
-at every poll cost the parent as much as the scan itself (10,000 waiting:
-37 ms of parent CPU per poll, under its lock); this way a poll's messages
-stay small however many files wait, and a dropped file comes back soon."""
+at every poll cost the parent as much as the scan itself, under its lock;
+this way a poll's messages stay small however many files wait, and a
+dropped file comes back soon. Figures: bench/RESULTS.md."""
 BEAT_EVERY = 256
 """Entries between heartbeats while listing: a stat stuck on a hung mount
 still stops the beats, without a clock read per entry."""
@@ -72,11 +72,14 @@ class Listing:
     seconds: float
 
 
-def list_incoming(incoming: Path, channel: Channel) -> Listing:
+def list_incoming(incoming: Path, channel: Channel,
+                  known: Callable[[str], Signature | None] | None = None) -> Listing:
     """Regular files directly in ``incoming``; dotfiles, folders and symlinks are skipped.
 
     ``scandir`` gives the file type without a syscall per entry; one
-    ``lstat`` per candidate is the whole cost of a poll.
+    ``lstat`` per candidate is the whole cost of a poll. ``known(name)``
+    may give a signature to take as is instead of an ``lstat`` (see
+    :meth:`Scanner._poll`).
     """
     started = time.monotonic()
     files: dict[str, Signature] = {}
@@ -88,6 +91,11 @@ def list_incoming(incoming: Path, channel: Channel) -> Listing:
                 continue
             if not entry.is_file(follow_symlinks=False):
                 continue
+            if known is not None:
+                signature = known(entry.name)
+                if signature is not None:
+                    files[entry.name] = signature
+                    continue
             try:
                 st = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
@@ -343,7 +351,7 @@ class Scanner:
 
     def _poll(self) -> None:
         self.channel.beat("scanning", force=True)
-        listing = list_incoming(self.settings.nfs_incoming_dir, self.channel)
+        listing = list_incoming(self.settings.nfs_incoming_dir, self.channel, self._unchecked)
         stable = stable_files(
             self.previous, listing.files, time.time_ns(), self.settings.min_file_age_s
         )
@@ -356,6 +364,23 @@ class Scanner:
                                    seconds=listing.seconds))
         self.channel.send(Backlog(files=len(stable), bytes=sum(item[1] for item in stable)))
         self.channel.beat("idle", force=True)
+
+    def _unchecked(self, name: str) -> Signature | None:
+        """The signature to reuse without an ``lstat`` for a file already offered, or None.
+
+        A file offered and still waiting in incoming is offered again only
+        once every ``REOFFER_POLLS`` polls, so only at those polls does it
+        need looking at: between them its last signature stands. A change
+        in between is caught by the uploader, which claims only the
+        ``(size, mtime)`` that was offered, and by the next lstat, after
+        which the file must be stable again before it is offered. With
+        thousands of files waiting this takes most of a poll's lstats away.
+        Figures: bench/RESULTS.md.
+        """
+        signature = self.offered.get(name)
+        if signature is None or (hash(name) + self.polls + 1) % REOFFER_POLLS == 0:
+            return None
+        return signature
 
     def _retrying(self, what: str, step: Callable[[], T]) -> T:
         """Run ``step`` until it succeeds, backing off on NFS errors; return its result.

@@ -808,8 +808,9 @@ class Supervisor:
 
     def _sessions_view(self) -> dict:
         """Per-session counters (bounded), with queued and in-flight counted from the jobs."""
-        waiting = [*self.queue.jobs(), *([self.staging_parked] if self.staging_parked else [])]
-        queued = Counter(job.key[:2] for job in waiting)
+        queued = self.queue.waiting_by_session()
+        if self.staging_parked is not None:  # taken from the queue, waiting for staging room
+            queued[self.staging_parked.key[:2]] += 1
         flying = Counter(slot.job.key[:2] for slot in self.slots[1:] if slot.job)
         kept, older = self.stats.sessions_view(queued, flying)
         return {"sessions": kept, "older_sessions": older}

@@ -35,7 +35,7 @@ from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from ingestd import blobstore, child, config, leases, provenance, scanner
+from ingestd import blobstore, child, config, leases, md5pair, provenance, scanner
 from ingestd.blobstore import Staged
 from ingestd.child import Channel, ParentGone
 from ingestd.config import Settings
@@ -58,9 +58,9 @@ from ingestd.ratelimit import TokenBucket
 log = logging.getLogger(__name__)
 
 COPY_CHUNK = config.STAGING_COPY_CHUNK
-"""Bytes per read from NFS while staging. Measured: the same CPU per GiB as
-1 MiB (hashing dominates; the NFS client reads ahead anyway), and 0.75 MiB
-less resident per uploader."""
+"""Bytes per read from NFS while staging: as cheap per GiB as larger reads
+(hashing dominates; the NFS client reads ahead anyway) and less resident
+memory. Figures: bench/RESULTS.md."""
 ATTEMPTS_FOLDER = ".attempts"
 ERRORS_FOLDER = ".errors"
 RECORDS_FOLDER = scanner.RECORDS_FOLDER
@@ -168,7 +168,10 @@ def _rename_into(source: Path, target: Path) -> bool:
     so the folder is made again and the rename retried.
     """
     for _ in range(3):
-        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except FileNotFoundError:
+            continue  # another uploader's cleanup pruned a parent between two mkdirs
         try:
             os.rename(source, target)
             return True
@@ -231,15 +234,11 @@ def stage(paths: Paths, channel: Channel, file: str, block_size: int, single_put
     space is then released (see :class:`StagingWindow`). The hashing, the
     blocks and their uploads are the same pass as without one.
     """
-    md5 = hashlib.md5()
-    whole = md5.update if whole_md5 else _skip
     block_md5s: list[bytes] = []
-    block = hashlib.md5()
     block_start = 0
     done = 0
 
-    def block_done(end: int) -> None:
-        digest = block.digest()
+    def block_done(end: int, digest: bytes) -> None:
         block_md5s.append(digest)
         if on_block is not None:
             try:
@@ -258,38 +257,38 @@ def stage(paths: Paths, channel: Channel, file: str, block_size: int, single_put
             channel.beat("copying", file, 0, total, force=True)
             if total <= single_put_size:
                 data = _read_small(src, total)
-                md5.update(data)
                 _write_all(dst, memoryview(data))
                 _fsync_staged(dst)
                 _fsync_folder(paths.staged.parent)
-                return Staged(len(data), md5.digest(), (), data,
+                return Staged(len(data), hashlib.md5(data).digest(), (), data,
                               _read_version(opened, len(data)), staged_ino)
+            # Both MD5s of each byte (its block's, the whole file's) in one pass.
+            hashes = md5pair.pair(block_size) if whole_md5 else md5pair.BlockOnly()
             buffer = bytearray(COPY_CHUNK)
             view = memoryview(buffer)
             while count := src.readinto(buffer):
                 chunk = view[:count]
-                whole(chunk)
                 if window is not None:
                     _make_room(window, dst, count)
                 _write_all(dst, chunk)
                 start = 0
                 while start < count:  # a chunk may end a block and start the next
                     take = min(block_start + block_size - done, count - start)
-                    block.update(chunk[start:start + take])
+                    hashes.update(chunk[start:start + take] if take < count else chunk)
                     start += take
                     done += take
                     if done - block_start == block_size:
-                        block_done(done)
-                        block, block_start = hashlib.md5(), done
+                        block_done(done, hashes.split())
+                        block_start = done
                 channel.beat("copying", file, done, total)
             if done > block_start or not block_md5s:
-                block_done(done)
+                block_done(done, hashes.split())
             _fsync_staged(dst)
         _fsync_folder(paths.staged.parent)
     except BaseException:
         paths.staged.unlink(missing_ok=True)
         raise
-    return Staged(done, md5.digest() if whole_md5 else None, tuple(block_md5s), None,
+    return Staged(done, hashes.digest(), tuple(block_md5s), None,
                   _read_version(opened, done), staged_ino)
 
 
@@ -384,10 +383,6 @@ def _create_staged(path: Path):
         except FileNotFoundError:
             continue  # another uploader removed the emptied folder meanwhile
     return open(path, "wb", buffering=0)
-
-
-def _skip(chunk: memoryview) -> None:
-    """In place of the whole file's MD5 when it is not wanted."""
 
 
 def _read_small(src, size_hint: int) -> bytes:
@@ -676,7 +671,8 @@ class Uploader:
         paths = Paths.of(self.settings, job)
         started = time.monotonic()
         self.windowed = None
-        self.channel.beat("claiming", job.name, force=True)
+        # Not forced: the parent marks the slot "claiming" when it sends the job.
+        self.channel.beat("claiming", job.name)
         try:
             if not claim(paths, job, self.owner):
                 discard_staged(paths)  # a killed uploader's copy, if one was left
@@ -1102,12 +1098,11 @@ def read_attempts_quietly(paths: Paths) -> int:
 
 
 UPLOADER_NICE = 10
-"""Uploads are batch work that can use every core (an MD5 pass at about
-0.7 GB/s per core, two with APP_AZURE_PUT_MD5); the parent's API, its probes and the scanner must not
-queue behind them when the pod's CPU limit is reached. Measured with the
-machine loaded by other work: /v1/status p99 about 20 ms at nice 10 against
-about 36 ms at nice 0; on a quiet machine no difference in throughput or p99
-(the uploaders still get all the CPU nothing else wants)."""
+"""Uploads are batch work that can use every core (hashing); the parent's API,
+its probes and the scanner must not queue behind them when the pod's CPU
+limit is reached. On a loaded machine this lowers /v1/status p99; on a quiet
+one it changes nothing (the uploaders still get all the CPU nothing else
+wants). Figures: bench/RESULTS.md."""
 
 
 def _lower_priority() -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 
 from ingestd.messages import Job
@@ -27,6 +27,10 @@ class WorkQueue:
         self._retries: list[tuple[float, int, Job]] = []
         self._order = itertools.count()
         self._keys: set[tuple[str, str, str]] = set()
+        # Jobs waiting per (date, session), kept as they come and go: /v1/status
+        # asks for it on every request, and counting a full queue each time
+        # cost the parent more than the request's own work.
+        self._waiting: Counter[tuple[str, str]] = Counter()
         self.dropped = 0
 
     def __len__(self) -> int:
@@ -49,6 +53,7 @@ class WorkQueue:
             return False
         self._keys.add(job.key)
         self._new.append(job)
+        self._count(job, 1)
         return True
 
     def add_recovered(self, job: Job) -> bool:
@@ -61,12 +66,14 @@ class WorkQueue:
             return False
         self._keys.add(job.key)
         self._recovered.append(job)
+        self._count(job, 1)
         return True
 
     def retry(self, job: Job, not_before: float) -> None:
         """Put a failed or interrupted job back, due at ``not_before`` (monotonic)."""
         self._keys.add(job.key)
         heapq.heappush(self._retries, (not_before, next(self._order), job))
+        self._count(job, 1)
 
     def take(self, now: float) -> Job | None:
         """The next job to run: a due retry, a recovered file, then a new one.
@@ -74,12 +81,23 @@ class WorkQueue:
         The key stays reserved until :meth:`finish` is called for it.
         """
         if self._retries and self._retries[0][0] <= now:
-            return heapq.heappop(self._retries)[2]
-        if self._recovered:
-            return self._recovered.popleft()
-        if self._new:
-            return self._new.popleft()
-        return None
+            job = heapq.heappop(self._retries)[2]
+        elif self._recovered:
+            job = self._recovered.popleft()
+        elif self._new:
+            job = self._new.popleft()
+        else:
+            return None
+        self._count(job, -1)
+        return job
+
+    def _count(self, job: Job, delta: int) -> None:
+        session = job.key[:2]
+        left = self._waiting[session] + delta
+        if left:
+            self._waiting[session] = left
+        else:
+            del self._waiting[session]
 
     def finish(self, job: Job) -> None:
         """The job left the instance: done, gone, or quarantined."""
@@ -88,6 +106,11 @@ class WorkQueue:
     def jobs(self) -> list[Job]:
         """Every job waiting (not those in flight), for per-session counts."""
         return [*self._recovered, *self._new, *(entry[2] for entry in self._retries)]
+
+    def waiting_by_session(self) -> Counter[tuple[str, str]]:
+        """Jobs waiting (not in flight) per (date, session): ``Counter(j.key[:2] for j
+        in jobs())``, without walking the queue."""
+        return Counter(self._waiting)
 
     def depth(self) -> dict[str, int]:
         return {

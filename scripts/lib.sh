@@ -33,7 +33,8 @@ install_python() {
     fi
     # Skip pip when pyproject.toml has not changed since the last install.
     local stamp="$VENV/.installed-${extras:-app}"
-    local digest; digest="$(sha256sum "$REPO/pyproject.toml" | cut -d' ' -f1)"
+    # setup.py and the C source too: the editable install builds the MD5 accelerator in place.
+    local digest; digest="$(cat "$REPO/pyproject.toml" "$REPO/setup.py" "$REPO"/ingestd/*.c | sha256sum | cut -d' ' -f1)"
     if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$digest" ]; then return 0; fi
     say "pip install -e .${extras:+[$extras]}"
     "$VENV/bin/pip" install -q -e "$REPO${extras:+[$extras]}" > "$VENV/pip.log" 2>&1 \
@@ -70,7 +71,7 @@ install_image_venv() {
     # in a private (0700) folder.
     local venv="/opt/ingestd-image-venv" stamp digest
     stamp="$venv/.built"
-    digest="$(cat "$REPO/requirements.lock" "$REPO/pyproject.toml" "$REPO"/ingestd/*.py | sha256sum | cut -d' ' -f1)"
+    digest="$(cat "$REPO/requirements.lock" "$REPO/pyproject.toml" "$REPO/setup.py" "$REPO"/ingestd/*.py "$REPO"/ingestd/*.c | sha256sum | cut -d' ' -f1)"
     if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$digest" ]; then return 0; fi
     say "building .venv-image from requirements.lock (as the Dockerfile does)"
     rm -rf "$venv"
