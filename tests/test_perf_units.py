@@ -67,11 +67,27 @@ def test_stage_hashes_the_file_and_each_block_in_one_pass(
 @pytest.mark.parametrize("accelerated", [True, False], ids=["c", "hashlib"])
 @pytest.mark.parametrize("block", [64, 4096, 1000 * 64, MiB])
 def test_md5_pair_gives_each_block_and_the_whole_file_exactly_as_hashlib(
-        accelerated: bool, block: int) -> None:
+    accelerated: bool, block: int
+) -> None:
     assert md5pair.ACCELERATED, "scripts/test builds ingestd._md5pair (needs gcc)"
     rng = __import__("random").Random(block)
-    for size in [0, 1, 55, 56, 63, 64, 65, 119, 120, 128, block - 1, block, block + 1,
-                 3 * block + 17, 2 * MiB + 3]:
+    for size in [
+        0,
+        1,
+        55,
+        56,
+        63,
+        64,
+        65,
+        119,
+        120,
+        128,
+        block - 1,
+        block,
+        block + 1,
+        3 * block + 17,
+        2 * MiB + 3,
+    ]:
         data = os.urandom(size)
         hashes = md5pair.pair(block, accelerated)
         digests, pos = [], 0
@@ -79,10 +95,10 @@ def test_md5_pair_gives_each_block_and_the_whole_file_exactly_as_hashlib(
             end = min(size, (pos // block + 1) * block)
             while pos < end:
                 step = min(end - pos, rng.randint(1, 9000))
-                hashes.update(memoryview(data)[pos:pos + step])
+                hashes.update(memoryview(data)[pos : pos + step])
                 pos += step
             digests.append(hashes.split())
-        expected = [hashlib.md5(data[o:o + block]).digest() for o in range(0, size, block)]
+        expected = [hashlib.md5(data[o : o + block]).digest() for o in range(0, size, block)]
         assert digests == expected, size
         assert hashes.digest() == hashlib.md5(data).digest(), size
 
@@ -101,8 +117,7 @@ def test_a_block_size_off_the_md5_block_uses_the_fallback() -> None:
     assert isinstance(md5pair.pair(1000), md5pair._HashlibPair)
 
 
-def test_a_failing_block_upload_stops_the_copy_and_removes_the_partial_copy(
-        tmp_path: Path) -> None:
+def test_a_failing_block_upload_stops_the_copy_and_removes_the_partial_copy(tmp_path: Path) -> None:
     paths = _Paths(tmp_path)
     paths.claimed.write_bytes(os.urandom(8 * MiB))
     _, child = Pipe()
@@ -166,12 +181,15 @@ def test_waiting_files_are_offered_again_once_every_few_polls() -> None:
 class _ScanSettings:
     def __init__(self, incoming: Path) -> None:
         self.nfs_incoming_dir = incoming
+        self.nfs_processing_root = incoming.parent / ".processing"
         self.min_file_age_s = 0.0
         self.poll_interval_s = 0.1
+        self.lease_timeout_s = 600.0
 
 
 def test_waiting_files_are_looked_at_only_when_due_and_a_change_is_still_seen(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     """A file already offered is lstat'ed only at the polls where it is due for a
     re-offer; a change made meanwhile is seen then, and the new version is offered."""
     from ingestd.messages import Stable
@@ -183,7 +201,7 @@ def test_waiting_files_are_looked_at_only_when_due_and_a_change_is_still_seen(
     for name in names:
         (incoming / name).write_bytes(b"x")
     parent, child = Pipe()
-    scanner = Scanner(_ScanSettings(incoming), Channel(child))  # type: ignore[arg-type]
+    scanner = Scanner(_ScanSettings(incoming), Channel(child), "replica~0000000a")  # type: ignore[arg-type]
     looked_at: list[str] = []
     unchecked = scanner._unchecked
 
@@ -222,7 +240,8 @@ def test_waiting_files_are_looked_at_only_when_due_and_a_change_is_still_seen(
 
 
 def test_a_claim_survives_its_folder_being_pruned_while_it_is_made(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Found by the benchmark (2,000 small files, 4 uploaders): one uploader's cleanup
     removed the emptied date folder between another's two mkdirs, and the claim failed."""
     source = tmp_path / "incoming" / "a.bin"

@@ -133,7 +133,10 @@ def test_three_at_once_never_overcommit_the_budget_and_the_third_waits(
     print(f"\npeak staging use {usage.peak / MiB:.1f} MiB of a {budget // MiB} MiB budget")
     assert usage.count > 0 and usage.peak <= budget, usage.peak
     assert max(reserved) <= budget
-    assert any(waited), "the third file waits for room in the budget"
+    # The third file waited for room (a status poll may miss the moment; the log does not).
+    assert any(waited) or "waits for staging space" in service.log_text(), (
+        "the third file waits for room in the budget"
+    )
     assert status["processed_err"] == 0 and status["quarantined"] == 0, "waiting is no failure"
     assert status["staging"]["windowed_total"] == 3
     assert_nothing_left(layout)
