@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from typing import Any, TypeGuard
 
 from azure.core import MatchConditions
 from azure.core.exceptions import (
@@ -105,9 +106,10 @@ class NetworkBudget:
                    backoff_s=_clamp(stall / 15, 0.5, 4.0))
 
     def retry_policy(self) -> ExponentialRetry:
-        return ExponentialRetry(initial_backoff=self.backoff_s, increment_base=2,
-                                retry_total=self.retries,
-                                random_jitter_range=self.backoff_s / 2)
+        # The policy computes in floats (sub-second backoffs work); its stub says int.
+        return ExponentialRetry(initial_backoff=self.backoff_s,  # type: ignore[arg-type]
+                                increment_base=2, retry_total=self.retries,
+                                random_jitter_range=self.backoff_s / 2)  # type: ignore[arg-type]
 
     def worst_case_s(self) -> float:
         """A request that gets no answer at all: every try reads until its timeout."""
@@ -120,7 +122,7 @@ def _clamp(value: float, low: float, high: float) -> float:
     return round(min(high, max(low, value)), 3)
 
 
-def _transport_options(settings: Settings, startup: bool) -> dict:
+def _transport_options(settings: Settings, startup: bool) -> dict[str, Any]:
     """Timeouts and retries for a client.
 
     At startup one short try (a crash-looping pod is the retry). In the
@@ -139,7 +141,7 @@ def _transport_options(settings: Settings, startup: bool) -> dict:
     }
 
 
-def _credential_options(settings: Settings, startup: bool) -> dict:
+def _credential_options(settings: Settings, startup: bool) -> dict[str, Any]:
     """Timeouts and retries for DefaultAzureCredential's own token requests.
 
     The credential fetches tokens through its own HTTP pipeline, which the
@@ -335,8 +337,17 @@ def _bad_key(settings: Settings) -> str | None:
     return None
 
 
+def _error_code(exc: HttpResponseError) -> object:
+    """The storage error code, or None.
+
+    The storage SDK sets ``error_code`` on the errors it processes (its stubs do
+    not declare it); an error raised before any response (no token) has none.
+    """
+    return getattr(exc, "error_code", None)
+
+
 def _code(exc: HttpResponseError) -> str:
-    code = exc.error_code or exc.reason
+    code = _error_code(exc) or exc.reason
     return f"{exc.status_code} {getattr(code, 'value', code)}"
 
 
@@ -349,7 +360,7 @@ _REJECTED = {"AuthenticationFailed", "AuthorizationFailure", "InvalidAuthenticat
              "NoAuthenticationInformation"}
 
 
-def _rejected(exc: BaseException) -> bool:
+def _rejected(exc: BaseException) -> TypeGuard[HttpResponseError]:
     """Storage refused the credential itself (classified by status and code, not class).
 
     A wrong shared key is 403 AuthenticationFailed on Azure and 403
@@ -359,7 +370,7 @@ def _rejected(exc: BaseException) -> bool:
     """
     if not isinstance(exc, HttpResponseError):
         return False
-    error_code = exc.error_code
+    error_code = _error_code(exc)
     code = str(getattr(error_code, "value", error_code) or "")
     return exc.status_code == 401 or (exc.status_code in (400, 403) and code in _REJECTED)
 
@@ -398,7 +409,8 @@ def outage_kind(exc: BaseException) -> str:
         return "auth"
     status = getattr(exc, "status_code", None) or 0
     if isinstance(exc, HttpResponseError) and status:
-        code = str(getattr(exc.error_code, "value", exc.error_code) or "")
+        error_code = _error_code(exc)
+        code = str(getattr(error_code, "value", error_code) or "")
         if _rejected(exc) or status in (401, 403):
             return "auth"
         if status == 429 or code == "ServerBusy":
@@ -580,6 +592,9 @@ WAKE_S = 1.0
 """The work loop waits for blocks and requests in slices this long, beating
 between them: a network wait shows as alive, never as a stall."""
 
+Blocks = dict[str, int]
+"""Block ID -> size: the blocks storage already holds for a blob."""
+
 Runner = Callable[[Callable[[], object]], object]
 """Runs a network call for the work loop: by default in place; the uploader's
 runs it on a side thread and beats (waiting on "network") until it returns."""
@@ -633,7 +648,7 @@ class BlockUpload:
                  on_wait: Callable[[], None] | None = None,
                  run: Runner = _in_place,
                  file_calls: FileCalls | None = None,
-                 submit: Callable[[Callable[[], object]], Future] | None = None,
+                 submit: Callable[[Callable[[], Blocks]], Future[Blocks]] | None = None,
                  on_listed: Callable[[], None] | None = None) -> None:
         self.client = client
         self.blob_name = blob_name
@@ -648,9 +663,9 @@ class BlockUpload:
         self.window = settings.azure_max_concurrency
         self.tier = access_tier(settings)
         self.block_ids: list[str] = []
-        self.pending: set[Future] = set()
+        self.pending: set[Future[None]] = set()
         self.existing: dict[str, int] = {}  # block ID -> size, already held by storage
-        self.listing: Future | None = None  # the block list, while it is being asked for
+        self.listing: Future[Blocks] | None = None  # the block list, while it is being asked for
         self.held: list[tuple[str, int, int, bytes]] = []  # blocks waiting for that answer
         self.submit_request = submit
         self.on_listed = on_listed or (lambda: None)
@@ -758,7 +773,8 @@ class BlockUpload:
     def _put(self, ident: str, offset: int, length: int, md5: bytes) -> None:
         assert self._fd is not None
         body = FileRange(self._fd, offset, length, self._sending, self.bucket, self.file_calls)
-        self.blob.stage_block(ident, body, length=length,
+        # The SDK reads any file-like object; its stub says IO[bytes].
+        self.blob.stage_block(ident, body, length=length,  # type: ignore[arg-type]
                               transactional_content_md5=bytearray(md5))
         with self._lock:
             self.uploaded += length
@@ -808,7 +824,9 @@ class BlockUpload:
         self.wait_for_blocks(size)
         settings = ContentSettings(content_md5=bytearray(md5)) if md5 is not None else None
         self.run(lambda: self.blob.commit_block_list(
-            self.block_ids, content_settings=settings, metadata=metadata,
+            # The SDK takes block IDs as strings too; its stub says list[BlobBlock].
+            self.block_ids,  # type: ignore[arg-type]
+            content_settings=settings, metadata=metadata,
             standard_blob_tier=self.tier, **_condition(unchanged_since)))
 
     def close(self) -> None:
@@ -844,7 +862,7 @@ def blob_version(client: ContainerClient, blob_name: str) -> Version:
         return (None,)
 
 
-def _condition(version: Version | None) -> dict:
+def _condition(version: Version | None) -> dict[str, Any]:
     if version is None:
         return {}
     if version[0] is None:
@@ -854,8 +872,9 @@ def _condition(version: Version | None) -> dict:
 
 def committed_meanwhile(exc: BaseException) -> bool:
     """The conditional commit failed: another upload committed the blob since we looked."""
+    error_code = _error_code(exc) if isinstance(exc, HttpResponseError) else None
     return isinstance(exc, HttpResponseError) and exc.status_code in (409, 412) and \
-        str(getattr(exc.error_code, "value", exc.error_code) or "") in (
+        str(getattr(error_code, "value", error_code) or "") in (
             "ConditionNotMet", "BlobAlreadyExists")
 
 

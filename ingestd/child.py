@@ -19,10 +19,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
+from typing import Any, TypeVar
 
 from ingestd import logs
 from ingestd.config import Settings
 from ingestd.messages import Beat
+
+M = TypeVar("M")
 
 _PR_SET_PDEATHSIG = 1
 BEAT_INTERVAL_S = 0.25
@@ -78,13 +81,13 @@ class Channel:
         self._conn = conn
         self._lock = threading.Lock()
         self._last_beat = 0.0
-        self._last = ("starting", None, 0, 0)
-        self._handlers: dict[type, Callable[[object], None]] = {}
+        self._last: tuple[str, str | None, int, int] = ("starting", None, 0, 0)
+        self._handlers: dict[type, Callable[[Any], None]] = {}
         self._inbox: deque[object] = deque()
         self._waiting = ""
         self.file_calls = FileCalls()
 
-    def on(self, kind: type, handler: Callable[[object], None]) -> None:
+    def on(self, kind: type[M], handler: Callable[[M], None]) -> None:
         """Apply messages of type ``kind`` as soon as they are read, wherever that is."""
         self._handlers[kind] = handler
 

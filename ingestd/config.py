@@ -277,7 +277,7 @@ def load_settings() -> Settings:
     Secret values are never echoed back.
     """
     try:
-        return Settings()  # type: ignore[call-arg]
+        return Settings()
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
 

@@ -390,8 +390,9 @@ class Recovery:
             beat()
             self._settle(claim, start, heirs, result)
         for claim in stale:
-            if claim.holder != self.me and self._owner(claim.holder, heirs) == self.me:
-                release(claim.link(self.root), claim.holder)  # a dead owner's leftover link
+            held = claim.holder  # never None: a stale claim is listed by its link's holder
+            if held is not None and held != self.me and self._owner(held, heirs) == self.me:
+                release(claim.link(self.root), held)  # a dead owner's leftover link
         self._bury(registry, heirs, named - {c.holder for c in stale}, result)
         return result
 

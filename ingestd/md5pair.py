@@ -10,9 +10,15 @@ installed) the same interface runs two hashlib objects, with the same digests.
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
+
+_CPair: type[_Pair] | None
 try:
-    from ingestd._md5pair import Pair as _CPair
+    from ingestd._md5pair import Pair as _Pair
+    _CPair = _Pair
 except ImportError:  # pragma: no cover - depends on the build
     _CPair = None
 
@@ -27,7 +33,7 @@ class _HashlibPair:
         self._whole = hashlib.md5()
         self._block = hashlib.md5()
 
-    def update(self, data) -> None:
+    def update(self, data: ReadableBuffer) -> None:
         self._whole.update(data)
         self._block.update(data)
 
@@ -46,7 +52,7 @@ class BlockOnly:
     def __init__(self) -> None:
         self._block = hashlib.md5()
 
-    def update(self, data) -> None:
+    def update(self, data: ReadableBuffer) -> None:
         self._block.update(data)
 
     def split(self) -> bytes:
@@ -58,7 +64,7 @@ class BlockOnly:
         return None
 
 
-def pair(block_size: int, accelerated: bool | None = None):
+def pair(block_size: int, accelerated: bool | None = None) -> _Pair | _HashlibPair:
     """An object with ``update(bytes)``, ``split() -> block MD5`` and ``digest() -> whole MD5``.
 
     The accelerator needs block boundaries on 64-byte boundaries (MD5's own
@@ -66,6 +72,6 @@ def pair(block_size: int, accelerated: bool | None = None):
     size uses the fallback.
     """
     use_c = ACCELERATED if accelerated is None else accelerated and ACCELERATED
-    if use_c and block_size % 64 == 0:
+    if use_c and _CPair is not None and block_size % 64 == 0:
         return _CPair()
     return _HashlibPair()

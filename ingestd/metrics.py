@@ -10,10 +10,11 @@ is read at scrape time under the supervisor's lock.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from ingestd import __version__
@@ -62,10 +63,10 @@ class _StateCollector(Collector):
     def __init__(self, supervisor: Supervisor) -> None:
         self.supervisor = supervisor
 
-    def describe(self) -> list:
+    def describe(self) -> list[Metric]:
         return []  # families vary with the children present; skip the up-front check
 
-    def collect(self) -> Iterator:
+    def collect(self) -> Iterator[Metric]:
         view = self.supervisor.metrics_view()
         yield _info(view)
         yield from _counters(view)
@@ -73,7 +74,7 @@ class _StateCollector(Collector):
         yield from _children(view)
 
 
-def _info(view: dict) -> InfoMetricFamily:
+def _info(view: dict[str, Any]) -> InfoMetricFamily:
     info = InfoMetricFamily("ingestd", "Version and the Azure auth method in use.")
     info.add_metric([], {"version": __version__, "auth_method": view["auth_method"]})
     return info
@@ -83,7 +84,7 @@ def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
     return CounterMetricFamily(name, doc, value=value)
 
 
-def _counters(view: dict) -> Iterator:
+def _counters(view: dict[str, Any]) -> Iterator[Metric]:
     stats = view["stats"]
     yield _counter("ingestd_files_uploaded", "Files uploaded and cleaned up.", stats.processed_ok)
     yield _counter("ingestd_bytes_uploaded", "Bytes of files uploaded.", stats.bytes_ok)
@@ -121,7 +122,7 @@ def _counters(view: dict) -> Iterator:
     yield kills
 
 
-def _gauges(view: dict) -> Iterator:
+def _gauges(view: dict[str, Any]) -> Iterator[Metric]:
     stats = view["stats"]
     yield GaugeMetricFamily("ingestd_files_in_flight", "Files being uploaded now.",
                             value=view["in_flight"])
@@ -182,7 +183,7 @@ def _gauges(view: dict) -> Iterator:
                    staging["windowed_total"])
 
 
-def _children(view: dict) -> Iterator:
+def _children(view: dict[str, Any]) -> Iterator[Metric]:
     stuck = GaugeMetricFamily("ingestd_stuck_children",
                               "Killed children the kernel has not released, by role.",
                               labels=["role"])

@@ -26,7 +26,7 @@ and a forked child would inherit their locks in whatever state they were."""
 class ChildProcess:
     """A started child with its end of a duplex pipe."""
 
-    def __init__(self, role: str, target: Callable[..., None], args: tuple) -> None:
+    def __init__(self, role: str, target: Callable[..., None], args: tuple[object, ...]) -> None:
         parent_end, child_end = _context.Pipe(duplex=True)
         self.role = role
         self.process = _context.Process(

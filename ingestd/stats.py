@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from collections import Counter, OrderedDict
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 SessionKey = tuple[str, str]
 """``(date, encoded session)``"""
@@ -59,7 +60,7 @@ class Stats:
     last_success_at: float | None = None
     skipped: int = 0
     quarantined: int = 0
-    gave_up: Counter = field(default_factory=Counter)
+    gave_up: Counter[str] = field(default_factory=Counter)
     interrupted: int = 0
     recovered_total: int = 0
     windowed_total: int = 0  # files uploaded through a staging window
@@ -70,8 +71,8 @@ class Stats:
     last_scan_seconds: float = 0.0
     backlog_files: int = 0  # stable files waiting in incoming at the last poll
     backlog_bytes: int = 0
-    restarts: Counter = field(default_factory=Counter)
-    kills: Counter = field(default_factory=Counter)
+    restarts: Counter[str] = field(default_factory=Counter)
+    kills: Counter[str] = field(default_factory=Counter)
     history: int = 100
     sessions: OrderedDict[SessionKey, SessionCounters] = field(default_factory=OrderedDict)
     older: OlderSessions = field(default_factory=OlderSessions)
@@ -146,7 +147,7 @@ class Stats:
         """What waits in incoming: the scaling signal (every replica sees the same folder)."""
         self.backlog_files, self.backlog_bytes = files, size
 
-    def totals(self) -> dict:
+    def totals(self) -> dict[str, Any]:
         return {
             "processed_ok": self.processed_ok,
             "processed_err": self.processed_err,
@@ -170,7 +171,9 @@ class Stats:
             "kills": dict(self.kills),
         }
 
-    def sessions_view(self, queued: Counter, in_flight: Counter) -> tuple[list[dict], dict]:
+    def sessions_view(
+        self, queued: Counter[SessionKey], in_flight: Counter[SessionKey]
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """The kept sessions (least recent first) and the folded aggregate, with work counts.
 
         A session with a file in flight is listed even if folded (at most one

@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ class StorageHealth:
     def auth_failing_for(self, mono: float) -> float:
         return 0.0 if self.auth_since_mono is None else mono - self.auth_since_mono
 
-    def view(self, mono: float, auth_exit_s: float) -> dict:
+    def view(self, mono: float, auth_exit_s: float) -> dict[str, Any]:
         """The ``storage`` section of ``/v1/status``."""
         failing_for = self.auth_failing_for(mono)
         return {

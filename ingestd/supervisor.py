@@ -25,7 +25,8 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from multiprocessing.connection import wait
+from multiprocessing.connection import Connection, wait
+from typing import Any
 
 from ingestd import leases, scanner, uploader
 from ingestd.cli import EXIT_AUTH
@@ -57,7 +58,7 @@ from ingestd.messages import (
 from ingestd.metrics import Metrics
 from ingestd.process import ChildProcess
 from ingestd.sessions import Session
-from ingestd.stats import Stats
+from ingestd.stats import SessionCounters, Stats
 from ingestd.storagehealth import StorageHealth
 from ingestd.workqueue import OutageBackoff, WorkQueue
 
@@ -138,7 +139,7 @@ class Supervisor:
         self.setup_problems: tuple[str, ...] = ()
         self.staging_capacity = 0  # the staging filesystem's size, from the scanner's check
         self.staging_parked: Job | None = None  # the oldest job waiting for staging space
-        self.gave_up: deque[dict] = deque(maxlen=GAVE_UP_SHOWN)
+        self.gave_up: deque[dict[str, Any]] = deque(maxlen=GAVE_UP_SHOWN)
         self.unclaimable: dict[tuple[str, str, str], tuple[int, int] | None] = {}
         self.draining = False
         self.drain_deadline = 0.0
@@ -221,7 +222,7 @@ class Supervisor:
 
     # The upload rate cap (called by the API)
 
-    def set_rate_cap(self, max_mbps: float) -> dict:
+    def set_rate_cap(self, max_mbps: float) -> dict[str, Any]:
         """Change the pod's upload rate cap now; uploaders get their new shares next tick.
 
         Kept in memory only: a restart goes back to ``APP_AZURE_MAX_MBPS``.
@@ -232,11 +233,11 @@ class Supervisor:
         log.info("upload rate cap changed from %s to %s", _mbps(old), _mbps(self.rate_cap))
         return view
 
-    def rate_limits(self) -> dict:
+    def rate_limits(self) -> dict[str, Any]:
         with self.lock:
             return self._rate_view()
 
-    def _rate_view(self) -> dict:
+    def _rate_view(self) -> dict[str, Any]:
         busy = sum(1 for slot in self.slots[1:] if slot.job)
         return {
             "max_mbps": self.rate_cap / 1e6,
@@ -291,14 +292,14 @@ class Supervisor:
             self._finish_drain(now)
             self.last_tick = time.monotonic()
 
-    def _connections(self) -> list:
+    def _connections(self) -> list[Connection]:
         with self.lock:
             return [s.child.conn for s in self.slots if s.child and s.child.conn]
 
-    def _slot_of(self, conn) -> Slot | None:
+    def _slot_of(self, conn: object) -> Slot | None:
         return next((s for s in self.slots if s.child and s.child.conn is conn), None)
 
-    def _drain(self, conn, now: float) -> None:
+    def _drain(self, conn: object, now: float) -> None:
         """Apply every message waiting on one child's pipe."""
         slot = self._slot_of(conn)
         if slot is None:
@@ -443,7 +444,7 @@ class Supervisor:
         log.critical(self.exit_line)
         self.begin_drain()
 
-    def _on_gave_up(self, message: GaveUp, counters) -> None:
+    def _on_gave_up(self, message: GaveUp, counters: SessionCounters) -> None:
         """A step failed too often: no more tries in this run; the file stays on NFS.
 
         A file that could never be claimed stays in incoming and is offered
@@ -476,6 +477,8 @@ class Supervisor:
     # Children
 
     def _spawn(self, slot: Slot) -> None:
+        target: Callable[..., None]
+        args: tuple[object, ...]
         if slot.role == SCANNER:
             target, args = scanner.main, (self.settings, self._first_scanner, self.owner)
             self._first_scanner = False
@@ -686,7 +689,7 @@ class Supervisor:
                 later.append(job)
         return None
 
-    def _staging_view(self) -> dict:
+    def _staging_view(self) -> dict[str, Any]:
         windowed = [slot.job.blob_name for slot in self.slots[1:] if slot.job and slot.job.window]
         parked = self.staging_parked
         return {
@@ -750,7 +753,7 @@ class Supervisor:
                 problems.append(f"{slot.role} heartbeat is {age:.0f} s old")
         return (not problems), "; ".join(problems)
 
-    def metrics_view(self) -> dict:
+    def metrics_view(self) -> dict[str, Any]:
         """What a scrape needs, read in one go under the lock."""
         with self.lock:
             now = time.monotonic()
@@ -775,7 +778,7 @@ class Supervisor:
                                for s in self.slots],
             }
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, Any]:
         """Everything an operator needs, as plain JSON-ready data."""
         with self.lock:
             now = time.monotonic()
@@ -806,7 +809,7 @@ class Supervisor:
                 **self._sessions_view(),
             }
 
-    def _sessions_view(self) -> dict:
+    def _sessions_view(self) -> dict[str, Any]:
         """Per-session counters (bounded), with queued and in-flight counted from the jobs."""
         queued = self.queue.waiting_by_session()
         if self.staging_parked is not None:  # taken from the queue, waiting for staging room
@@ -816,7 +819,7 @@ class Supervisor:
         return {"sessions": kept, "older_sessions": older}
 
     @staticmethod
-    def _flight_view(slot: Slot, now: float) -> dict:
+    def _flight_view(slot: Slot, now: float) -> dict[str, Any]:
         assert slot.job is not None
         return {
             "file": slot.job.name,
@@ -833,7 +836,7 @@ class Supervisor:
         }
 
     @staticmethod
-    def _child_view(slot: Slot, now: float) -> dict:
+    def _child_view(slot: Slot, now: float) -> dict[str, Any]:
         return {
             "role": slot.role,
             "pid": slot.child.pid if slot.child else None,
@@ -857,7 +860,7 @@ def _mbps(bytes_per_s: float) -> str:
     return f"{bytes_per_s / 1e6:g} MB/s" if bytes_per_s > 0 else "none"
 
 
-def _session_view(session: Session | None) -> dict | None:
+def _session_view(session: Session | None) -> dict[str, Any] | None:
     if session is None:
         return None
     return {

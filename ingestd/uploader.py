@@ -34,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import BinaryIO, TypeVar
 
 from ingestd import blobstore, child, config, leases, md5pair, provenance, scanner
 from ingestd.blobstore import Staged
@@ -57,6 +58,7 @@ from ingestd.ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 COPY_CHUNK = config.STAGING_COPY_CHUNK
 """Bytes per read from NFS while staging: as cheap per GiB as larger reads
 (hashing dominates; the NFS client reads ahead anyway) and less resident
@@ -292,7 +294,7 @@ def stage(paths: Paths, channel: Channel, file: str, block_size: int, single_put
                   _read_version(opened, done), staged_ino)
 
 
-def _make_room(window: StagingWindow, dst, count: int) -> None:
+def _make_room(window: StagingWindow, dst: BinaryIO, count: int) -> None:
     """Wait for room for ``count`` more bytes in the window; a failed block is a BlockFailed."""
     try:
         window.room(dst.fileno(), count)
@@ -374,7 +376,7 @@ def _read_version(opened: os.stat_result, size: int) -> Signature:
     return size, opened.st_mtime_ns, opened.st_ino
 
 
-def _create_staged(path: Path):
+def _create_staged(path: Path) -> BinaryIO:
     """Open the staging copy for writing, making its folder (again if it was just pruned)."""
     for _ in range(3):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -385,7 +387,7 @@ def _create_staged(path: Path):
     return open(path, "wb", buffering=0)
 
 
-def _read_small(src, size_hint: int) -> bytes:
+def _read_small(src: BinaryIO, size_hint: int) -> bytes:
     """The whole (small) file, whatever its size turns out to be while read."""
     parts = []
     while part := src.read(max(size_hint, COPY_CHUNK)):
@@ -393,7 +395,7 @@ def _read_small(src, size_hint: int) -> bytes:
     return b"".join(parts)
 
 
-def _write_all(dst, data: memoryview) -> None:
+def _write_all(dst: BinaryIO, data: memoryview) -> None:
     """Unbuffered writes may be short; loop until every byte is written."""
     try:
         while data:
@@ -404,7 +406,7 @@ def _write_all(dst, data: memoryview) -> None:
         raise
 
 
-def _fsync_staged(dst) -> None:
+def _fsync_staged(dst: BinaryIO) -> None:
     try:
         os.fsync(dst.fileno())
     except OSError as exc:
@@ -864,7 +866,7 @@ class Uploader:
             offset = index * block_size
             upload.add(offset, min(block_size, staged.size - offset), md5)
 
-    def _storage_call(self, call: Callable[[], object]) -> object:
+    def _storage_call(self, call: Callable[[], T]) -> T:
         """Run a step that talks to storage; its failure is an upload error."""
         try:
             return call()
@@ -876,7 +878,7 @@ class Uploader:
         except Exception as exc:
             raise self._upload_error(exc) from exc
 
-    def _over_network(self, call: Callable[[], object]) -> object:
+    def _over_network(self, call: Callable[[], T]) -> T:
         """Run a request on the network thread; beat (waiting on "network") until it returns.
 
         The request is bounded by the SDK's timeouts and retries
@@ -894,7 +896,7 @@ class Uploader:
         with self.channel.waiting("network"):
             self.channel.renew()
 
-    def _stage(self, paths: Paths, job: Job, on_block,
+    def _stage(self, paths: Paths, job: Job, on_block: Callable[[int, int, bytes], None] | None,
                window: StagingWindow | None = None) -> Staged:
         try:
             return stage(paths, self.channel, job.name, self.settings.azure_max_block_size,
