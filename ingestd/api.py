@@ -48,7 +48,10 @@ class LimitsRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_mbps: float = Field(
-        ..., ge=0, le=1_000_000, allow_inf_nan=False,
+        ...,
+        ge=0,
+        le=1_000_000,
+        allow_inf_nan=False,
         description="The pod's total upload rate cap in MB/s (10^6 bytes/s); 0 removes it.",
     )
 
@@ -64,8 +67,9 @@ class AsciiJSONResponse(JSONResponse):
     """
 
     def render(self, content: Any) -> bytes:
-        return json.dumps(content, ensure_ascii=True, allow_nan=False,
-                          separators=(",", ":")).encode("ascii")
+        return json.dumps(
+            content, ensure_ascii=True, allow_nan=False, separators=(",", ":")
+        ).encode("ascii")
 
 
 class StartResponse(BaseModel):

@@ -30,8 +30,8 @@ bearer = HTTPBearer(
     auto_error=False,
     scheme_name="APP_API_TOKEN",
     description="`Authorization: Bearer <APP_API_TOKEN>`. Required on POST /v1/... when "
-                "APP_API_TOKEN is set; on /v1/status and /metrics too with "
-                "APP_API_TOKEN_FOR_READS=true. Never on /healthz and /readyz.",
+    "APP_API_TOKEN is set; on /v1/status and /metrics too with "
+    "APP_API_TOKEN_FOR_READS=true. Never on /healthz and /readyz.",
 )
 """Reads the header and declares the scheme in OpenAPI; the check is ours."""
 
@@ -59,15 +59,19 @@ async def require_token(
     if credentials is None:
         raise _unauthorized(request, "missing bearer token", 'Bearer realm="ingestd"')
     if not hmac.compare_digest(_digest(credentials.credentials), expected):
-        raise _unauthorized(request, "wrong bearer token",
-                            'Bearer realm="ingestd", error="invalid_token"')
+        raise _unauthorized(
+            request, "wrong bearer token", 'Bearer realm="ingestd", error="invalid_token"'
+        )
 
 
 def _unauthorized(request: Request, reason: str, challenge: str) -> HTTPException:
     client = request.client.host if request.client else "?"
     log.warning("refused %s %s from %s: %s", request.method, request.url.path, client, reason)
-    return HTTPException(401, f"{reason}: send Authorization: Bearer <APP_API_TOKEN>",
-                         headers={"WWW-Authenticate": challenge})
+    return HTTPException(
+        401,
+        f"{reason}: send Authorization: Bearer <APP_API_TOKEN>",
+        headers={"WWW-Authenticate": challenge},
+    )
 
 
 def is_loopback(host: str) -> bool:
@@ -85,10 +89,16 @@ def log_protection(settings: Settings) -> None:
     where = f"{settings.http_host}:{settings.http_port}"
     if settings.api_token is not None:
         reads = "too" if settings.api_token_for_reads else "not (APP_API_TOKEN_FOR_READS=false)"
-        log.info("control API protected: POST /v1/... require the APP_API_TOKEN bearer token; "
-                 "/v1/status and /metrics %s; /healthz and /readyz open", reads)
+        log.info(
+            "control API protected: POST /v1/... require the APP_API_TOKEN bearer token; "
+            "/v1/status and /metrics %s; /healthz and /readyz open",
+            reads,
+        )
     elif is_loopback(settings.http_host):
         log.info("control API not protected (APP_API_TOKEN unset); it listens on %s only", where)
     else:
-        log.warning("control API NOT protected: APP_API_TOKEN is unset and it listens on %s, "
-                    "so anyone who reaches the port can start and stop sessions", where)
+        log.warning(
+            "control API NOT protected: APP_API_TOKEN is unset and it listens on %s, "
+            "so anyone who reaches the port can start and stop sessions",
+            where,
+        )

@@ -101,20 +101,26 @@ class NetworkBudget:
     @classmethod
     def of(cls, settings: Settings) -> NetworkBudget:
         stall = settings.child_stall_timeout_s
-        return cls(connect_s=_clamp(stall / 6, 1.0, 10.0),
-                   read_s=_clamp(stall / 4, 3.0, 30.0),
-                   backoff_s=_clamp(stall / 15, 0.5, 4.0))
+        return cls(
+            connect_s=_clamp(stall / 6, 1.0, 10.0),
+            read_s=_clamp(stall / 4, 3.0, 30.0),
+            backoff_s=_clamp(stall / 15, 0.5, 4.0),
+        )
 
     def retry_policy(self) -> ExponentialRetry:
         # The policy computes in floats (sub-second backoffs work); its stub says int.
-        return ExponentialRetry(initial_backoff=self.backoff_s,  # type: ignore[arg-type]
-                                increment_base=2, retry_total=self.retries,
-                                random_jitter_range=self.backoff_s / 2)  # type: ignore[arg-type]
+        return ExponentialRetry(
+            initial_backoff=self.backoff_s,  # type: ignore[arg-type]
+            increment_base=2,
+            retry_total=self.retries,
+            random_jitter_range=self.backoff_s / 2,  # type: ignore[arg-type]
+        )
 
     def worst_case_s(self) -> float:
         """A request that gets no answer at all: every try reads until its timeout."""
-        waits = sum(self.backoff_s + (2 ** n if n else 0) + self.backoff_s / 2
-                    for n in range(self.retries))
+        waits = sum(
+            self.backoff_s + (2**n if n else 0) + self.backoff_s / 2 for n in range(self.retries)
+        )
         return (self.retries + 1) * self.read_s + waits
 
 
@@ -154,8 +160,11 @@ def _credential_options(settings: Settings, startup: bool) -> dict[str, Any]:
     if startup:
         return {"connection_timeout": 5, "read_timeout": 10, "retry_total": 0}
     budget = NetworkBudget.of(settings)
-    return {"connection_timeout": budget.connect_s, "read_timeout": budget.read_s,
-            "retry_total": budget.retries}
+    return {
+        "connection_timeout": budget.connect_s,
+        "read_timeout": budget.read_s,
+        "retry_total": budget.retries,
+    }
 
 
 def container_client(settings: Settings, method: str, startup: bool = False) -> ContainerClient:
@@ -275,17 +284,23 @@ def _bounded(settings: Settings, method: str, seconds: float) -> Outcome:
     if result:
         return result[0]
     if step[0] == TOKEN_STEP:
-        reason = (f"no answer within {seconds:.0f} s from the token endpoint (it accepted "
-                  "the connection but did not answer): check the workload/managed "
-                  "identity endpoint and the egress to it")
+        reason = (
+            f"no answer within {seconds:.0f} s from the token endpoint (it accepted "
+            "the connection but did not answer): check the workload/managed "
+            "identity endpoint and the egress to it"
+        )
     elif method == CONNECTION_STRING:
-        reason = (f"no answer within {seconds:.0f} s from the blob endpoint in "
-                  "APP_AZURE_CONNECTION_STRING (it accepted the connection but did not "
-                  "answer): check that endpoint and the network path to it")
+        reason = (
+            f"no answer within {seconds:.0f} s from the blob endpoint in "
+            "APP_AZURE_CONNECTION_STRING (it accepted the connection but did not "
+            "answer): check that endpoint and the network path to it"
+        )
     else:
-        reason = (f"no answer within {seconds:.0f} s from {settings.azure_account_url} (it "
-                  "accepted the connection but did not answer): check APP_AZURE_ACCOUNT_URL "
-                  "and the network path to it (private endpoint, firewall, DNS, proxy)")
+        reason = (
+            f"no answer within {seconds:.0f} s from {settings.azure_account_url} (it "
+            "accepted the connection but did not answer): check APP_AZURE_ACCOUNT_URL "
+            "and the network path to it (private endpoint, firewall, DNS, proxy)"
+        )
     return Outcome(method, False, reason)
 
 
@@ -356,8 +371,12 @@ _WHAT_TO_CHECK = {
     CONNECTION_STRING: "check the AccountKey in APP_AZURE_CONNECTION_STRING",
     ACCOUNT_KEY: "check APP_AZURE_ACCOUNT_NAME and APP_AZURE_ACCOUNT_KEY",
 }
-_REJECTED = {"AuthenticationFailed", "AuthorizationFailure", "InvalidAuthenticationInfo",
-             "NoAuthenticationInformation"}
+_REJECTED = {
+    "AuthenticationFailed",
+    "AuthorizationFailure",
+    "InvalidAuthenticationInfo",
+    "NoAuthenticationInformation",
+}
 
 
 def _rejected(exc: BaseException) -> TypeGuard[HttpResponseError]:
@@ -387,8 +406,10 @@ def describe_error(exc: BaseException, method: str | None = None) -> str:
     if isinstance(exc, HttpResponseError) and exc.status_code:
         return f"storage error {_code(exc)}: {_first_line(exc.message)}"
     if isinstance(exc, (ServiceRequestError, ServiceResponseError)):
-        return (f"cannot reach the blob endpoint: {_first_line(str(exc))}; check "
-                "APP_AZURE_ACCOUNT_URL and the network path to it")
+        return (
+            f"cannot reach the blob endpoint: {_first_line(str(exc))}; check "
+            "APP_AZURE_ACCOUNT_URL and the network path to it"
+        )
     return f"{type(exc).__name__}: {_first_line(str(exc))}"
 
 
@@ -514,8 +535,9 @@ class FileRange:
     calling thread, so many blocks of one file go out in parallel from one
     descriptor without a shared position or a lock, nothing is allocated per
     read, and nothing but the chunk being sent is in memory (a fresh bytes
-    object per read leaves more behind in malloc's per-thread arenas). ``read`` returns a view of that buffer, valid until the same
-    thread's next read: the HTTP stack sends each chunk before it asks for
+    object per read leaves more behind in malloc's per-thread arenas).
+    ``read`` returns a view of that buffer, valid until the same thread's
+    next read: the HTTP stack sends each chunk before it asks for
     the next. ``read(size)`` may return up to ``READ_SIZE`` bytes even when
     asked for fewer (urllib3 and http.client send whatever they get).
     Seekable so the SDK's retry policy can rewind it; ``__len__`` gives
@@ -530,10 +552,15 @@ class FileRange:
     keeps beating while it waits for the blocks.
     """
 
-    def __init__(self, fd: int, offset: int, length: int,
-                 on_read: Callable[[], None] | None = None,
-                 bucket: TokenBucket | None = None,
-                 file_calls: FileCalls | None = None) -> None:
+    def __init__(
+        self,
+        fd: int,
+        offset: int,
+        length: int,
+        on_read: Callable[[], None] | None = None,
+        bucket: TokenBucket | None = None,
+        file_calls: FileCalls | None = None,
+    ) -> None:
         self._fd = fd
         self._offset = offset
         self._length = length
@@ -574,7 +601,7 @@ class FileRange:
                 buffer = getattr(_read_buffers, "buffer", None)
                 if buffer is None:
                     buffer = _read_buffers.buffer = memoryview(bytearray(READ_SIZE))
-                data = buffer[:os.preadv(self._fd, [buffer[:want]], self._offset + self._pos)]
+                data = buffer[: os.preadv(self._fd, [buffer[:want]], self._offset + self._pos)]
         if not len(data):
             raise OSError(f"staging file shorter than expected at {self._offset + self._pos}")
         self._pos += len(data)
@@ -642,14 +669,21 @@ class BlockUpload:
     ``file_calls`` instead (see :class:`FileRange`).
     """
 
-    def __init__(self, client: ContainerClient, settings: Settings, blob_name: str, path: str,
-                 pool: ThreadPoolExecutor, progress: Callable[[int, int | None], None],
-                 bucket: TokenBucket | None = None,
-                 on_wait: Callable[[], None] | None = None,
-                 run: Runner = _in_place,
-                 file_calls: FileCalls | None = None,
-                 submit: Callable[[Callable[[], Blocks]], Future[Blocks]] | None = None,
-                 on_listed: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        client: ContainerClient,
+        settings: Settings,
+        blob_name: str,
+        path: str,
+        pool: ThreadPoolExecutor,
+        progress: Callable[[int, int | None], None],
+        bucket: TokenBucket | None = None,
+        on_wait: Callable[[], None] | None = None,
+        run: Runner = _in_place,
+        file_calls: FileCalls | None = None,
+        submit: Callable[[Callable[[], Blocks]], Future[Blocks]] | None = None,
+        on_listed: Callable[[], None] | None = None,
+    ) -> None:
         self.client = client
         self.blob_name = blob_name
         self._blob: BlobClient | None = None
@@ -767,15 +801,19 @@ class BlockUpload:
             self._fd = os.open(self.path, os.O_RDONLY)
         if self.started is None:
             self.started = time.monotonic()
-            self.blob  # made here, before any block thread needs it
+            _ = self.blob  # made here, before any block thread needs it
         self.pending.add(self.pool.submit(self._put, ident, offset, length, md5))
 
     def _put(self, ident: str, offset: int, length: int, md5: bytes) -> None:
         assert self._fd is not None
         body = FileRange(self._fd, offset, length, self._sending, self.bucket, self.file_calls)
         # The SDK reads any file-like object; its stub says IO[bytes].
-        self.blob.stage_block(ident, body, length=length,  # type: ignore[arg-type]
-                              transactional_content_md5=bytearray(md5))
+        self.blob.stage_block(
+            ident,
+            body,  # type: ignore[arg-type]
+            length=length,
+            transactional_content_md5=bytearray(md5),
+        )
         with self._lock:
             self.uploaded += length
             done = self.uploaded
@@ -796,8 +834,9 @@ class BlockUpload:
     def _collect(self, block: bool, timeout: float | None = None) -> None:
         if not self.pending:
             return
-        finished, self.pending = wait(self.pending, timeout=timeout if block else 0,
-                                      return_when=FIRST_COMPLETED)
+        finished, self.pending = wait(
+            self.pending, timeout=timeout if block else 0, return_when=FIRST_COMPLETED
+        )
         for future in finished:
             future.result()  # raises the block's error
 
@@ -811,9 +850,13 @@ class BlockUpload:
             self._collect(block=True, timeout=WAKE_S)
             self.on_wait()
 
-    def commit(self, size: int, md5: bytes | None,
-               metadata: dict[str, str] | None = None,
-               unchanged_since: Version | None = None) -> None:
+    def commit(
+        self,
+        size: int,
+        md5: bytes | None,
+        metadata: dict[str, str] | None = None,
+        unchanged_since: Version | None = None,
+    ) -> None:
         """Wait for every block, then commit them, with the whole file's MD5 if known.
 
         The tier and the metadata go in the commit itself: a blob that exists
@@ -823,11 +866,16 @@ class BlockUpload:
         """
         self.wait_for_blocks(size)
         settings = ContentSettings(content_md5=bytearray(md5)) if md5 is not None else None
-        self.run(lambda: self.blob.commit_block_list(
-            # The SDK takes block IDs as strings too; its stub says list[BlobBlock].
-            self.block_ids,  # type: ignore[arg-type]
-            content_settings=settings, metadata=metadata,
-            standard_blob_tier=self.tier, **_condition(unchanged_since)))
+        self.run(
+            lambda: self.blob.commit_block_list(
+                # The SDK takes block IDs as strings too; its stub says list[BlobBlock].
+                self.block_ids,  # type: ignore[arg-type]
+                content_settings=settings,
+                metadata=metadata,
+                standard_blob_tier=self.tier,
+                **_condition(unchanged_since),
+            )
+        )
 
     def close(self) -> None:
         """Cancel what has not started, wait (beating) for what has, release the file."""
@@ -873,15 +921,23 @@ def _condition(version: Version | None) -> dict[str, Any]:
 def committed_meanwhile(exc: BaseException) -> bool:
     """The conditional commit failed: another upload committed the blob since we looked."""
     error_code = _error_code(exc) if isinstance(exc, HttpResponseError) else None
-    return isinstance(exc, HttpResponseError) and exc.status_code in (409, 412) and \
-        str(getattr(error_code, "value", error_code) or "") in (
-            "ConditionNotMet", "BlobAlreadyExists")
+    return (
+        isinstance(exc, HttpResponseError)
+        and exc.status_code in (409, 412)
+        and str(getattr(error_code, "value", error_code) or "")
+        in ("ConditionNotMet", "BlobAlreadyExists")
+    )
 
 
-def put_whole(client: ContainerClient, blob_name: str, path: str, staged: Staged,
-              tier: StandardBlobTier | None = None,
-              metadata: dict[str, str] | None = None,
-              unchanged_since: Version | None = None) -> None:
+def put_whole(
+    client: ContainerClient,
+    blob_name: str,
+    path: str,
+    staged: Staged,
+    tier: StandardBlobTier | None = None,
+    metadata: dict[str, str] | None = None,
+    unchanged_since: Version | None = None,
+) -> None:
     """One Put Blob request: the file's bytes (kept by staging, else read), MD5-checked,
     with the tier and metadata set in the same request.
 
@@ -897,6 +953,13 @@ def put_whole(client: ContainerClient, blob_name: str, path: str, staged: Staged
             data = stream.read()
     md5 = bytearray(staged.md5)
     client.get_blob_client(blob_name).upload_blob(
-        data, blob_type=BlobType.BLOCKBLOB, length=len(data), overwrite=True,
-        transactional_content_md5=md5, content_settings=ContentSettings(content_md5=md5),
-        standard_blob_tier=tier, metadata=metadata, **_condition(unchanged_since))
+        data,
+        blob_type=BlobType.BLOCKBLOB,
+        length=len(data),
+        overwrite=True,
+        transactional_content_md5=md5,
+        content_settings=ContentSettings(content_md5=md5),
+        standard_blob_tier=tier,
+        metadata=metadata,
+        **_condition(unchanged_since),
+    )

@@ -98,17 +98,30 @@ class Channel:
         except (BrokenPipeError, EOFError, OSError) as exc:
             raise ParentGone() from exc
 
-    def beat(self, state: str, file: str | None = None, done: int = 0, total: int = 0,
-             force: bool = False) -> None:
+    def beat(
+        self,
+        state: str,
+        file: str | None = None,
+        done: int = 0,
+        total: int = 0,
+        force: bool = False,
+    ) -> None:
         """Report liveness, at most every ``BEAT_INTERVAL_S`` unless ``force``."""
         now = time.monotonic()
         self._last = (state, file, done, total)
         if not force and now - self._last_beat < BEAT_INTERVAL_S:
             return
         self._last_beat = now
-        self.send(Beat(state=state, file=file, bytes_done=done, bytes_total=total,
-                       waiting=self._waiting,
-                       syscall_age=round(self.file_calls.oldest_age(now), 3)))
+        self.send(
+            Beat(
+                state=state,
+                file=file,
+                bytes_done=done,
+                bytes_total=total,
+                waiting=self._waiting,
+                syscall_age=round(self.file_calls.oldest_age(now), 3),
+            )
+        )
         if self._handlers:
             with self._lock:
                 self._pump()

@@ -3,8 +3,9 @@
 Exit codes: 0 after a clean shutdown, 1 for an unexpected error, 2 for a
 configuration error (including an HTTP port that cannot be bound), 3 when no
 Azure credential works. Every exit is bounded in time, even with children
-stuck on a frozen mount (see :func:`ingestd.server.serve`). Kubernetes shows the last log line of a crashed pod,
-so each failure ends with one line that says what to fix.
+stuck on a frozen mount (see :func:`ingestd.server.serve`). Kubernetes shows
+the last log line of a crashed pod, so each failure ends with one line that
+says what to fix.
 """
 
 from __future__ import annotations
@@ -33,13 +34,20 @@ def main() -> int:
         log.critical("cannot start: %s", exc)
         return EXIT_CONFIG
     logs.configure(settings.log_format, settings.log_level, "api", settings.secrets())
-    log.info("ingestd %s starting; incoming %s, staging %s, %d uploaders", __version__,
-             settings.nfs_incoming_dir, settings.local_staging_root, settings.worker_concurrency)
+    log.info(
+        "ingestd %s starting; incoming %s, staging %s, %d uploaders",
+        __version__,
+        settings.nfs_incoming_dir,
+        settings.local_staging_root,
+        settings.worker_concurrency,
+    )
     from ingestd import md5pair
 
     if settings.azure_put_md5 and not md5pair.ACCELERATED:
-        log.warning("the MD5 accelerator (ingestd._md5pair) is not built: hashing with "
-                    "hashlib, which costs more CPU (see bench/RESULTS.md)")
+        log.warning(
+            "the MD5 accelerator (ingestd._md5pair) is not built: hashing with "
+            "hashlib, which costs more CPU (see bench/RESULTS.md)"
+        )
     # Imported here, not at the top: every spawned child re-imports this
     # module when the service runs as the console script, and only the
     # parent needs the HTTP server (about 75 MiB over the process tree).

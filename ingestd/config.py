@@ -79,9 +79,11 @@ def parse_access_tier(value: object) -> str | None:
     by_lower = {tier.lower(): tier for tier in ACCESS_TIERS}
     tier = by_lower.get(str(value).strip().lower())
     if tier is None:
-        raise ValueError(f"{str(value)!r} is not an access tier: use one of "
-                         f"{', '.join(ACCESS_TIERS)} (any case), or leave it empty "
-                         "for the account's default")
+        raise ValueError(
+            f"{str(value)!r} is not an access tier: use one of "
+            f"{', '.join(ACCESS_TIERS)} (any case), or leave it empty "
+            "for the account's default"
+        )
     return tier
 
 
@@ -208,8 +210,9 @@ class Settings(BaseSettings):
             return None
         token = value.get_secret_value()
         if len(token) < MIN_TOKEN_LENGTH:
-            raise ValueError(f"must be at least {MIN_TOKEN_LENGTH} characters "
-                             "(e.g. openssl rand -hex 32)")
+            raise ValueError(
+                f"must be at least {MIN_TOKEN_LENGTH} characters (e.g. openssl rand -hex 32)"
+            )
         if not all("!" <= c <= "~" for c in token):
             raise ValueError("must be printable ASCII without spaces")
         return value
@@ -219,8 +222,10 @@ class Settings(BaseSettings):
     def _check_replica_id(cls, value: str) -> str:
         """It names files on the share and is split from a token at its last ``~``."""
         if value and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}", value):
-            raise ValueError("use letters, digits, '.', '_' and '-' (a pod name), "
-                             "starting with a letter or digit")
+            raise ValueError(
+                "use letters, digits, '.', '_' and '-' (a pod name), "
+                "starting with a letter or digit"
+            )
         return value
 
     @model_validator(mode="after")
@@ -231,9 +236,11 @@ class Settings(BaseSettings):
         (see the comment at ``lease_timeout_s`` and docs/operations.md).
         """
         if self.lease_timeout_s <= self.child_stall_timeout_s:
-            raise ValueError("APP_LEASE_TIMEOUT_S must be more than APP_CHILD_STALL_TIMEOUT_S:"
-                             " a scanner killed for a stall must be replaced (and renew the "
-                             "lease) before its replica is taken for dead")
+            raise ValueError(
+                "APP_LEASE_TIMEOUT_S must be more than APP_CHILD_STALL_TIMEOUT_S:"
+                " a scanner killed for a stall must be replaced (and renew the "
+                "lease) before its replica is taken for dead"
+            )
         return self
 
     @model_validator(mode="after")

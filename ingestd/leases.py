@@ -179,8 +179,10 @@ class Lease:
         """Write a new content (any change is a sign of life); refuse if we were buried."""
         heir = holder(self.heir)
         if heir is not None:
-            raise LeaseLost(f"replica {heir!r} took over this replica's files "
-                            f"(its lease {self.token} had expired)")
+            raise LeaseLost(
+                f"replica {heir!r} took over this replica's files "
+                f"(its lease {self.token} had expired)"
+            )
         self.renewals += 1
         self.folder.mkdir(parents=True, exist_ok=True)
         self.path.write_text(f"{self.renewals} {time.time():.3f} {os.getpid()}\n")
@@ -208,10 +210,10 @@ def read_registry(processing_root: Path) -> Registry:
     except FileNotFoundError:
         return registry
     for name in names:
-        if name.endswith(HEIR) and is_token(name[:-len(HEIR)]):
+        if name.endswith(HEIR) and is_token(name[: -len(HEIR)]):
             heir = holder(folder / name)
             if heir is not None:
-                registry.heirs[name[:-len(HEIR)]] = heir
+                registry.heirs[name[: -len(HEIR)]] = heir
         elif is_token(name):
             try:
                 registry.leases[name] = (folder / name).read_text()
@@ -258,8 +260,9 @@ class Observer:
     released lease, or an earlier life of its own replica).
     """
 
-    def __init__(self, me: str, timeout_s: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, me: str, timeout_s: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.me = me
         self.timeout_s = timeout_s
         self.clock = clock
@@ -396,8 +399,7 @@ class Recovery:
         self._bury(registry, heirs, named - {c.holder for c in stale}, result)
         return result
 
-    def _settle(self, claim: Claim, start: bool, heirs: dict[str, str],
-                result: PassResult) -> None:
+    def _settle(self, claim: Claim, start: bool, heirs: dict[str, str], result: PassResult) -> None:
         link = claim.link(self.root)
         if claim.holder is None:
             if take(link, self.me):  # ownerless: whoever links it first
@@ -423,8 +425,9 @@ class Recovery:
             owner = resolve(token, heirs)
         return owner
 
-    def _bury(self, registry: Registry, heirs: dict[str, str], still_named: set[str],
-              result: PassResult) -> None:
+    def _bury(
+        self, registry: Registry, heirs: dict[str, str], still_named: set[str], result: PassResult
+    ) -> None:
         """Remove the leases and heir links of dead owners that no file names any more.
 
         Pods get new names at every rollout; without this, ``.leases``
@@ -435,8 +438,12 @@ class Recovery:
         """
         folder = self.root / LEASES
         for token in registry.leases:
-            if token != self.me and token not in still_named and token not in heirs \
-                    and self.observer.expired(token):
+            if (
+                token != self.me
+                and token not in still_named
+                and token not in heirs
+                and self.observer.expired(token)
+            ):
                 heirs[token] = inherit(self.root, token, self.me)
         for token, heir in heirs.items():
             if token in still_named or token == self.me or resolve(token, heirs) != self.me:

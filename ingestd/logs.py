@@ -64,9 +64,10 @@ class SecretRedactor(logging.Filter):
         return True
 
 
-_CONTROLS = {i: f"\\x{i:02x}" for i in [*range(0x20), *range(0x7f, 0xa0)]}
-_CONTROLS.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t",
-                  0x2028: "\\u2028", 0x2029: "\\u2029"})
+_CONTROLS = {i: f"\\x{i:02x}" for i in [*range(0x20), *range(0x7F, 0xA0)]}
+_CONTROLS.update(
+    {ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+)
 _ESCAPES = {**_CONTROLS, ord("\\"): "\\\\"}
 
 

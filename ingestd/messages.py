@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
 Signature = tuple[int, int, int]
 """What identifies one version of a file: (size, mtime_ns, inode)."""
 

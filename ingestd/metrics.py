@@ -88,33 +88,45 @@ def _counters(view: dict[str, Any]) -> Iterator[Metric]:
     stats = view["stats"]
     yield _counter("ingestd_files_uploaded", "Files uploaded and cleaned up.", stats.processed_ok)
     yield _counter("ingestd_bytes_uploaded", "Bytes of files uploaded.", stats.bytes_ok)
-    yield _counter("ingestd_upload_failures", "Failed attempts (the file is retried).",
-                   stats.processed_err - stats.quarantined - sum(stats.gave_up.values()))
-    yield _counter("ingestd_files_quarantined", "Files moved to .failed after too many attempts.",
-                   stats.quarantined)
-    yield _counter("ingestd_files_skipped",
-                   "Files skipped at the claim: another replica took them, "
-                   "or they changed since found stable.",
-                   stats.skipped)
-    yield _counter("ingestd_files_interrupted", "Files whose uploader died or was killed.",
-                   stats.interrupted)
-    yield _counter("ingestd_files_recovered", "Files found in .processing at startup.",
-                   stats.recovered_total)
-    yield _counter("ingestd_scan_errors", "Polls that failed with an NFS error.",
-                   stats.scan_errors)
+    yield _counter(
+        "ingestd_upload_failures",
+        "Failed attempts (the file is retried).",
+        stats.processed_err - stats.quarantined - sum(stats.gave_up.values()),
+    )
+    yield _counter(
+        "ingestd_files_quarantined",
+        "Files moved to .failed after too many attempts.",
+        stats.quarantined,
+    )
+    yield _counter(
+        "ingestd_files_skipped",
+        "Files skipped at the claim: another replica took them, "
+        "or they changed since found stable.",
+        stats.skipped,
+    )
+    yield _counter(
+        "ingestd_files_interrupted", "Files whose uploader died or was killed.", stats.interrupted
+    )
+    yield _counter(
+        "ingestd_files_recovered", "Files found in .processing at startup.", stats.recovered_total
+    )
+    yield _counter("ingestd_scan_errors", "Polls that failed with an NFS error.", stats.scan_errors)
     yield _counter("ingestd_scans", "Polls of the incoming folder.", stats.scans)
     gave_up = CounterMetricFamily(
         "ingestd_files_given_up",
         "Files with no more tries in this run, by the step that kept failing (claim: "
         "stays in incoming; cleanup, quarantine: stays in .processing).",
-        labels=["stage"])
+        labels=["stage"],
+    )
     for stage in ("claim", "cleanup", "quarantine"):
         gave_up.add_metric([stage], stats.gave_up.get(stage, 0))
     yield gave_up
-    restarts = CounterMetricFamily("ingestd_child_restarts", "Children replaced, by role.",
-                                   labels=["role"])
-    kills = CounterMetricFamily("ingestd_child_kills", "Children killed for a stale heartbeat.",
-                                labels=["role"])
+    restarts = CounterMetricFamily(
+        "ingestd_child_restarts", "Children replaced, by role.", labels=["role"]
+    )
+    kills = CounterMetricFamily(
+        "ingestd_child_kills", "Children killed for a stale heartbeat.", labels=["role"]
+    )
     for role in ("scanner", "uploader"):
         restarts.add_metric([role], stats.restarts.get(role, 0))
         kills.add_metric([role], stats.kills.get(role, 0))
@@ -124,75 +136,113 @@ def _counters(view: dict[str, Any]) -> Iterator[Metric]:
 
 def _gauges(view: dict[str, Any]) -> Iterator[Metric]:
     stats = view["stats"]
-    yield GaugeMetricFamily("ingestd_files_in_flight", "Files being uploaded now.",
-                            value=view["in_flight"])
-    yield GaugeMetricFamily("ingestd_files_queued", "Files waiting for an uploader.",
-                            value=view["queued"])
-    yield GaugeMetricFamily("ingestd_scan_files_seen", "Candidate files seen by the last poll.",
-                            value=stats.last_scan_seen)
-    yield GaugeMetricFamily("ingestd_backlog_files",
-                            "Stable files waiting in incoming at the last poll (0 while "
-                            "not watching). Every replica sees the same folder: "
-                            "aggregate with max(), not sum().",
-                            value=stats.backlog_files)
-    yield GaugeMetricFamily("ingestd_backlog_bytes",
-                            "Bytes of the stable files waiting in incoming at the last poll.",
-                            value=stats.backlog_bytes)
-    yield GaugeMetricFamily("ingestd_watch_enabled", "1 while a session is scanning.",
-                            value=1 if view["enabled"] else 0)
-    yield GaugeMetricFamily("ingestd_last_success_timestamp_seconds",
-                            "Unix time of the last successful upload (0: none yet).",
-                            value=stats.last_success_at or 0)
-    yield GaugeMetricFamily("ingestd_healthy", "1 when /healthz would answer 200.",
-                            value=1 if view["healthy"] else 0)
-    yield GaugeMetricFamily("ingestd_folders_usable",
-                            "0 while the startup check finds the folders unusable (incoming, "
-                            ".processing and .failed on different filesystems, or staging "
-                            "not writable): no file is claimed then.",
-                            value=0 if view["setup_problems"] else 1)
-    yield GaugeMetricFamily("ingestd_upload_rate_cap_bytes_per_second",
-                            "The pod's upload rate cap now (0: no cap).",
-                            value=view["rate_cap"])
+    yield GaugeMetricFamily(
+        "ingestd_files_in_flight", "Files being uploaded now.", value=view["in_flight"]
+    )
+    yield GaugeMetricFamily(
+        "ingestd_files_queued", "Files waiting for an uploader.", value=view["queued"]
+    )
+    yield GaugeMetricFamily(
+        "ingestd_scan_files_seen",
+        "Candidate files seen by the last poll.",
+        value=stats.last_scan_seen,
+    )
+    yield GaugeMetricFamily(
+        "ingestd_backlog_files",
+        "Stable files waiting in incoming at the last poll (0 while "
+        "not watching). Every replica sees the same folder: "
+        "aggregate with max(), not sum().",
+        value=stats.backlog_files,
+    )
+    yield GaugeMetricFamily(
+        "ingestd_backlog_bytes",
+        "Bytes of the stable files waiting in incoming at the last poll.",
+        value=stats.backlog_bytes,
+    )
+    yield GaugeMetricFamily(
+        "ingestd_watch_enabled", "1 while a session is scanning.", value=1 if view["enabled"] else 0
+    )
+    yield GaugeMetricFamily(
+        "ingestd_last_success_timestamp_seconds",
+        "Unix time of the last successful upload (0: none yet).",
+        value=stats.last_success_at or 0,
+    )
+    yield GaugeMetricFamily(
+        "ingestd_healthy", "1 when /healthz would answer 200.", value=1 if view["healthy"] else 0
+    )
+    yield GaugeMetricFamily(
+        "ingestd_folders_usable",
+        "0 while the startup check finds the folders unusable (incoming, "
+        ".processing and .failed on different filesystems, or staging "
+        "not writable): no file is claimed then.",
+        value=0 if view["setup_problems"] else 1,
+    )
+    yield GaugeMetricFamily(
+        "ingestd_upload_rate_cap_bytes_per_second",
+        "The pod's upload rate cap now (0: no cap).",
+        value=view["rate_cap"],
+    )
     storage = view["storage"]
-    yield GaugeMetricFamily("ingestd_storage_reachable",
-                            "0 while the blob endpoint does not answer (refused, timing out, "
-                            "5xx, throttled); 1 otherwise. Liveness stays green meanwhile.",
-                            value=1 if storage["reachable"] else 0)
-    yield GaugeMetricFamily("ingestd_storage_auth_failing",
-                            "1 while storage rejects the credential (401/403, or no token); "
-                            "the service exits with code 3 after APP_AUTH_FAILURE_EXIT_S.",
-                            value=1 if storage["state"] == "auth_failing" else 0)
-    yield GaugeMetricFamily("ingestd_storage_problem_seconds",
-                            "Seconds the current storage problem has lasted (0: none).",
-                            value=storage["for_s"] or 0)
+    yield GaugeMetricFamily(
+        "ingestd_storage_reachable",
+        "0 while the blob endpoint does not answer (refused, timing out, "
+        "5xx, throttled); 1 otherwise. Liveness stays green meanwhile.",
+        value=1 if storage["reachable"] else 0,
+    )
+    yield GaugeMetricFamily(
+        "ingestd_storage_auth_failing",
+        "1 while storage rejects the credential (401/403, or no token); "
+        "the service exits with code 3 after APP_AUTH_FAILURE_EXIT_S.",
+        value=1 if storage["state"] == "auth_failing" else 0,
+    )
+    yield GaugeMetricFamily(
+        "ingestd_storage_problem_seconds",
+        "Seconds the current storage problem has lasted (0: none).",
+        value=storage["for_s"] or 0,
+    )
     staging = view["staging"]
-    yield GaugeMetricFamily("ingestd_staging_budget_bytes",
-                            "Staging bytes all uploaders share (APP_STAGING_BUDGET, else the "
-                            "staging filesystem's size; 0: not known, no budget kept).",
-                            value=staging["budget_bytes"])
-    yield GaugeMetricFamily("ingestd_staging_reserved_bytes",
-                            "Staging bytes reserved by files in flight (whole files, or "
-                            "windows).", value=staging["reserved_bytes"])
-    yield GaugeMetricFamily("ingestd_files_windowed_in_flight",
-                            "Files in flight staged through a window (too large to stage "
-                            "whole).", value=len(staging["windowed_in_flight"]))
-    yield GaugeMetricFamily("ingestd_files_waiting_for_staging",
-                            "1 while a file waits for its staging reservation to fit.",
-                            value=1 if staging["waiting_for_space"] else 0)
-    yield _counter("ingestd_files_windowed", "Files uploaded through a staging window.",
-                   staging["windowed_total"])
+    yield GaugeMetricFamily(
+        "ingestd_staging_budget_bytes",
+        "Staging bytes all uploaders share (APP_STAGING_BUDGET, else the "
+        "staging filesystem's size; 0: not known, no budget kept).",
+        value=staging["budget_bytes"],
+    )
+    yield GaugeMetricFamily(
+        "ingestd_staging_reserved_bytes",
+        "Staging bytes reserved by files in flight (whole files, or windows).",
+        value=staging["reserved_bytes"],
+    )
+    yield GaugeMetricFamily(
+        "ingestd_files_windowed_in_flight",
+        "Files in flight staged through a window (too large to stage whole).",
+        value=len(staging["windowed_in_flight"]),
+    )
+    yield GaugeMetricFamily(
+        "ingestd_files_waiting_for_staging",
+        "1 while a file waits for its staging reservation to fit.",
+        value=1 if staging["waiting_for_space"] else 0,
+    )
+    yield _counter(
+        "ingestd_files_windowed",
+        "Files uploaded through a staging window.",
+        staging["windowed_total"],
+    )
 
 
 def _children(view: dict[str, Any]) -> Iterator[Metric]:
-    stuck = GaugeMetricFamily("ingestd_stuck_children",
-                              "Killed children the kernel has not released, by role.",
-                              labels=["role"])
+    stuck = GaugeMetricFamily(
+        "ingestd_stuck_children",
+        "Killed children the kernel has not released, by role.",
+        labels=["role"],
+    )
     for role in ("scanner", "uploader"):
         stuck.add_metric([role], view["stuck"].get(role, 0))
     yield stuck
-    age = GaugeMetricFamily("ingestd_child_heartbeat_age_seconds",
-                            "Seconds since each child slot last reported.",
-                            labels=["child", "role"])
+    age = GaugeMetricFamily(
+        "ingestd_child_heartbeat_age_seconds",
+        "Seconds since each child slot last reported.",
+        labels=["child", "role"],
+    )
     for child, role, seconds in view["heartbeats"]:
         age.add_metric([child, role], seconds)
     yield age

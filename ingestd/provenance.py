@@ -48,12 +48,13 @@ def host_name() -> str:
 def format_mtime(mtime_ns: int) -> str:
     """RFC 3339 UTC with all nine digits: exact, and readable without a converter."""
     seconds, nanos = divmod(mtime_ns, 1_000_000_000)
-    stamp = dt.datetime.fromtimestamp(seconds, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    stamp = dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
     return f"{stamp}.{nanos:09d}Z"
 
 
-def blob_metadata(job: Job, size: int, mtime_ns: int | None, md5: bytes | None,
-                  host: str) -> dict[str, str]:
+def blob_metadata(
+    job: Job, size: int, mtime_ns: int | None, md5: bytes | None, host: str
+) -> dict[str, str]:
     """The metadata for ``job``'s blob.
 
     ``job.session`` is already the percent-encoded session (the blob's folder),

@@ -36,9 +36,13 @@ at most one beat per 0.25 s anyway)."""
 class TokenBucket:
     """Bytes per second for every thread of one process; 0 means no limit."""
 
-    def __init__(self, rate: float = 0.0, burst_s: float = BURST_S,
-                 clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(
+        self,
+        rate: float = 0.0,
+        burst_s: float = BURST_S,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self._lock = threading.Lock()
         self._clock = clock
         self._sleep = sleep
@@ -73,8 +77,9 @@ class TokenBucket:
             if self._sleep_until(start, generation, on_wait):
                 return
 
-    def _sleep_until(self, start: float, generation: int,
-                     on_wait: Callable[[], None] | None) -> bool:
+    def _sleep_until(
+        self, start: float, generation: int, on_wait: Callable[[], None] | None
+    ) -> bool:
         """Sleep until ``start``; False if the rate changed meanwhile (reserve again)."""
         while True:
             left = start - self._clock()

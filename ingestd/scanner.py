@@ -72,8 +72,9 @@ class Listing:
     seconds: float
 
 
-def list_incoming(incoming: Path, channel: Channel,
-                  known: Callable[[str], Signature | None] | None = None) -> Listing:
+def list_incoming(
+    incoming: Path, channel: Channel, known: Callable[[str], Signature | None] | None = None
+) -> Listing:
     """Regular files directly in ``incoming``; dotfiles, folders and symlinks are skipped.
 
     ``scandir`` gives the file type without a syscall per entry; one
@@ -151,15 +152,23 @@ def recover(recovery: Recovery, channel: Channel, start: bool) -> int:
     """
     result = recovery.run(start, lambda: channel.beat("recovering"))
     for claim in result.ours:
-        channel.send(Recovered(name=claim.name, date=claim.date, session=claim.session,
-                               size=claim.size))
+        channel.send(
+            Recovered(name=claim.name, date=claim.date, session=claim.session, size=claim.size)
+        )
     for holder, count in result.adopted.items():
-        log.warning("took over %d claimed files of %s, taken for dead (no lease "
-                    "renewal seen for %.0f s, or an earlier life of this replica)",
-                    count, holder, recovery.observer.silent_for(holder))
+        log.warning(
+            "took over %d claimed files of %s, taken for dead (no lease "
+            "renewal seen for %.0f s, or an earlier life of this replica)",
+            count,
+            holder,
+            recovery.observer.silent_for(holder),
+        )
     if result.ownerless:
-        log.info("took %d claimed files that had no owner (claimed before leases, or "
-                 "moved back by hand)", result.ownerless)
+        log.info(
+            "took %d claimed files that had no owner (claimed before leases, or "
+            "moved back by hand)",
+            result.ownerless,
+        )
     return len(result.ours)
 
 
@@ -184,10 +193,14 @@ def check_setup(settings: Settings) -> list[str]:
     devices = {name: os.stat(folder).st_dev for name, folder in folders.items()}
     problems = []
     if len(set(devices.values())) > 1:
-        where = ", ".join(f"{name}={folders[name]} (device {os.major(dev)}:{os.minor(dev)})"
-                          for name, dev in devices.items())
-        problems.append("incoming, .processing and .failed must be on one filesystem, "
-                        f"since a claim is a rename; they are not: {where}")
+        where = ", ".join(
+            f"{name}={folders[name]} (device {os.major(dev)}:{os.minor(dev)})"
+            for name, dev in devices.items()
+        )
+        problems.append(
+            "incoming, .processing and .failed must be on one filesystem, "
+            f"since a claim is a rename; they are not: {where}"
+        )
     problem = _staging_problem(settings.local_staging_root)
     if problem:
         problems.append(problem)
@@ -310,8 +323,9 @@ class Scanner:
         while True:
             self.channel.beat("checking", force=True)
             problems = self._retrying("folder check", lambda: check_setup(self.settings))
-            self.channel.send(SetupProblem(tuple(problems),
-                                           staging_size(self.settings.local_staging_root)))
+            self.channel.send(
+                SetupProblem(tuple(problems), staging_size(self.settings.local_staging_root))
+            )
             if not problems:
                 return
             if problems != reported:
@@ -360,8 +374,9 @@ class Scanner:
         offers, self.offered = choose_offers(stable, listing.files, self.offered, self.polls)
         for start in range(0, len(offers), BATCH):
             self.channel.send(Stable(files=tuple(offers[start : start + BATCH])))
-        self.channel.send(ScanDone(seen=len(listing.files), stable=len(stable),
-                                   seconds=listing.seconds))
+        self.channel.send(
+            ScanDone(seen=len(listing.files), stable=len(stable), seconds=listing.seconds)
+        )
         self.channel.send(Backlog(files=len(stable), bytes=sum(item[1] for item in stable)))
         self.channel.beat("idle", force=True)
 
@@ -394,11 +409,16 @@ class Scanner:
                 self.backoff_s = 0.0
                 return result
             except OSError as exc:
-                self.backoff_s = min(MAX_BACKOFF_S, max(self.settings.poll_interval_s,
-                                                        self.backoff_s * 2))
+                self.backoff_s = min(
+                    MAX_BACKOFF_S, max(self.settings.poll_interval_s, self.backoff_s * 2)
+                )
                 reason = f"{what} failed: {_describe(exc)}"
-                log.warning("%s; retrying in %.1f s", reason, self.backoff_s,
-                            extra={"file": getattr(exc, "filename", None)})
+                log.warning(
+                    "%s; retrying in %.1f s",
+                    reason,
+                    self.backoff_s,
+                    extra={"file": getattr(exc, "filename", None)},
+                )
                 self.channel.send(ScanError(error=reason, backoff_s=self.backoff_s))
                 self._sleep(self.backoff_s)
 
@@ -426,8 +446,10 @@ class Scanner:
                 self.lease_lost = True  # nothing more to renew: we are stopping
                 log.info("lease released: other replicas may take what is left at once")
             except OSError as exc:
-                log.warning("could not release the lease (%s); others take what is left "
-                            "once it expires", _describe(exc))
+                log.warning(
+                    "could not release the lease (%s); others take what is left once it expires",
+                    _describe(exc),
+                )
 
 
 def _describe(exc: OSError) -> str:

@@ -67,8 +67,8 @@ def generated_name() -> str:
 
 def date_prefix(now: dt.datetime | None = None) -> str:
     """Today's UTC date as ``YYYYMMDD``."""
-    now = now or dt.datetime.now(dt.timezone.utc)
-    return now.astimezone(dt.timezone.utc).strftime("%Y%m%d")
+    now = now or dt.datetime.now(dt.UTC)
+    return now.astimezone(dt.UTC).strftime("%Y%m%d")
 
 
 def new_session(name: str | None, now: dt.datetime | None = None) -> Session:

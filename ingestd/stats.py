@@ -182,8 +182,16 @@ class Stats:
         each such session would unbound the view again.
         """
         keys = [*self.sessions, *(k for k in in_flight if k not in self.sessions)]
-        kept = [{**asdict(self.sessions.get(key) or SessionCounters(*key)),
-                 "queued": queued[key], "in_flight": in_flight[key]} for key in keys]
-        older = {**asdict(self.older),
-                 "queued": sum(n for key, n in queued.items() if key not in keys)}
+        kept = [
+            {
+                **asdict(self.sessions.get(key) or SessionCounters(*key)),
+                "queued": queued[key],
+                "in_flight": in_flight[key],
+            }
+            for key in keys
+        ]
+        older = {
+            **asdict(self.older),
+            "queued": sum(n for key, n in queued.items() if key not in keys),
+        }
         return kept, older

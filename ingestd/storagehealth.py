@@ -59,8 +59,12 @@ class StorageHealth:
     def ok(self, mono: float, wall: float) -> None:
         """A request worked: the endpoint answers and accepts the credential."""
         if self.state != OK and self.since_mono is not None:
-            log.info("blob storage works again after %.0f s (%s; %d failed attempts)",
-                     mono - self.since_mono, self.state.replace("_", " "), self.failures)
+            log.info(
+                "blob storage works again after %.0f s (%s; %d failed attempts)",
+                mono - self.since_mono,
+                self.state.replace("_", " "),
+                self.failures,
+            )
         self.state, self.reason, self.error, self.failures = OK, "", "", 0
         self.since = self.since_mono = self.auth_since_mono = None
         self.last_ok = wall
@@ -80,7 +84,8 @@ class StorageHealth:
             "for_s": round(mono - self.since_mono, 1) if self.since_mono is not None else None,
             "failed_attempts": self.failures,
             "auth_exit_in_s": round(max(0.0, auth_exit_s - failing_for), 1)
-            if self.auth_since_mono is not None else None,
+            if self.auth_since_mono is not None
+            else None,
             "last_ok": _iso(self.last_ok),
         }
 
@@ -88,4 +93,4 @@ class StorageHealth:
 def _iso(wall: float | None) -> str | None:
     if wall is None:
         return None
-    return dt.datetime.fromtimestamp(wall, dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.fromtimestamp(wall, dt.UTC).isoformat(timespec="seconds")

@@ -261,8 +261,11 @@ class Supervisor:
         share = self._rate_share()
         for slot in self.slots[1:]:
             child = slot.child
-            if child is None or slot.rate_sent == share or \
-                    slot.beat_age(now) > RATE_SEND_MAX_BEAT_AGE_S:
+            if (
+                child is None
+                or slot.rate_sent == share
+                or slot.beat_age(now) > RATE_SEND_MAX_BEAT_AGE_S
+            ):
                 continue
             if child.send(RateLimit(share)):
                 slot.rate_sent = share
@@ -318,8 +321,10 @@ class Supervisor:
         slot.last_beat = now
         if slot.first_beat is None:
             slot.first_beat = now
-        if slot.stalled_since is not None and \
-                now - slot.first_beat >= self.settings.child_stall_timeout_s:
+        if (
+            slot.stalled_since is not None
+            and now - slot.first_beat >= self.settings.child_stall_timeout_s
+        ):
             slot.stalled_since = None  # this child kept beating for a whole stall period
         if isinstance(message, Beat):
             slot.state, slot.file = message.state, message.file
@@ -361,8 +366,13 @@ class Supervisor:
         if not self.enabled or self.session is None or self.draining:
             return  # found after a stop: it stays in incoming for the next session
         for name, size, mtime in message.files:
-            job = Job(name=name, date=self.session.date, session=self.session.encoded,
-                      seen=(size, mtime), size=size)
+            job = Job(
+                name=name,
+                date=self.session.date,
+                session=self.session.encoded,
+                seen=(size, mtime),
+                size=size,
+            )
             if job.key in self.unclaimable:
                 if self.unclaimable[job.key] == job.seen:
                     continue  # given up on this version; a changed file is tried afresh
@@ -392,12 +402,18 @@ class Supervisor:
     def _on_recovered(self, message: Recovered) -> None:
         if self.draining:
             return  # ours now; the lease released at the end hands it on at once
-        job = Job(name=message.name, date=message.date, session=message.session,
-                  claimed=True, size=message.size)
+        job = Job(
+            name=message.name,
+            date=message.date,
+            session=message.session,
+            claimed=True,
+            size=message.size,
+        )
         self.queue.add_recovered(job)
 
-    def _on_result(self, slot: Slot, message: Done | Failed | Gone | Quarantined | GaveUp,
-                   now: float) -> None:
+    def _on_result(
+        self, slot: Slot, message: Done | Failed | Gone | Quarantined | GaveUp, now: float
+    ) -> None:
         job = message.job
         slot.job, slot.file, slot.state = None, None, "idle"
         counters = self.stats.session(job.date, job.session)
@@ -440,7 +456,8 @@ class Supervisor:
         self.exit_line = (
             f"cannot continue: blob storage has rejected the {self.auth_method} for "
             f"{failing_for:.0f} s (APP_AUTH_FAILURE_EXIT_S={self.settings.auth_failure_exit_s:g}):"
-            f" {self.storage.error}; stopped taking work, exiting with code {EXIT_AUTH}")
+            f" {self.storage.error}; stopped taking work, exiting with code {EXIT_AUTH}"
+        )
         log.critical(self.exit_line)
         self.begin_drain()
 
@@ -456,9 +473,17 @@ class Supervisor:
         if message.stage == "claim":
             self.unclaimable[job.key] = job.seen
         self.stats.on_gave_up(counters, message.stage, f"{job.blob_name}: {message.error}")
-        self.gave_up.append({"file": job.name, "date": job.date, "session": job.session,
-                             "stage": message.stage, "error": message.error,
-                             "stays_at": message.path, "at": time.time()})
+        self.gave_up.append(
+            {
+                "file": job.name,
+                "date": job.date,
+                "session": job.session,
+                "stage": message.stage,
+                "error": message.error,
+                "stays_at": message.path,
+                "at": time.time(),
+            }
+        )
 
     def _retry_at(self, failed: Failed, now: float) -> float:
         """Back off per file for its own failures, globally for outages.
@@ -468,10 +493,10 @@ class Supervisor:
         Failed cleanups and moves to ``.failed`` back off per file as well.
         """
         if failed.counted:
-            delay = max(self.settings.min_file_age_s, 2.0 ** failed.job.attempts)
+            delay = max(self.settings.min_file_age_s, 2.0**failed.job.attempts)
             return now + min(MAX_RETRY_DELAY_S, delay)
         if failed.stage in ("cleanup", "quarantine"):
-            return now + min(MAX_RETRY_DELAY_S, 2.0 ** failed.job.tries)
+            return now + min(MAX_RETRY_DELAY_S, 2.0**failed.job.tries)
         return self.outage.retry_at(now)
 
     # Children
@@ -484,11 +509,14 @@ class Supervisor:
             self._first_scanner = False
             self._scan_sent = None
         else:
-            target, args = uploader.main, (self.settings, self.auth_method, slot.role,
-                                           self.owner)
+            target, args = uploader.main, (self.settings, self.auth_method, slot.role, self.owner)
         slot.child = ChildProcess(slot.role, target, args)
-        slot.state, slot.file, slot.last_beat, slot.held_back = "starting", None, \
-            time.monotonic(), None
+        slot.state, slot.file, slot.last_beat, slot.held_back = (
+            "starting",
+            None,
+            time.monotonic(),
+            None,
+        )
         slot.first_beat = None
         slot.rate_sent = None
         slot.waiting, slot.syscall_since = "", None
@@ -503,26 +531,31 @@ class Supervisor:
                 self._on_exit(slot, child, now)
             elif slot.beat_age(now) > self.settings.child_stall_timeout_s:
                 self._on_stall(slot, child, now)
-            elif slot.syscall_since is not None and \
-                    now - slot.syscall_since > self.settings.child_stall_timeout_s:
+            elif (
+                slot.syscall_since is not None
+                and now - slot.syscall_since > self.settings.child_stall_timeout_s
+            ):
                 self._on_stall(slot, child, now, in_syscall=True)
 
     def _on_exit(self, slot: Slot, child: ChildProcess, now: float) -> None:
         lived, code = now - child.started, child.exitcode
-        log.warning("%s (pid %d) exited with code %s after %.1f s", slot.role, child.pid,
-                    code, lived)
+        log.warning(
+            "%s (pid %d) exited with code %s after %.1f s", slot.role, child.pid, code, lived
+        )
         child.release()
         slot.child = None
         self._take_back_job(slot, now, f"{slot.role} exited with code {code}")
         slot.quick_deaths = slot.quick_deaths + 1 if lived < 10 else 0
-        slot.respawn_at = now + min(MAX_RESPAWN_DELAY_S, 0.5 * 2 ** slot.quick_deaths) \
-            if slot.quick_deaths else now
+        slot.respawn_at = (
+            now + min(MAX_RESPAWN_DELAY_S, 0.5 * 2**slot.quick_deaths) if slot.quick_deaths else now
+        )
         slot.restarts += 1
         self.stats.restarts[self._role_kind(slot)] += 1
         self._maybe_respawn(slot, now)
 
-    def _on_stall(self, slot: Slot, child: ChildProcess, now: float,
-                  in_syscall: bool = False) -> None:
+    def _on_stall(
+        self, slot: Slot, child: ChildProcess, now: float, in_syscall: bool = False
+    ) -> None:
         """SIGKILL a silent child, or one with a thread stuck in a file syscall, and replace it.
 
         The slot stays ``stalled_since`` the killed child's last beat (or the
@@ -536,13 +569,26 @@ class Supervisor:
         if slot.stalled_since is None:
             slot.stalled_since = stalled_at
         if in_syscall:
-            log.error("%s (pid %d) has had a block thread in one staging read for %.0f s "
-                      "while %s%s: killing it", slot.role, child.pid, age, slot.state,
-                      f" {slot.file}" if slot.file else "", extra={"file": slot.file})
+            log.error(
+                "%s (pid %d) has had a block thread in one staging read for %.0f s "
+                "while %s%s: killing it",
+                slot.role,
+                child.pid,
+                age,
+                slot.state,
+                f" {slot.file}" if slot.file else "",
+                extra={"file": slot.file},
+            )
         else:
-            log.error("%s (pid %d) sent no heartbeat for %.0f s while %s%s: killing it",
-                      slot.role, child.pid, age, slot.state,
-                      f" {slot.file}" if slot.file else "", extra={"file": slot.file})
+            log.error(
+                "%s (pid %d) sent no heartbeat for %.0f s while %s%s: killing it",
+                slot.role,
+                child.pid,
+                age,
+                slot.state,
+                f" {slot.file}" if slot.file else "",
+                extra={"file": slot.file},
+            )
         child.kill()
         self.stuck.append(child)
         slot.child = None
@@ -620,8 +666,12 @@ class Supervisor:
                     self.queue.retry(job, now)
                     continue
                 slot.job, slot.job_started = job, now
-                slot.state, slot.file, slot.bytes_done, slot.bytes_total = \
-                    "claiming", job.name, 0, 0
+                slot.state, slot.file, slot.bytes_done, slot.bytes_total = (
+                    "claiming",
+                    job.name,
+                    0,
+                    0,
+                )
                 slot.last_beat = now
         finally:
             for job in later:  # no room in staging now: their turn comes again
@@ -683,8 +733,13 @@ class Supervisor:
             if self.staging_parked is None:
                 self.staging_parked = job
                 free -= _reservation(job)
-                log.info("%s waits for staging space: it needs %d bytes, %d of %d are free",
-                         job.blob_name, _reservation(job), free + _reservation(job), budget)
+                log.info(
+                    "%s waits for staging space: it needs %d bytes, %d of %d are free",
+                    job.blob_name,
+                    _reservation(job),
+                    free + _reservation(job),
+                    budget,
+                )
             else:
                 later.append(job)
         return None
@@ -710,8 +765,12 @@ class Supervisor:
         if busy and now < self.drain_deadline:
             return
         if busy:
-            log.warning("grace period over with %d uploads in flight; they stay in "
-                        ".processing for the next start: %s", len(busy), ", ".join(busy))
+            log.warning(
+                "grace period over with %d uploads in flight; they stay in "
+                ".processing for the next start: %s",
+                len(busy),
+                ", ".join(busy),
+            )
         else:
             log.info("drained: no upload in flight")
             scanner_slot = self.slots[0]
@@ -747,8 +806,10 @@ class Supervisor:
             elif age <= self.settings.liveness_timeout_s:
                 continue
             elif slot.stalled_since is not None:
-                problems.append(f"{slot.role} has made no progress for {age:.0f} s: its "
-                                f"children stall (now {slot.state}) and are killed and replaced")
+                problems.append(
+                    f"{slot.role} has made no progress for {age:.0f} s: its "
+                    f"children stall (now {slot.state}) and are killed and replaced"
+                )
             else:
                 problems.append(f"{slot.role} heartbeat is {age:.0f} s old")
         return (not problems), "; ".join(problems)
@@ -774,8 +835,9 @@ class Supervisor:
                 "queued": len(self.queue) + (self.staging_parked is not None),
                 "staging": self._staging_view(),
                 "stuck": stuck,
-                "heartbeats": [(s.role, self._role_kind(s), round(s.beat_age(now), 3))
-                               for s in self.slots],
+                "heartbeats": [
+                    (s.role, self._role_kind(s), round(s.beat_age(now), 3)) for s in self.slots
+                ],
             }
 
     def status(self) -> dict[str, Any]:
@@ -793,10 +855,13 @@ class Supervisor:
                 "setup_problems": list(self.setup_problems),
                 "gave_up": list(self.gave_up),
                 "staging": self._staging_view(),
-                "queue": {"depth": len(self.queue) + (self.staging_parked is not None),
-                          **self.queue.depth(),
-                          "waiting_for_staging": int(self.staging_parked is not None),
-                          "max": self.queue.max_size, "dropped_full": self.queue.dropped},
+                "queue": {
+                    "depth": len(self.queue) + (self.staging_parked is not None),
+                    **self.queue.depth(),
+                    "waiting_for_staging": int(self.staging_parked is not None),
+                    "max": self.queue.max_size,
+                    "dropped_full": self.queue.dropped,
+                },
                 "in_flight": [self._flight_view(s, now) for s in self.slots[1:] if s.job],
                 "children": [self._child_view(s, now) for s in self.slots],
                 "stuck_children": self.stuck_count(now),
@@ -804,8 +869,11 @@ class Supervisor:
                 "auth_method": self.auth_method,
                 "storage": self.storage.view(now, self.settings.auth_failure_exit_s),
                 "upload_rate_cap": self._rate_view(),
-                "replica": {"id": leases.replica_of(self.owner), "lease": self.owner,
-                            "lease_lost": self.lease_lost},
+                "replica": {
+                    "id": leases.replica_of(self.owner),
+                    "lease": self.owner,
+                    "lease_lost": self.lease_lost,
+                },
                 **self._sessions_view(),
             }
 
@@ -845,7 +913,8 @@ class Supervisor:
             "heartbeat_age_s": round(slot.beat_age(now), 2),
             "waiting_on": slot.waiting or None,
             "file_syscall_age_s": round(now - slot.syscall_since, 2)
-            if slot.syscall_since is not None else None,
+            if slot.syscall_since is not None
+            else None,
             "restarts": slot.restarts,
             "held_back": slot.held_back,
         }
@@ -869,4 +938,3 @@ def _session_view(session: Session | None) -> dict[str, Any] | None:
         "date_prefix": session.date,
         "blob_prefix": session.blob_prefix,
     }
-

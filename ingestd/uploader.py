@@ -105,8 +105,9 @@ class Paths:
             incoming=settings.nfs_incoming_dir / job.name,
             claimed=processing / job.name,
             staged=settings.local_staging_root / job.date / job.session / job.name,
-            staged_record=(settings.local_staging_root / job.date / job.session
-                           / RECORDS_FOLDER / job.name),
+            staged_record=(
+                settings.local_staging_root / job.date / job.session / RECORDS_FOLDER / job.name
+            ),
             attempts=processing / ATTEMPTS_FOLDER / job.name,
             owner=processing / leases.OWNERS / job.name,
             failed=failed / job.name,
@@ -145,8 +146,9 @@ def claim(paths: Paths, job: Job, owner: str) -> bool:
     if job.claimed:
         return os.path.lexists(paths.claimed) and leases.holder(paths.owner) == owner
     if os.path.lexists(paths.claimed):
-        return (job.maybe_claimed or os.path.lexists(paths.incoming)) and \
-            leases.take(paths.owner, owner)
+        return (job.maybe_claimed or os.path.lexists(paths.incoming)) and leases.take(
+            paths.owner, owner
+        )
     if job.seen is not None and _size_mtime(paths.incoming) != job.seen:
         return False
     if not leases.take(paths.owner, owner):
@@ -184,9 +186,9 @@ def _rename_into(source: Path, target: Path) -> bool:
                 if exc.errno == errno.EIO:
                     raise
                 continue  # the folder vanished under us: make it again
-            if os.path.lexists(target):
-                return True  # it happened; the reply was lost
-            return False  # gone (taken away by hand, or by a replica without leases)
+            # At the target: it happened and the reply was lost. Nowhere: taken
+            # away (by hand, or by a replica without leases).
+            return os.path.lexists(target)
     raise FileNotFoundError(errno.ENOENT, "the claim folder keeps disappearing", str(target))
 
 
@@ -211,9 +213,16 @@ class BlockFailed(Exception):
     """A block upload failed while the file was still being staged."""
 
 
-def stage(paths: Paths, channel: Channel, file: str, block_size: int, single_put_size: int,
-          on_block: Callable[[int, int, bytes], None] | None = None,
-          whole_md5: bool = True, window: StagingWindow | None = None) -> Staged:
+def stage(
+    paths: Paths,
+    channel: Channel,
+    file: str,
+    block_size: int,
+    single_put_size: int,
+    on_block: Callable[[int, int, bytes], None] | None = None,
+    whole_md5: bool = True,
+    window: StagingWindow | None = None,
+) -> Staged:
     """Copy the claimed file to staging, hashing it in the same pass; fsync both.
 
     The one read of the NFS file yields everything the upload needs: one
@@ -251,8 +260,7 @@ def stage(paths: Paths, channel: Channel, file: str, block_size: int, single_put
                 raise BlockFailed(exc) from exc
 
     try:
-        with open(paths.claimed, "rb", buffering=0) as src, \
-                _create_staged(paths.staged) as dst:
+        with open(paths.claimed, "rb", buffering=0) as src, _create_staged(paths.staged) as dst:
             opened = os.fstat(src.fileno())
             total = opened.st_size
             staged_ino = os.fstat(dst.fileno()).st_ino
@@ -262,8 +270,14 @@ def stage(paths: Paths, channel: Channel, file: str, block_size: int, single_put
                 _write_all(dst, memoryview(data))
                 _fsync_staged(dst)
                 _fsync_folder(paths.staged.parent)
-                return Staged(len(data), hashlib.md5(data).digest(), (), data,
-                              _read_version(opened, len(data)), staged_ino)
+                return Staged(
+                    len(data),
+                    hashlib.md5(data).digest(),
+                    (),
+                    data,
+                    _read_version(opened, len(data)),
+                    staged_ino,
+                )
             # Both MD5s of each byte (its block's, the whole file's) in one pass.
             hashes = md5pair.pair(block_size) if whole_md5 else md5pair.BlockOnly()
             buffer = bytearray(COPY_CHUNK)
@@ -276,7 +290,7 @@ def stage(paths: Paths, channel: Channel, file: str, block_size: int, single_put
                 start = 0
                 while start < count:  # a chunk may end a block and start the next
                     take = min(block_start + block_size - done, count - start)
-                    hashes.update(chunk[start:start + take] if take < count else chunk)
+                    hashes.update(chunk[start : start + take] if take < count else chunk)
                     start += take
                     done += take
                     if done - block_start == block_size:
@@ -290,8 +304,9 @@ def stage(paths: Paths, channel: Channel, file: str, block_size: int, single_put
     except BaseException:
         paths.staged.unlink(missing_ok=True)
         raise
-    return Staged(done, hashes.digest(), tuple(block_md5s), None,
-                  _read_version(opened, done), staged_ino)
+    return Staged(
+        done, hashes.digest(), tuple(block_md5s), None, _read_version(opened, done), staged_ino
+    )
 
 
 def _make_room(window: StagingWindow, dst: BinaryIO, count: int) -> None:
@@ -437,8 +452,13 @@ class Changed(Exception):
     """The claimed file is not the version that was uploaded: it must not be deleted."""
 
 
-def cleanup(paths: Paths, uploaded: Signature, staged_ino: int | None,
-            roots: tuple[Path, Path], owner: str = "") -> None:
+def cleanup(
+    paths: Paths,
+    uploaded: Signature,
+    staged_ino: int | None,
+    roots: tuple[Path, Path],
+    owner: str = "",
+) -> None:
     """Delete the NFS copy, only if it is still the version uploaded; then the staging copy.
 
     A writer that kept its descriptor open across the claim may have
@@ -449,8 +469,10 @@ def cleanup(paths: Paths, uploaded: Signature, staged_ino: int | None,
     """
     now = signature(paths.claimed)
     if now is not None and now != uploaded:
-        raise Changed(f"it changed while it was uploaded (size, mtime, inode {uploaded} "
-                      f"-> {now}): kept, to be uploaded again")
+        raise Changed(
+            f"it changed while it was uploaded (size, mtime, inode {uploaded} "
+            f"-> {now}): kept, to be uploaded again"
+        )
     if now is not None:
         try:
             paths.claimed.unlink()
@@ -481,10 +503,14 @@ def write_record(paths: Paths, staged: Staged, block_size: int) -> None:
     Written only after the copy and its folder are fsynced, by rename, then
     fsynced itself: a record on disk always describes a complete copy.
     """
-    record = {"size": staged.size, "block_size": block_size,
-              "md5": staged.md5.hex() if staged.md5 is not None else None,
-              "blocks": [digest.hex() for digest in staged.block_md5s],
-              "source": list(staged.source), "staged_ino": staged.staged_ino}
+    record = {
+        "size": staged.size,
+        "block_size": block_size,
+        "md5": staged.md5.hex() if staged.md5 is not None else None,
+        "blocks": [digest.hex() for digest in staged.block_md5s],
+        "source": list(staged.source),
+        "staged_ino": staged.staged_ino,
+    }
     folder = paths.staged_record.parent
     folder.mkdir(parents=True, exist_ok=True)
     temp = folder / f".{uuid.uuid4().hex}.tmp"
@@ -510,11 +536,14 @@ def kept_copy(paths: Paths, block_size: int, need_md5: bool) -> Staged | None:
     try:
         record = json.loads(paths.staged_record.read_text())
         source = tuple(record["source"])
-        staged = Staged(int(record["size"]),
-                        bytes.fromhex(record["md5"]) if record["md5"] else None,
-                        tuple(bytes.fromhex(b) for b in record["blocks"]), None,
-                        (int(source[0]), int(source[1]), int(source[2])),
-                        int(record["staged_ino"]))
+        staged = Staged(
+            int(record["size"]),
+            bytes.fromhex(record["md5"]) if record["md5"] else None,
+            tuple(bytes.fromhex(b) for b in record["blocks"]),
+            None,
+            (int(source[0]), int(source[1]), int(source[2])),
+            int(record["staged_ino"]),
+        )
         if int(record["block_size"]) != block_size or (need_md5 and staged.md5 is None):
             return None
         copy = os.lstat(paths.staged)
@@ -538,8 +567,10 @@ def prune_folders(paths: Paths, roots: tuple[Path, Path]) -> None:
     _remove_empty(paths.attempts.parent)
     _remove_empty(paths.owner.parent)
     _remove_empty(paths.staged_record.parent)
-    for folder, root in ((paths.claimed.parent, processing_root),
-                         (paths.staged.parent, staging_root)):
+    for folder, root in (
+        (paths.claimed.parent, processing_root),
+        (paths.staged.parent, staging_root),
+    ):
         while folder != root and root in folder.parents:
             if not _remove_empty(folder):
                 break
@@ -621,7 +652,7 @@ def free_name(path: Path) -> Path:
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def describe_os_error(exc: OSError) -> str:
@@ -632,8 +663,9 @@ def describe_os_error(exc: OSError) -> str:
 class Uploader:
     """The uploader's main loop: wait for a job, run it, report, repeat."""
 
-    def __init__(self, settings: Settings, channel: Channel, auth_method: str,
-                 owner: str = "") -> None:
+    def __init__(
+        self, settings: Settings, channel: Channel, auth_method: str, owner: str = ""
+    ) -> None:
         self.settings = settings
         self.channel = channel
         self.owner = owner  # this replica's lease token (ingestd.leases)
@@ -644,8 +676,7 @@ class Uploader:
         channel.on(RateLimit, self._set_rate)
         # One pool for the life of the process: block threads are reused
         # from file to file instead of started and joined per file.
-        self.pool = ThreadPoolExecutor(settings.azure_max_concurrency,
-                                       thread_name_prefix="block")
+        self.pool = ThreadPoolExecutor(settings.azure_max_concurrency, thread_name_prefix="block")
         # Requests the work loop waits for (block list, commit, one-request
         # put) run here, so the work loop can beat while it waits.
         self.net = ThreadPoolExecutor(1, thread_name_prefix="net")
@@ -679,8 +710,10 @@ class Uploader:
             if not claim(paths, job, self.owner):
                 discard_staged(paths)  # a killed uploader's copy, if one was left
                 self._unlink_owner(paths)
-                log.info("file gone or changed before claim (taken elsewhere, or being "
-                         "written again)", extra=_context(job))
+                log.info(
+                    "file gone or changed before claim (taken elsewhere, or being written again)",
+                    extra=_context(job),
+                )
                 return Gone(job, "gone from incoming, or changed since it was found stable")
         except OSError as exc:
             return self._failed(job, paths, StepError("claim", describe_os_error(exc), True))
@@ -729,8 +762,12 @@ class Uploader:
             job.blob_name,
             size,
             seconds,
-            extra={**_context(job), "size": size, "seconds": round(seconds, 3),
-                   "mb_per_s": round(mb_per_s, 1)},
+            extra={
+                **_context(job),
+                "size": size,
+                "seconds": round(seconds, 3),
+                "mb_per_s": round(mb_per_s, 1),
+            },
         )
         return Done(job, size, md5.hex() if md5 else "", seconds, upload_seconds)
 
@@ -758,11 +795,20 @@ class Uploader:
 
         settings = self.settings
         block_size = settings.azure_max_block_size
-        upload = blobstore.BlockUpload(self.client, settings, job.blob_name,
-                                       str(paths.staged), self.pool, progress,
-                                       self.bucket, self._network_beat, self._over_network,
-                                       self.channel.file_calls, self.net.submit,
-                                       lambda: self.channel.send(StorageOk()))
+        upload = blobstore.BlockUpload(
+            self.client,
+            settings,
+            job.blob_name,
+            str(paths.staged),
+            self.pool,
+            progress,
+            self.bucket,
+            self._network_beat,
+            self._over_network,
+            self.channel.file_calls,
+            self.net.submit,
+            lambda: self.channel.send(StorageOk()),
+        )
         try:
             kept = kept_copy(paths, block_size, settings.azure_put_md5)
             size = file_size(paths.claimed)
@@ -781,41 +827,70 @@ class Uploader:
             copied, size_hint[0] = True, staged.size
             self.channel.beat("uploading", job.name, upload.uploaded, staged.size, force=True)
             started = upload.started or time.monotonic()
-            metadata = provenance.blob_metadata(job, staged.size, staged.mtime_ns, staged.md5,
-                                                self.host)
+            metadata = provenance.blob_metadata(
+                job, staged.size, staged.mtime_ns, staged.md5, self.host
+            )
             self._blocks_sent(upload, staged)
-            version = self._storage_call(lambda: self._over_network(
-                lambda: blobstore.blob_version(self.client, job.blob_name)))
+            version = self._storage_call(
+                lambda: self._over_network(
+                    lambda: blobstore.blob_version(self.client, job.blob_name)
+                )
+            )
             self._still_the_version_read(paths, staged.source)
             try:
                 if staged.data is not None:
-                    self._storage_call(lambda: self._over_network(lambda: blobstore.put_whole(
-                        self.client, job.blob_name, str(paths.staged), staged, upload.tier,
-                        metadata, version)))
+                    self._storage_call(
+                        lambda: self._over_network(
+                            lambda: blobstore.put_whole(
+                                self.client,
+                                job.blob_name,
+                                str(paths.staged),
+                                staged,
+                                upload.tier,
+                                metadata,
+                                version,
+                            )
+                        )
+                    )
                 else:
-                    self._storage_call(lambda: upload.commit(staged.size, staged.md5, metadata,
-                                                             version))
+                    self._storage_call(
+                        lambda: upload.commit(staged.size, staged.md5, metadata, version)
+                    )
             except StepError as exc:
                 cause = exc.__cause__
                 if cause is not None and blobstore.committed_meanwhile(cause):
-                    raise StepError("upload", "another upload of this file committed the blob "
-                                    "since it was checked: not committed over it; tried "
-                                    "again", False) from cause
+                    raise StepError(
+                        "upload",
+                        "another upload of this file committed the blob "
+                        "since it was checked: not committed over it; tried "
+                        "again",
+                        False,
+                    ) from cause
                 raise
             if window is not None:
-                log.info("%s: staged through a window of %d bytes, at most %d held at once",
-                         job.blob_name, window.size, window.peak, extra=_context(job))
+                log.info(
+                    "%s: staged through a window of %d bytes, at most %d held at once",
+                    job.blob_name,
+                    window.size,
+                    window.peak,
+                    extra=_context(job),
+                )
             if upload.skipped or kept is not None:
-                log.info("%s resumed: %d of %d bytes were already in storage%s",
-                         job.blob_name, upload.skipped, staged.size,
-                         "; uploaded from the staging copy (NFS not read again)"
-                         if kept is not None else "", extra=_context(job))
+                log.info(
+                    "%s resumed: %d of %d bytes were already in storage%s",
+                    job.blob_name,
+                    upload.skipped,
+                    staged.size,
+                    "; uploaded from the staging copy (NFS not read again)"
+                    if kept is not None
+                    else "",
+                    extra=_context(job),
+                )
             return staged, time.monotonic() - started
         finally:
             upload.close()
 
-    def _window(self, job: Job, size: int,
-                upload: blobstore.BlockUpload) -> StagingWindow | None:
+    def _window(self, job: Job, size: int, upload: blobstore.BlockUpload) -> StagingWindow | None:
         """The window to copy this file through, if the parent gave it one (``job.window``).
 
         A file that goes in one request, or is no larger than the window
@@ -824,8 +899,13 @@ class Uploader:
         if job.window <= 0 or size <= max(job.window, self.settings.azure_max_single_put_size):
             self.windowed = None
             return None
-        log.info("%s (%d bytes) is staged through a window of %d bytes", job.blob_name, size,
-                 job.window, extra=_context(job))
+        log.info(
+            "%s (%d bytes) is staged through a window of %d bytes",
+            job.blob_name,
+            size,
+            job.window,
+            extra=_context(job),
+        )
         self.windowed = StagingWindow(job.window, upload)
         return self.windowed
 
@@ -851,13 +931,16 @@ class Uploader:
         try:
             now = signature(paths.claimed)
         except OSError as exc:
-            raise StepError("copy", f"copy failed (nfs): {describe_os_error(exc)}",
-                            True) from exc
+            raise StepError("copy", f"copy failed (nfs): {describe_os_error(exc)}", True) from exc
         if now is None:
             raise Vanished()
         if now != source:
-            raise StepError("verify", f"it changed while it was uploaded (size, mtime, inode "
-                            f"{source} -> {now}): not committed, to be uploaded again", True)
+            raise StepError(
+                "verify",
+                f"it changed while it was uploaded (size, mtime, inode "
+                f"{source} -> {now}): not committed, to be uploaded again",
+                True,
+            )
 
     @staticmethod
     def _add_blocks(upload: blobstore.BlockUpload, staged: Staged, block_size: int) -> None:
@@ -873,8 +956,9 @@ class Uploader:
         except (ParentGone, KeyboardInterrupt, StepError, Vanished):
             raise
         except OSError as exc:  # reading the staging copy for a block
-            raise StepError("upload", f"upload failed (staging): {describe_os_error(exc)}",
-                            True) from exc
+            raise StepError(
+                "upload", f"upload failed (staging): {describe_os_error(exc)}", True
+            ) from exc
         except Exception as exc:
             raise self._upload_error(exc) from exc
 
@@ -896,12 +980,24 @@ class Uploader:
         with self.channel.waiting("network"):
             self.channel.renew()
 
-    def _stage(self, paths: Paths, job: Job, on_block: Callable[[int, int, bytes], None] | None,
-               window: StagingWindow | None = None) -> Staged:
+    def _stage(
+        self,
+        paths: Paths,
+        job: Job,
+        on_block: Callable[[int, int, bytes], None] | None,
+        window: StagingWindow | None = None,
+    ) -> Staged:
         try:
-            return stage(paths, self.channel, job.name, self.settings.azure_max_block_size,
-                         self.settings.azure_max_single_put_size, on_block,
-                         self.settings.azure_put_md5, window)
+            return stage(
+                paths,
+                self.channel,
+                job.name,
+                self.settings.azure_max_block_size,
+                self.settings.azure_max_single_put_size,
+                on_block,
+                self.settings.azure_put_md5,
+                window,
+            )
         except BlockFailed as exc:
             cause = exc.__cause__ or exc
             raise self._upload_error(cause) from cause
@@ -910,11 +1006,9 @@ class Uploader:
                 raise Vanished() from exc
             raise StepError("copy", f"copy failed: {describe_os_error(exc)}", True) from exc
         except OSError as exc:
-            if exc.filename and str(exc.filename).startswith(
-                    str(self.settings.local_staging_root)):
+            if exc.filename and str(exc.filename).startswith(str(self.settings.local_staging_root)):
                 raise self._staging_failure(exc, paths) from exc
-            raise StepError("copy", f"copy failed (nfs): {describe_os_error(exc)}",
-                            True) from exc
+            raise StepError("copy", f"copy failed (nfs): {describe_os_error(exc)}", True) from exc
 
     @staticmethod
     def _staging_failure(exc: OSError, paths: Paths) -> StepError:
@@ -931,10 +1025,18 @@ class Uploader:
             return StepError("copy", message, True)
         size, capacity = file_size(paths.claimed), staging_capacity(paths.staged.parent)
         if size > capacity:
-            return StepError("copy", f"{message}: the file ({size} bytes) is larger than "
-                             f"the whole staging filesystem ({capacity} bytes)", True)
-        return StepError("copy", f"{message}: staging is full ({size} bytes needed, "
-                         f"{capacity} in all); retried, not counted against the file", False)
+            return StepError(
+                "copy",
+                f"{message}: the file ({size} bytes) is larger than "
+                f"the whole staging filesystem ({capacity} bytes)",
+                True,
+            )
+        return StepError(
+            "copy",
+            f"{message}: staging is full ({size} bytes needed, "
+            f"{capacity} in all); retried, not counted against the file",
+            False,
+        )
 
     def _upload_error(self, exc: BaseException) -> StepError:
         """The step error for a failed upload; tells the parent at once if storage failed."""
@@ -955,13 +1057,11 @@ class Uploader:
         except FileNotFoundError as exc:
             if not os.path.lexists(paths.claimed):
                 raise Vanished() from exc
-            raise StepError("cleanup", f"cleanup failed: {describe_os_error(exc)}",
-                            False) from exc
+            raise StepError("cleanup", f"cleanup failed: {describe_os_error(exc)}", False) from exc
         except OSError as exc:
             # The blob is committed; the file stays claimed and the retry
             # only deletes it (job.uploaded), a bounded number of times.
-            raise StepError("cleanup", f"cleanup failed: {describe_os_error(exc)}",
-                            False) from exc
+            raise StepError("cleanup", f"cleanup failed: {describe_os_error(exc)}", False) from exc
 
     def _unlink_owner(self, paths: Paths) -> None:
         """Drop our owner link if the claim did not happen, so other replicas may take the file.
@@ -972,8 +1072,9 @@ class Uploader:
         try:
             leases.release_if_unclaimed(paths.owner, paths.claimed, self.owner)
         except OSError as exc:
-            log.warning("could not remove the owner link %s: %s", paths.owner,
-                        describe_os_error(exc))
+            log.warning(
+                "could not remove the owner link %s: %s", paths.owner, describe_os_error(exc)
+            )
 
     def _failed(self, job: Job, paths: Paths, exc: StepError) -> Failed | Quarantined | GaveUp:
         """Count the failure, then quarantine, give up, or ask for a retry.
@@ -1000,9 +1101,15 @@ class Uploader:
             job = replace(job, tries=job.tries + 1)
             if job.tries >= self.settings.max_attempts:
                 return self._give_up(job, exc, paths.claimed)
-        log.error("%s failed at %s (attempt %d of %d)%s", job.blob_name, exc.stage,
-                  job.attempts, self.settings.max_attempts, note,
-                  extra={**_context(job), "error": str(exc)})
+        log.error(
+            "%s failed at %s (attempt %d of %d)%s",
+            job.blob_name,
+            exc.stage,
+            job.attempts,
+            self.settings.max_attempts,
+            note,
+            extra={**_context(job), "error": str(exc)},
+        )
         return Failed(job, str(exc), exc.stage, exc.counted, exc.outage)
 
     def _count(self, job: Job, paths: Paths, exc: StepError) -> tuple[int, str]:
@@ -1025,22 +1132,31 @@ class Uploader:
         return attempts, ""
 
     def _give_up(self, job: Job, exc: StepError, where: Path) -> GaveUp:
-        log.error("%s: giving up after %d failed %s attempts; the file stays at %s: %s",
-                  job.blob_name, self.settings.max_attempts, exc.stage, where, exc,
-                  extra={**_context(job), "error": str(exc)})
+        log.error(
+            "%s: giving up after %d failed %s attempts; the file stays at %s: %s",
+            job.blob_name,
+            self.settings.max_attempts,
+            exc.stage,
+            where,
+            exc,
+            extra={**_context(job), "error": str(exc)},
+        )
         return GaveUp(job, str(exc), exc.stage, str(where))
 
-    def _quarantine(self, job: Job, paths: Paths,
-                    error: str) -> Quarantined | Failed | GaveUp:
+    def _quarantine(self, job: Job, paths: Paths, error: str) -> Quarantined | Failed | GaveUp:
         try:
             target = quarantine(paths, job, job.attempts, error, self.owner)
         except OSError as exc:
             message = f"cannot move to .failed: {describe_os_error(exc)} (after: {error})"
             return self._failed(job, paths, StepError("quarantine", message, False))
-        prune_folders(paths, (self.settings.nfs_processing_root,
-                              self.settings.local_staging_root))
-        log.error("%s moved to %s after %d failed attempts", job.blob_name, target,
-                  job.attempts, extra={**_context(job), "error": error})
+        prune_folders(paths, (self.settings.nfs_processing_root, self.settings.local_staging_root))
+        log.error(
+            "%s moved to %s after %d failed attempts",
+            job.blob_name,
+            target,
+            job.attempts,
+            extra={**_context(job), "error": error},
+        )
         return Quarantined(job, str(target), error)
 
 
@@ -1065,8 +1181,10 @@ def unusable_name(name: str) -> str | None:
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:
-        return ("the file name is not valid UTF-8, so it cannot be a blob name; "
-                "rename it (in UTF-8) and move it back to incoming")
+        return (
+            "the file name is not valid UTF-8, so it cannot be a blob name; "
+            "rename it (in UTF-8) and move it back to incoming"
+        )
     return None
 
 
@@ -1114,8 +1232,9 @@ def _lower_priority() -> None:
         pass  # not allowed here: run at normal priority
 
 
-def main(conn: Connection, settings: Settings, auth_method: str, role: str,
-         owner: str = "") -> None:
+def main(
+    conn: Connection, settings: Settings, auth_method: str, role: str, owner: str = ""
+) -> None:
     """Entry point of an uploader process; ``owner`` is this replica's lease token."""
     child.start(settings, role)
     _lower_priority()
