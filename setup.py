@@ -6,5 +6,10 @@ and ingestd/md5pair.py falls back to hashlib (same digests, more CPU).
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("ingestd._md5pair", ["ingestd/_md5pair.c"],
-                             extra_compile_args=["-O2"], optional=True)])
+setup(
+    ext_modules=[
+        Extension(
+            "ingestd._md5pair", ["ingestd/_md5pair.c"], extra_compile_args=["-O2"], optional=True
+        )
+    ]
+)

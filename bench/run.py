@@ -190,10 +190,14 @@ def md5_accelerator(source: Path) -> bool | None:
     """Whether the ingestd under test hashes with its C accelerator (ingestd._md5pair)
     or falls back to hashlib: a figure from the fallback is not the default's."""
     try:
-        out = subprocess.run([sys.executable, "-c",
-                              "from ingestd import md5pair; print(md5pair.ACCELERATED)"],
-                             cwd=source, env={**os.environ, "PYTHONPATH": str(source)},
-                             capture_output=True, text=True, timeout=60).stdout.strip()
+        out = subprocess.run(
+            [sys.executable, "-c", "from ingestd import md5pair; print(md5pair.ACCELERATED)"],
+            cwd=source,
+            env={**os.environ, "PYTHONPATH": str(source)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return {"True": True, "False": False}.get(out)

@@ -924,9 +924,11 @@ def test_lease_outlasts_a_frozen_pods_restart() -> None:
     data = _configmap_data()
     spec = _deployment()["spec"]["template"]["spec"]
     probe = _container()["livenessProbe"]
-    restarted = (float(data["APP_LIVENESS_TIMEOUT_S"])
-                 + probe["periodSeconds"] * probe["failureThreshold"]
-                 + spec["terminationGracePeriodSeconds"])
+    restarted = (
+        float(data["APP_LIVENESS_TIMEOUT_S"])
+        + probe["periodSeconds"] * probe["failureThreshold"]
+        + spec["terminationGracePeriodSeconds"]
+    )
     lease = float(data["APP_LEASE_TIMEOUT_S"])
     assert lease - renew_interval(lease) > restarted, (lease, restarted)
     assert data["APP_REPLICA_ID"] == "", "each pod must default to its own name"
@@ -947,26 +949,48 @@ def test_keda_scaled_object_structure() -> None:
     assert set(obj) == {"apiVersion", "kind", "metadata", "spec"}
     assert obj["metadata"]["namespace"] == _deployment()["metadata"]["namespace"]
     spec = obj["spec"]
-    assert set(spec) <= {"scaleTargetRef", "minReplicaCount", "maxReplicaCount",
-                         "pollingInterval", "cooldownPeriod", "idleReplicaCount",
-                         "initialCooldownPeriod", "fallback", "advanced", "triggers"}
-    assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
-                                      "name": _deployment()["metadata"]["name"]}
+    assert set(spec) <= {
+        "scaleTargetRef",
+        "minReplicaCount",
+        "maxReplicaCount",
+        "pollingInterval",
+        "cooldownPeriod",
+        "idleReplicaCount",
+        "initialCooldownPeriod",
+        "fallback",
+        "advanced",
+        "triggers",
+    }
+    assert spec["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": _deployment()["metadata"]["name"],
+    }
     assert spec["minReplicaCount"] == 1 <= spec["maxReplicaCount"], "never scaled to 0"
-    assert all(isinstance(spec[k], int) for k in ("maxReplicaCount", "pollingInterval",
-                                                  "cooldownPeriod"))
+    assert all(
+        isinstance(spec[k], int) for k in ("maxReplicaCount", "pollingInterval", "cooldownPeriod")
+    )
     behavior = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
     assert set(behavior) <= {"scaleUp", "scaleDown"}
     [trigger] = spec["triggers"]
     assert trigger["type"] == "prometheus"
     meta = trigger["metadata"]
-    assert set(meta) <= {"serverAddress", "query", "threshold", "activationThreshold",
-                         "ignoreNullValues", "namespace", "customHeaders", "unsafeSsl",
-                         "queryParameters"}
+    assert set(meta) <= {
+        "serverAddress",
+        "query",
+        "threshold",
+        "activationThreshold",
+        "ignoreNullValues",
+        "namespace",
+        "customHeaders",
+        "unsafeSsl",
+        "queryParameters",
+    }
     assert all(isinstance(v, str) for v in meta.values()), "trigger metadata are strings"
     assert meta["serverAddress"].startswith("http")
-    assert re.fullmatch(r"max\(ingestd_backlog_bytes\{[^}]*\}\)", meta["query"]), \
+    assert re.fullmatch(r"max\(ingestd_backlog_bytes\{[^}]*\}\)", meta["query"]), (
         "every replica reports the same backlog: max(), not sum()"
+    )
     assert float(meta["threshold"]) > float(meta["activationThreshold"]) > 0
 
 
@@ -1024,7 +1048,9 @@ def test_deployment_shape_and_security() -> None:
     dep = _deployment()
     assert dep["spec"]["replicas"] == 1
     assert dep["spec"]["strategy"] == {
-        "type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
     pod = dep["spec"]["template"]
     assert pod["metadata"]["labels"]["azure.workload.identity/use"] == "true"
     spec = pod["spec"]

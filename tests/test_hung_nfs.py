@@ -552,8 +552,11 @@ def test_scanner_backoff_doubles_from_the_poll_interval_up_to_the_cap(
         def beat(self, *args: object, **kwargs: object) -> None:
             pass
 
-    scan = scanner_module.Scanner(settings, FakeChannel(),  # type: ignore[arg-type]
-                                  "replica~0000000a")
+    scan = scanner_module.Scanner(
+        settings,
+        FakeChannel(),  # type: ignore[arg-type]
+        "replica~0000000a",
+    )
     waits: list[float] = []
     monkeypatch.setattr(scan, "_sleep", waits.append)
     failures = iter(

@@ -196,10 +196,16 @@ def test_every_network_wait_is_shorter_than_the_stall_timeout(stall: float) -> N
     from ingestd.blobstore import NetworkBudget
     from ingestd.config import Settings
 
-    budget = NetworkBudget.of(Settings(azure_account_url="http://127.0.0.1:1/x",
-                                       azure_container="c", child_stall_timeout_s=stall))
-    backoffs = [budget.backoff_s + (2 ** n if n else 0) + budget.backoff_s / 2
-                for n in range(budget.retries)]
+    budget = NetworkBudget.of(
+        Settings(
+            azure_account_url="http://127.0.0.1:1/x",
+            azure_container="c",
+            child_stall_timeout_s=stall,
+        )
+    )
+    backoffs = [
+        budget.backoff_s + (2**n if n else 0) + budget.backoff_s / 2 for n in range(budget.retries)
+    ]
     assert max(budget.connect_s, budget.read_s, *backoffs) < stall, budget
     if stall == 60.0:  # the defaults: a whole unanswered request within the stall timeout
         assert (budget.connect_s, budget.read_s, budget.backoff_s) == (10.0, 15.0, 4.0)
@@ -221,8 +227,9 @@ def test_storage_failures_are_classified_for_operators() -> None:
         exc.status_code, exc.error_code = code, error_code
         return exc
 
-    refused = ServiceRequestError("Failed to establish a new connection: [Errno 111] "
-                                  "Connection refused")
+    refused = ServiceRequestError(
+        "Failed to establish a new connection: [Errno 111] Connection refused"
+    )
     assert outage_kind(refused) == "refused"
     assert outage_kind(ServiceResponseError("Read timed out. (read timeout=3)")) == "timeout"
     assert outage_kind(ServiceRequestError("Connection aborted: reset by peer")) == "unreachable"
@@ -242,8 +249,12 @@ def test_storage_health_tells_outage_from_auth_and_times_the_auth_exit() -> None
     health = StorageHealth()
     health.failed("timeout", "read timed out", mono=10.0, wall=1000.0)
     view = health.view(12.0, auth_exit_s=300)
-    assert (view["state"], view["reachable"], view["reason"], view["for_s"]) == \
-        ("unreachable", False, "timeout", 2.0)
+    assert (view["state"], view["reachable"], view["reason"], view["for_s"]) == (
+        "unreachable",
+        False,
+        "timeout",
+        2.0,
+    )
     assert health.auth_failing_for(12.0) == 0.0 and view["auth_exit_in_s"] is None
     health.failed("auth", "403", mono=20.0, wall=1010.0)
     health.failed("refused", "refused", mono=25.0, wall=1015.0)  # a blip does not restart it
