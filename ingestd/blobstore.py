@@ -406,16 +406,17 @@ class FileRange:
     calling thread, so many blocks of one file go out in parallel from one
     descriptor without a shared position or a lock, nothing is allocated per
     read, and nothing but the chunk being sent is in memory (a fresh bytes
-    object per read leaves more behind in malloc's per-thread arenas). ``read`` returns a view of that buffer, valid until the same
-    thread's next read: the HTTP stack sends each chunk before it asks for
-    the next. ``read(size)`` may return up to ``READ_SIZE`` bytes even when
-    asked for fewer (urllib3 and http.client send whatever they get).
-    Seekable so the SDK's retry policy can rewind it; ``__len__`` gives
-    requests the Content-Length. ``on_read`` is called after every read:
-    the HTTP stack reads only as fast as the socket takes the bytes, so it
-    is a heartbeat from inside a block's upload, however large the block.
-    ``bucket``, when given, is the uploader's share of the rate cap: each read
-    first waits for its budget, beating (``on_read``) while it waits.
+    object per read leaves more behind in malloc's per-thread arenas). ``read``
+    returns a view of that buffer, valid until the same thread's next read: the
+    HTTP stack sends each chunk before it asks for the next. ``read(size)`` may
+    return up to ``READ_SIZE`` bytes even when asked for fewer (urllib3 and
+    http.client send whatever they get). Seekable so the SDK's retry policy can
+    rewind it; ``__len__`` gives requests the Content-Length. ``on_read`` is
+    called after every read: the HTTP stack reads only as fast as the socket
+    takes the bytes, so it is a heartbeat from inside a block's upload, however
+    large the block. ``bucket``, when given, is the uploader's share of the rate
+    cap: each read first waits for its budget, beating (``on_read``) while it
+    waits.
     """
 
     def __init__(self, fd: int, offset: int, length: int,

@@ -3,8 +3,9 @@
 Staging needs two MD5s of every byte of a file sent in blocks: the block's
 (its Content-MD5 on Put Block) and the whole file's (stored on the blob). The
 C accelerator ``ingestd._md5pair`` runs both MD5 chains interleaved in one
-loop, at about the CPU of one hashlib pass. Figures: bench/RESULTS.md. Without it (not built: no compiler where the package was
-installed) the same interface runs two hashlib objects, with the same digests.
+loop, at about the CPU of one hashlib pass. Figures: bench/RESULTS.md. Without
+it (not built: no compiler where the package was installed) the same interface
+runs two hashlib objects, with the same digests.
 """
 
 from __future__ import annotations
