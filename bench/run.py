@@ -277,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             service = None
             if "ingestd" in plan.contenders:
                 extra = dict(kv.split("=", 1) for kv in args.ingestd_env)
+                info["ingestd_env"] = extra
                 service = Ingestd(folders, az.account_url, az.connection_string, CONTAINER,
                                   plan.shape, plan.poll_interval_s, work / "ingestd.log",
                                   extra_env=extra, source=args.ingestd_src).start()
