@@ -377,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
             service = None
             if "ingestd" in plan.contenders:
                 extra = dict(kv.split("=", 1) for kv in args.ingestd_env)
+                info["ingestd_env"] = extra
                 service = Ingestd(
                     folders,
                     az.account_url,
@@ -426,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         plan,
         info,
         command.strip(),
-        started=dt.datetime.fromtimestamp(started, dt.UTC),
+        started=dt.datetime.fromtimestamp(started, dt.timezone.utc),
         seconds=time.time() - started,
     )
     paths = report.write(data, results, out, make_chart=not args.no_chart)
