@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         plan,
         info,
         command.strip(),
-        started=dt.datetime.fromtimestamp(started, dt.timezone.utc),
+        started=dt.datetime.fromtimestamp(started, dt.UTC),
         seconds=time.time() - started,
     )
     paths = report.write(data, results, out, make_chart=not args.no_chart)

@@ -89,8 +89,7 @@ def test_bench_runs_end_to_end_on_a_tiny_corpus(tmp_path: Path) -> None:
     assert data["ratios"]["large"]["ingestd/rclone"]["median"] > 0
     assert data["ratios"]["large"]["ingestd/sdk"]["median"] > 0
     # None: shown for information only (the floor ratio with the whole-file MD5 on)
-    assert {t["met"] for t in data["targets"]} <= {True, False, None} \
-        and len(data["targets"]) >= 5
+    assert {t["met"] for t in data["targets"]} <= {True, False, None} and len(data["targets"]) >= 5
 
     scan = data["scan"]
     assert [row["entries"] for row in scan["isolated"]] == [300, 600, 1000]
