@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -116,9 +117,15 @@ def test_three_at_once_never_overcommit_the_budget_and_the_third_waits(
         layout_=layout, APP_WORKER_CONCURRENCY="3", APP_STAGING_BUDGET="14MiB", **WINDOWED
     )
     date = service.start_session("three")["date_prefix"]
-    expected = {
-        f"big-{i}.bin": write_random(layout.incoming / f"big-{i}.bin", BIG) for i in range(3)
-    }
+    # Written aside, aged, then renamed in together: the scanner finds all three
+    # stable at the same poll, so the third is dispatched while two windows are held.
+    aside = layout.nfs / "aside"
+    aside.mkdir()
+    expected = {f"big-{i}.bin": write_random(aside / f"big-{i}.bin", BIG) for i in range(3)}
+    for name in expected:
+        os.utime(aside / name, (time.time() - 60, time.time() - 60))
+    for name in expected:
+        os.rename(aside / name, layout.incoming / name)
     reserved, waited = [], []
 
     def finished() -> dict | None:
