@@ -568,27 +568,19 @@ class Supervisor:
         age = now - stalled_at
         if slot.stalled_since is None:
             slot.stalled_since = stalled_at
-        if in_syscall:
-            log.error(
-                "%s (pid %d) has had a block thread in one staging read for %.0f s "
-                "while %s%s: killing it",
-                slot.role,
-                child.pid,
-                age,
-                slot.state,
-                f" {slot.file}" if slot.file else "",
-                extra={"file": slot.file},
-            )
-        else:
-            log.error(
-                "%s (pid %d) sent no heartbeat for %.0f s while %s%s: killing it",
-                slot.role,
-                child.pid,
-                age,
-                slot.state,
-                f" {slot.file}" if slot.file else "",
-                extra={"file": slot.file},
-            )
+        silence = (
+            "has had a block thread in one staging read" if in_syscall else "sent no heartbeat"
+        )
+        log.error(
+            "%s (pid %d) %s for %.0f s while %s%s: killing it",
+            slot.role,
+            child.pid,
+            silence,
+            age,
+            slot.state,
+            f" {slot.file}" if slot.file else "",
+            extra={"file": slot.file},
+        )
         child.kill()
         self.stuck.append(child)
         slot.child = None
