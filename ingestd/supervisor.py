@@ -539,6 +539,12 @@ class Supervisor:
 
     def _on_exit(self, slot: Slot, child: ChildProcess, now: float) -> None:
         lived, code = now - child.started, child.exitcode
+        if self.drained.is_set():
+            # Told to stop (Stop, once drained): an expected exit, not replaced.
+            log.info("%s (pid %d) stopped after the drain", slot.role, child.pid)
+            child.release()
+            slot.child, slot.state = None, "stopped"
+            return
         log.warning(
             "%s (pid %d) exited with code %s after %.1f s", slot.role, child.pid, code, lived
         )
@@ -592,7 +598,7 @@ class Supervisor:
         self._maybe_respawn(slot, now)
 
     def _maybe_respawn(self, slot: Slot, now: float) -> None:
-        if self._stopping.is_set() or now < slot.respawn_at:
+        if self._stopping.is_set() or self.drained.is_set() or now < slot.respawn_at:
             return
         if slot.is_uploader and self.draining:
             return
