@@ -31,13 +31,34 @@ from tests.support.faults import (
     tmpfs,
 )
 from tests.support.fusefs import FreezableMount
-from tests.support.service import Layout, md5_of, run_once, scrape, wait_until, write_random
+from tests.support.service import (
+    Layout,
+    Service,
+    md5_of,
+    run_once,
+    scrape,
+    wait_until,
+    write_random,
+)
 
 NAMES = {"APP_AUTOSTART": "true"}
 
 
 def autostart(session: str, **settings: str) -> dict[str, str]:
     return {**NAMES, "APP_AUTOSTART_SESSION": session, **settings}
+
+
+def on_mount(
+    fuse_mount: FreezableMount, make_service, session: str, **settings: str
+) -> tuple[Layout, Service, str]:
+    """ingestd watching ``session`` from boot, its NFS folders on the mount, staging beside it.
+
+    Returns the layout, the started service and the session's date prefix.
+    """
+    mount = fuse_mount.mountpoint
+    layout = folder_layout(mount, mount.parent / f"staging-{session}")
+    service = make_service(layout_=layout, **autostart(session), **settings)
+    return layout, service, service.status()["session"]["date_prefix"]
 
 
 def uploader_pid(service, name: str) -> int:
@@ -133,10 +154,7 @@ def test_a_retry_after_a_death_before_the_rename_does_not_claim_a_file_being_wri
     The retry must not take the file now in incoming for the one found
     stable: it is half-written. It is taken once the writer is done, whole.
     """
-    mount = fuse_mount.mountpoint
-    layout = folder_layout(mount, mount.parent / "staging-claim")
-    service = make_service(layout_=layout, **autostart("claim"))
-    date = service.status()["session"]["date_prefix"]
+    layout, service, date = on_mount(fuse_mount, make_service, "claim")
     backing = fuse_mount.backing_path("incoming", "rewritten.bin")
     fuse_mount.freeze("rename", glob="/incoming/rewritten.bin")
     write_random(backing, 3 * MiB)
@@ -242,10 +260,7 @@ def test_a_cleanup_that_keeps_failing_is_retried_without_uploading_again_then_gi
     azurite: Azurite,
     azurite_container: str,
 ) -> None:
-    mount = fuse_mount.mountpoint
-    layout = folder_layout(mount, mount.parent / "staging-cleanup")
-    service = make_service(layout_=layout, **autostart("cleanup"), APP_MAX_ATTEMPTS="3")
-    date = service.status()["session"]["date_prefix"]
+    layout, service, date = on_mount(fuse_mount, make_service, "cleanup", APP_MAX_ATTEMPTS="3")
     fuse_mount.fail("unlink", errno.EIO, glob="/.processing/*/cleanup/stuck.bin")
     md5 = write_random(layout.incoming / "stuck.bin", 6 * MiB)
     blob = azurite.container_client(azurite_container).get_blob_client(f"{date}/cleanup/stuck.bin")
@@ -274,10 +289,7 @@ def test_an_unreadable_attempts_record_cannot_make_a_poison_file_immortal(
     fuse_mount: FreezableMount,
     make_service,
 ) -> None:
-    mount = fuse_mount.mountpoint
-    layout = folder_layout(mount, mount.parent / "staging-record")
-    service = make_service(layout_=layout, **autostart("record"), APP_MAX_ATTEMPTS="3")
-    date = service.status()["session"]["date_prefix"]
+    layout, service, date = on_mount(fuse_mount, make_service, "record", APP_MAX_ATTEMPTS="3")
     fuse_mount.fail("read", errno.EIO, glob="/.processing/*/record/poison.bin")
     fuse_mount.fail("open", errno.EIO, glob="/.processing/*/record/.attempts/*")
     md5 = write_random(layout.incoming / "poison.bin", 1 * MiB)
@@ -296,10 +308,7 @@ def test_a_claim_that_keeps_failing_is_given_up_and_the_file_stays_in_incoming(
     azurite: Azurite,
     azurite_container: str,
 ) -> None:
-    mount = fuse_mount.mountpoint
-    layout = folder_layout(mount, mount.parent / "staging-unclaimable")
-    service = make_service(layout_=layout, **autostart("unclaimable"), APP_MAX_ATTEMPTS="3")
-    date = service.status()["session"]["date_prefix"]
+    layout, service, date = on_mount(fuse_mount, make_service, "unclaimable", APP_MAX_ATTEMPTS="3")
     fuse_mount.fail("rename", errno.EIO, glob="/incoming/locked.bin")
     write_random(fuse_mount.backing_path("incoming", "locked.bin"), 1 * MiB)
     status = wait_until(
@@ -411,10 +420,7 @@ def test_a_rename_that_happened_but_reported_an_error_is_recognised(
     a file found at its target after ENOENT was moved by this rename.
     """
     session = f"lost-reply-{errno.errorcode[error].lower()}"
-    mount = fuse_mount.mountpoint
-    layout = folder_layout(mount, mount.parent / f"staging-{session}")
-    service = make_service(layout_=layout, **autostart(session))
-    date = service.status()["session"]["date_prefix"]
+    layout, service, date = on_mount(fuse_mount, make_service, session)
     fuse_mount.fail("rename", error, glob="/incoming/echo.bin", count=1, after=True)
     md5 = write_random(fuse_mount.backing_path("incoming", "echo.bin"), 1 * MiB)
     service.wait_processed(1, timeout=30)
@@ -449,12 +455,9 @@ def test_a_killed_uploaders_staging_copy_is_removed_during_the_run(
     make_service,
 ) -> None:
     """The uploader dies mid-copy; its file is then finished elsewhere (it vanishes)."""
-    mount = fuse_mount.mountpoint
-    layout = folder_layout(mount, mount.parent / "staging-leftover")
-    service = make_service(
-        layout_=layout, **autostart("leftover"), APP_AZURE_MAX_BLOCK_SIZE=str(4 * MiB)
+    layout, service, date = on_mount(
+        fuse_mount, make_service, "leftover", APP_AZURE_MAX_BLOCK_SIZE=str(4 * MiB)
     )
-    date = service.status()["session"]["date_prefix"]
     fuse_mount.freeze("read", glob="/.processing/*/leftover/half.bin", from_offset=8 * MiB)
     write_random(layout.incoming / "half.bin", 16 * MiB)
     fuse_mount.wait_blocked(op="read", timeout=20)
