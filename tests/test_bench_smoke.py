@@ -16,6 +16,9 @@ from pathlib import Path
 
 import pytest
 
+# Measures rates and latencies: run alone, not beside other tests (see scripts/test).
+pytestmark = pytest.mark.serial
+
 REPO = Path(__file__).resolve().parents[1]
 
 

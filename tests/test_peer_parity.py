@@ -21,6 +21,9 @@ import ingestd
 from tests.support.azurite import Azurite
 from tests.support.service import Layout, azurite_env, run_once, write_random
 
+# Measures rates and latencies: run alone, not beside other tests (see scripts/test).
+pytestmark = pytest.mark.serial
+
 MiB = 1024 * 1024
 ODD_NAME = "odd name 100% ünï 文件 #1.bin"
 POD = "ingestd-test-pod-0"
