@@ -36,7 +36,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
-from ingestd import blobstore, child, config, leases, md5pair, provenance, scanner
+from ingestd import blobstore, child, config, leases, md5pair, provenance, scanner, storageerrors
 from ingestd.blobstore import Staged
 from ingestd.child import Channel, ParentGone
 from ingestd.config import Settings
@@ -1040,9 +1040,9 @@ class Uploader:
 
     def _upload_error(self, exc: BaseException) -> StepError:
         """The step error for a failed upload; tells the parent at once if storage failed."""
-        kind = blobstore.outage_kind(exc)
+        kind = storageerrors.outage_kind(exc)
         method = self.auth_method if kind == "auth" else None
-        message = f"upload failed: {blobstore.describe_error(exc, method)}"
+        message = f"upload failed: {storageerrors.describe_error(exc, method)}"
         if kind:
             self.channel.send(StorageFailing(kind, message))
         return StepError("upload", message, not kind, kind)

@@ -220,7 +220,7 @@ def test_storage_failures_are_classified_for_operators() -> None:
         ServiceResponseError,
     )
 
-    from ingestd.blobstore import outage_kind
+    from ingestd.storageerrors import outage_kind
 
     def status(code: int, error_code: str = "") -> HttpResponseError:
         exc = HttpResponseError(message="x")
