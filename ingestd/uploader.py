@@ -36,7 +36,17 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
-from ingestd import blobstore, child, config, leases, md5pair, provenance, scanner, storageerrors
+from ingestd import (
+    blobstore,
+    child,
+    config,
+    leases,
+    md5pair,
+    provenance,
+    scanner,
+    storageclient,
+    storageerrors,
+)
 from ingestd.blobstore import Staged
 from ingestd.child import Channel, ParentGone
 from ingestd.config import Settings
@@ -670,7 +680,7 @@ class Uploader:
         self.channel = channel
         self.owner = owner  # this replica's lease token (ingestd.leases)
         self.auth_method = auth_method
-        self.client = blobstore.container_client(settings, auth_method)
+        self.client = storageclient.container_client(settings, auth_method)
         self.host = provenance.host_name()
         self.bucket = TokenBucket(initial_share(settings))
         channel.on(RateLimit, self._set_rate)
@@ -966,7 +976,7 @@ class Uploader:
         """Run a request on the network thread; beat (waiting on "network") until it returns.
 
         The request is bounded by the SDK's timeouts and retries
-        (:class:`ingestd.blobstore.NetworkBudget`); however long it takes, the
+        (:class:`ingestd.storageclient.NetworkBudget`); however long it takes, the
         uploader is alive, so it must not stop beating and be killed as stalled.
         """
         future = self.net.submit(call)
