@@ -1,4 +1,12 @@
-"""Azure Blob Storage: uploading a file (the uploaders' side; the parent's is ingestd.auth)."""
+"""The uploader child's side of storage: putting one file into its blob.
+
+:class:`BlockUpload` sends a file's blocks in parallel, each as soon as it
+is on local disk (streamed from the staging file by :class:`FileRange`),
+and commits them; :func:`put_whole` sends a small file in one request.
+Either can commit only if the blob is unchanged since :func:`blob_version`
+looked. Only the uploaders (:mod:`ingestd.uploader`) use this module; the
+parent never imports it.
+"""
 
 from __future__ import annotations
 
