@@ -51,12 +51,12 @@ def main() -> int:
     # Imported here, not at the top: every spawned child re-imports this
     # module when the service runs as the console script, and only the
     # parent needs the HTTP server (about 75 MiB over the process tree).
-    from ingestd import blobstore
+    from ingestd import auth
     from ingestd.server import serve
 
     try:
-        method = blobstore.choose_auth(settings)
-    except blobstore.AuthError as exc:
+        method = auth.choose_auth(settings)
+    except auth.AuthError as exc:
         log.critical("cannot start: %s", exc)
         return EXIT_AUTH
     return serve(settings, method)

@@ -236,7 +236,7 @@ class StorageOk:
 
 @dataclass(frozen=True)
 class StorageFailing:
-    """A request to storage failed (``kind``: see ``blobstore.outage_kind``).
+    """A request to storage failed (``kind``: see ``storageerrors.outage_kind``).
 
     Sent the moment the work loop sees the failure, before it waits for the
     job's other block threads to give up too (each bounded by the SDK's
@@ -271,7 +271,7 @@ class Failed:
     error: str
     stage: str
     counted: bool
-    outage: str = ""  # why storage failed, when it did (see blobstore.outage_kind)
+    outage: str = ""  # why storage failed, when it did (see storageerrors.outage_kind)
 
     @property
     def attempts(self) -> int:

@@ -43,7 +43,7 @@ class StorageHealth:
     last_ok: float | None = None  # wall clock of the last request known to work
 
     def failed(self, kind: str, error: str, mono: float, wall: float) -> None:
-        """An attempt failed because of storage (``kind`` from ``blobstore.outage_kind``)."""
+        """An attempt failed because of storage (``kind`` from ``storageerrors.outage_kind``)."""
         state = AUTH_FAILING if kind == "auth" else UNREACHABLE
         if state != self.state:
             self.state, self.since, self.since_mono, self.failures = state, wall, mono, 0

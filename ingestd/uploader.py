@@ -36,8 +36,18 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
-from ingestd import blobstore, child, config, leases, md5pair, provenance, scanner
-from ingestd.blobstore import Staged
+from ingestd import (
+    blobupload,
+    child,
+    config,
+    leases,
+    md5pair,
+    provenance,
+    scanner,
+    storageclient,
+    storageerrors,
+)
+from ingestd.blobupload import Staged
 from ingestd.child import Channel, ParentGone
 from ingestd.config import Settings
 from ingestd.messages import (
@@ -355,7 +365,7 @@ class StagingWindow:
     block it is on, and an upload then always has something to release.
     """
 
-    def __init__(self, size: int, upload: blobstore.BlockUpload) -> None:
+    def __init__(self, size: int, upload: blobupload.BlockUpload) -> None:
         self.size = size
         self.upload = upload
         self.written = 0  # bytes the copy has written
@@ -670,7 +680,7 @@ class Uploader:
         self.channel = channel
         self.owner = owner  # this replica's lease token (ingestd.leases)
         self.auth_method = auth_method
-        self.client = blobstore.container_client(settings, auth_method)
+        self.client = storageclient.container_client(settings, auth_method)
         self.host = provenance.host_name()
         self.bucket = TokenBucket(initial_share(settings))
         channel.on(RateLimit, self._set_rate)
@@ -795,7 +805,7 @@ class Uploader:
 
         settings = self.settings
         block_size = settings.azure_max_block_size
-        upload = blobstore.BlockUpload(
+        upload = blobupload.BlockUpload(
             self.client,
             settings,
             job.blob_name,
@@ -833,7 +843,7 @@ class Uploader:
             self._blocks_sent(upload, staged)
             version = self._storage_call(
                 lambda: self._over_network(
-                    lambda: blobstore.blob_version(self.client, job.blob_name)
+                    lambda: blobupload.blob_version(self.client, job.blob_name)
                 )
             )
             self._still_the_version_read(paths, staged.source)
@@ -841,7 +851,7 @@ class Uploader:
                 if staged.data is not None:
                     self._storage_call(
                         lambda: self._over_network(
-                            lambda: blobstore.put_whole(
+                            lambda: blobupload.put_whole(
                                 self.client,
                                 job.blob_name,
                                 str(paths.staged),
@@ -858,7 +868,7 @@ class Uploader:
                     )
             except StepError as exc:
                 cause = exc.__cause__
-                if cause is not None and blobstore.committed_meanwhile(cause):
+                if cause is not None and blobupload.committed_meanwhile(cause):
                     raise StepError(
                         "upload",
                         "another upload of this file committed the blob "
@@ -890,7 +900,7 @@ class Uploader:
         finally:
             upload.close()
 
-    def _window(self, job: Job, size: int, upload: blobstore.BlockUpload) -> StagingWindow | None:
+    def _window(self, job: Job, size: int, upload: blobupload.BlockUpload) -> StagingWindow | None:
         """The window to copy this file through, if the parent gave it one (``job.window``).
 
         A file that goes in one request, or is no larger than the window
@@ -909,7 +919,7 @@ class Uploader:
         self.windowed = StagingWindow(job.window, upload)
         return self.windowed
 
-    def _blocks_sent(self, upload: blobstore.BlockUpload, staged: Staged) -> None:
+    def _blocks_sent(self, upload: blobupload.BlockUpload, staged: Staged) -> None:
         """Wait (beating) until every block is in storage, before the last check and commit."""
         if staged.data is None:
             self._storage_call(lambda: upload.wait_for_blocks(staged.size))
@@ -943,7 +953,7 @@ class Uploader:
             )
 
     @staticmethod
-    def _add_blocks(upload: blobstore.BlockUpload, staged: Staged, block_size: int) -> None:
+    def _add_blocks(upload: blobupload.BlockUpload, staged: Staged, block_size: int) -> None:
         """Queue every block of a kept staging copy, as the copy would have."""
         for index, md5 in enumerate(staged.block_md5s):
             offset = index * block_size
@@ -966,12 +976,12 @@ class Uploader:
         """Run a request on the network thread; beat (waiting on "network") until it returns.
 
         The request is bounded by the SDK's timeouts and retries
-        (:class:`ingestd.blobstore.NetworkBudget`); however long it takes, the
+        (:class:`ingestd.storageclient.NetworkBudget`); however long it takes, the
         uploader is alive, so it must not stop beating and be killed as stalled.
         """
         future = self.net.submit(call)
         while True:
-            done, _ = wait([future], timeout=blobstore.WAKE_S)
+            done, _ = wait([future], timeout=blobupload.WAKE_S)
             if done:
                 return future.result()
             self._network_beat()
@@ -1040,9 +1050,9 @@ class Uploader:
 
     def _upload_error(self, exc: BaseException) -> StepError:
         """The step error for a failed upload; tells the parent at once if storage failed."""
-        kind = blobstore.outage_kind(exc)
+        kind = storageerrors.outage_kind(exc)
         method = self.auth_method if kind == "auth" else None
-        message = f"upload failed: {blobstore.describe_error(exc, method)}"
+        message = f"upload failed: {storageerrors.describe_error(exc, method)}"
         if kind:
             self.channel.send(StorageFailing(kind, message))
         return StepError("upload", message, not kind, kind)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ingestd import blobstore, md5pair, uploader
+from ingestd import blobupload, md5pair, uploader
 from ingestd.child import Channel
 from ingestd.scanner import choose_offers
 
@@ -134,21 +134,21 @@ def test_file_range_reads_only_its_range_and_rewinds(tmp_path: Path) -> None:
     import requests.utils
 
     path = tmp_path / "f.bin"
-    data = os.urandom(3 * blobstore.READ_SIZE + 10)
+    data = os.urandom(3 * blobupload.READ_SIZE + 10)
     path.write_bytes(data)
     fd = os.open(path, os.O_RDONLY)
     try:
-        offset, length = 100, 2 * blobstore.READ_SIZE + 7
+        offset, length = 100, 2 * blobupload.READ_SIZE + 7
         reads: list[int] = []
-        body = blobstore.FileRange(fd, offset, length, lambda: reads.append(body.tell()))
+        body = blobupload.FileRange(fd, offset, length, lambda: reads.append(body.tell()))
         assert len(body) == length and requests.utils.super_len(body) == length
         chunks = []
         while chunk := body.read(32 * 1024):  # what the HTTP stack asks for
-            assert len(chunk) <= blobstore.READ_SIZE
+            assert len(chunk) <= blobupload.READ_SIZE
             chunks.append(bytes(chunk))
         assert b"".join(chunks) == data[offset : offset + length]
         assert body.tell() == length
-        assert reads == [blobstore.READ_SIZE, 2 * blobstore.READ_SIZE, length]  # a beat per read
+        assert reads == [blobupload.READ_SIZE, 2 * blobupload.READ_SIZE, length]  # a beat per read
         body.seek(0)  # the SDK's retry rewinds the body
         assert body.read() == data[offset : offset + length]
         assert body.seek(0, os.SEEK_END) == length and body.read(10) == b""

@@ -193,8 +193,8 @@ def test_outage_backoff_rises_once_per_round_not_once_per_failed_file() -> None:
 
 @pytest.mark.parametrize("stall", [4.0, 10.0, 15.0, 60.0, 300.0])
 def test_every_network_wait_is_shorter_than_the_stall_timeout(stall: float) -> None:
-    from ingestd.blobstore import NetworkBudget
     from ingestd.config import Settings
+    from ingestd.storageclient import NetworkBudget
 
     budget = NetworkBudget.of(
         Settings(
@@ -220,7 +220,7 @@ def test_storage_failures_are_classified_for_operators() -> None:
         ServiceResponseError,
     )
 
-    from ingestd.blobstore import outage_kind
+    from ingestd.storageerrors import outage_kind
 
     def status(code: int, error_code: str = "") -> HttpResponseError:
         exc = HttpResponseError(message="x")
