@@ -26,9 +26,9 @@ from ingestd.storageerrors import (
     ACCOUNT_KEY,
     CONNECTION_STRING,
     DEFAULT_CREDENTIAL,
-    _code,
-    _squash,
     describe_error,
+    one_line,
+    status_and_code,
 )
 
 log = logging.getLogger(__name__)
@@ -172,14 +172,14 @@ def check(settings: Settings, method: str, step: list[str] | None = None) -> Out
             try:
                 client.credential.get_token(STORAGE_SCOPE)
             except Exception as exc:  # whatever the class: the token is what failed
-                return Outcome(method, False, f"could not get a token: {_squash(exc)}")
+                return Outcome(method, False, f"could not get a token: {one_line(exc)}")
             step[0] = CONTAINER_STEP
         client.get_container_properties()
     except ResourceNotFoundError as exc:
         return Outcome(
             method,
             False,
-            f"container {settings.azure_container!r} does not exist ({_code(exc)}); "
+            f"container {settings.azure_container!r} does not exist ({status_and_code(exc)}); "
             "create it or fix APP_AZURE_CONTAINER",
             fatal=True,
         )

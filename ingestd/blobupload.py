@@ -32,7 +32,7 @@ from azure.storage.blob import (
 from ingestd.child import FileCalls
 from ingestd.config import Settings
 from ingestd.ratelimit import TokenBucket
-from ingestd.storageerrors import _error_code
+from ingestd.storageerrors import error_code
 
 
 @dataclass(frozen=True)
@@ -473,12 +473,10 @@ def _condition(version: Version | None) -> dict[str, Any]:
 
 def committed_meanwhile(exc: BaseException) -> bool:
     """The conditional commit failed: another upload committed the blob since we looked."""
-    error_code = _error_code(exc) if isinstance(exc, HttpResponseError) else None
     return (
         isinstance(exc, HttpResponseError)
         and exc.status_code in (409, 412)
-        and str(getattr(error_code, "value", error_code) or "")
-        in ("ConditionNotMet", "BlobAlreadyExists")
+        and error_code(exc) in ("ConditionNotMet", "BlobAlreadyExists")
     )
 
 

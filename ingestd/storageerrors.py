@@ -27,18 +27,20 @@ CONNECTION_STRING = "connection string"
 ACCOUNT_KEY = "account key"
 
 
-def _error_code(exc: HttpResponseError) -> object:
-    """The storage error code, or None.
+def error_code(exc: BaseException) -> str:
+    """The storage error code (``BlobAlreadyExists``), or "" when there is none.
 
     The storage SDK sets ``error_code`` on the errors it processes (its stubs do
-    not declare it); an error raised before any response (no token) has none.
+    not declare it), as a string or an enum member; an error raised before any
+    response (no token) has none.
     """
-    return getattr(exc, "error_code", None)
+    code = getattr(exc, "error_code", None)
+    return str(getattr(code, "value", code) or "")
 
 
-def _code(exc: HttpResponseError) -> str:
-    code = _error_code(exc) or exc.reason
-    return f"{exc.status_code} {getattr(code, 'value', code)}"
+def status_and_code(exc: HttpResponseError) -> str:
+    """``403 AuthorizationFailure``: what an operator searches the docs for."""
+    return f"{exc.status_code} {error_code(exc) or exc.reason}"
 
 
 _WHAT_TO_CHECK = {
@@ -64,8 +66,7 @@ def _rejected(exc: BaseException) -> TypeGuard[HttpResponseError]:
     """
     if not isinstance(exc, HttpResponseError):
         return False
-    error_code = _error_code(exc)
-    code = str(getattr(error_code, "value", error_code) or "")
+    code = error_code(exc)
     return exc.status_code == 401 or (exc.status_code in (400, 403) and code in _REJECTED)
 
 
@@ -73,13 +74,15 @@ def describe_error(exc: BaseException, method: str | None = None) -> str:
     """One line that says what went wrong and what to look at, without secrets."""
     what_to_check = _WHAT_TO_CHECK.get(method or "", "check the credential")
     if _rejected(exc):
-        return f"storage rejected the {method or 'credential'} ({_code(exc)}): {what_to_check}"
+        rejected = f"storage rejected the {method or 'credential'} ({status_and_code(exc)})"
+        return f"{rejected}: {what_to_check}"
     if isinstance(exc, ClientAuthenticationError) and not exc.status_code:
-        return f"could not get a token: {_squash(exc.message)}"
+        return f"could not get a token: {one_line(exc.message)}"
     if isinstance(exc, HttpResponseError) and exc.status_code == 403:
-        return f"access denied ({_code(exc)}): grant the identity a data role on the container"
+        what_to_do = "grant the identity a data role on the container"
+        return f"access denied ({status_and_code(exc)}): {what_to_do}"
     if isinstance(exc, HttpResponseError) and exc.status_code:
-        return f"storage error {_code(exc)}: {_first_line(exc.message)}"
+        return f"storage error {status_and_code(exc)}: {_first_line(exc.message)}"
     if isinstance(exc, (ServiceRequestError, ServiceResponseError)):
         return (
             f"cannot reach the blob endpoint: {_first_line(str(exc))}; check "
@@ -105,8 +108,7 @@ def outage_kind(exc: BaseException) -> str:
         return "auth"
     status = getattr(exc, "status_code", None) or 0
     if isinstance(exc, HttpResponseError) and status:
-        error_code = _error_code(exc)
-        code = str(getattr(error_code, "value", error_code) or "")
+        code = error_code(exc)
         if _rejected(exc) or status in (401, 403):
             return "auth"
         if status == 429 or code == "ServerBusy":
@@ -135,16 +137,7 @@ def _chain_text(exc: BaseException) -> str:
     return " | ".join(parts)
 
 
-def is_outage(exc: BaseException) -> bool:
-    """True when the endpoint was unreachable, overloaded or refused our credential.
-
-    Such failures say nothing about the file, so they must not count
-    towards its attempts (an outage is not a poison file).
-    """
-    return bool(outage_kind(exc))
-
-
-def _squash(text: object, limit: int = 800) -> str:
+def one_line(text: object, limit: int = 800) -> str:
     """A multi-line SDK message (DefaultAzureCredential lists every link) on one line."""
     return " | ".join(line.strip() for line in str(text).splitlines() if line.strip())[:limit]
 
