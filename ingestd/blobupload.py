@@ -446,6 +446,7 @@ class BlockUpload:
 
 Version = tuple[str | None]
 """A blob's ETag when it was looked at, or ``(None,)`` when there was no blob."""
+NO_BLOB: Version = (None,)
 
 
 def blob_version(client: ContainerClient, blob_name: str) -> Version:
@@ -460,7 +461,7 @@ def blob_version(client: ContainerClient, blob_name: str) -> Version:
     try:
         return (client.get_blob_client(blob_name).get_blob_properties().etag,)
     except ResourceNotFoundError:
-        return (None,)
+        return NO_BLOB
 
 
 def _condition(version: Version | None) -> dict[str, Any]:
@@ -471,8 +472,13 @@ def _condition(version: Version | None) -> dict[str, Any]:
     return {"etag": version[0], "match_condition": MatchConditions.IfNotModified}
 
 
-def committed_meanwhile(exc: BaseException) -> bool:
-    """The conditional commit failed: another upload committed the blob since we looked."""
+def condition_failed(exc: BaseException) -> bool:
+    """A conditional commit was refused: the blob is not what the condition said.
+
+    For a commit conditional on an ETag, another upload committed the blob
+    since it was looked at; for one conditional on no blob (:data:`NO_BLOB`),
+    there is a blob of that name.
+    """
     return (
         isinstance(exc, HttpResponseError)
         and exc.status_code in (409, 412)

@@ -36,6 +36,9 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
+from azure.core.exceptions import HttpResponseError
+from azure.storage.blob import StandardBlobTier
+
 from ingestd import (
     blobupload,
     child,
@@ -841,42 +844,14 @@ class Uploader:
                 job, staged.size, staged.mtime_ns, staged.md5, self.host
             )
             self._blocks_sent(upload, staged)
-            version = self._storage_call(
-                lambda: self._over_network(
-                    lambda: blobupload.blob_version(self.client, job.blob_name)
+            if staged.data is not None:
+                self._put_whole(job, paths, staged, upload.tier, metadata)
+            else:
+                version = self._look_at_blob(job)
+                self._still_the_version_read(paths, staged.source)
+                self._commit_unless_changed(
+                    lambda: upload.commit(staged.size, staged.md5, metadata, version)
                 )
-            )
-            self._still_the_version_read(paths, staged.source)
-            try:
-                if staged.data is not None:
-                    self._storage_call(
-                        lambda: self._over_network(
-                            lambda: blobupload.put_whole(
-                                self.client,
-                                job.blob_name,
-                                str(paths.staged),
-                                staged,
-                                upload.tier,
-                                metadata,
-                                version,
-                            )
-                        )
-                    )
-                else:
-                    self._storage_call(
-                        lambda: upload.commit(staged.size, staged.md5, metadata, version)
-                    )
-            except StepError as exc:
-                cause = exc.__cause__
-                if cause is not None and blobupload.committed_meanwhile(cause):
-                    raise StepError(
-                        "upload",
-                        "another upload of this file committed the blob "
-                        "since it was checked: not committed over it; tried "
-                        "again",
-                        False,
-                    ) from cause
-                raise
             if window is not None:
                 log.info(
                     "%s: staged through a window of %d bytes, at most %d held at once",
@@ -923,6 +898,69 @@ class Uploader:
         """Wait (beating) until every block is in storage, before the last check and commit."""
         if staged.data is None:
             self._storage_call(lambda: upload.wait_for_blocks(staged.size))
+
+    def _put_whole(
+        self,
+        job: Job,
+        paths: Paths,
+        staged: Staged,
+        tier: StandardBlobTier | None,
+        metadata: dict[str, str],
+    ) -> None:
+        """Send a small file in one Put Blob, never over a blob that changed since it was seen.
+
+        The first put is conditional on there being no blob of that name
+        (``If-None-Match: *``): that is the look at the blob and the commit
+        in one request, so a new name, the common case, costs one request
+        instead of two (see bench/RESULTS.md). When the name is taken, the
+        blob is looked at and the put is made conditional on what was seen,
+        as for a file sent in blocks.
+        """
+
+        def put(version: blobupload.Version) -> None:
+            self._over_network(
+                lambda: blobupload.put_whole(
+                    self.client, job.blob_name, str(paths.staged), staged, tier, metadata, version
+                )
+            )
+
+        def put_if_new() -> bool:
+            try:
+                put(blobupload.NO_BLOB)
+            except HttpResponseError as exc:
+                if blobupload.condition_failed(exc):
+                    return False
+                raise
+            return True
+
+        self._still_the_version_read(paths, staged.source)
+        if self._storage_call(put_if_new):
+            return
+        version = self._look_at_blob(job)
+        self._still_the_version_read(paths, staged.source)
+        self._commit_unless_changed(lambda: put(version))
+
+    def _look_at_blob(self, job: Job) -> blobupload.Version:
+        """The blob's ETag now (or that there is none), for a commit conditional on it."""
+        return self._storage_call(
+            lambda: self._over_network(lambda: blobupload.blob_version(self.client, job.blob_name))
+        )
+
+    def _commit_unless_changed(self, commit: Callable[[], None]) -> None:
+        """Run a conditional commit; another upload's commit since the look is a retry."""
+        try:
+            self._storage_call(commit)
+        except StepError as exc:
+            cause = exc.__cause__
+            if cause is not None and blobupload.condition_failed(cause):
+                raise StepError(
+                    "upload",
+                    "another upload of this file committed the blob "
+                    "since it was checked: not committed over it; tried "
+                    "again",
+                    False,
+                ) from cause
+            raise
 
     @staticmethod
     def _still_the_version_read(paths: Paths, source: Signature) -> None:
