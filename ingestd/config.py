@@ -55,7 +55,7 @@ def parse_size(value: object) -> int:
 
 
 STAGING_COPY_CHUNK = 256 * 1024
-"""Bytes per read from NFS while staging (``ingestd.uploader.COPY_CHUNK``)."""
+"""Bytes per read from NFS while staging (``ingestd.filesteps.COPY_CHUNK``)."""
 
 MIN_TOKEN_LENGTH = 16
 """Shorter API tokens are refused: 16 random characters are beyond guessing."""

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from ingestd import leases, scanner, uploader
+from ingestd import filesteps, leases, scanner, uploader
 from ingestd.cli import EXIT_AUTH
 from ingestd.config import Settings
 from ingestd.messages import (
@@ -693,7 +693,7 @@ class Supervisor:
         go through a window. Sizes are those the scan or recovery reported.
         """
         settings = self.settings
-        floor = settings.azure_max_block_size + uploader.COPY_CHUNK
+        floor = settings.azure_max_block_size + filesteps.COPY_CHUNK
         window = max(min(settings.staging_window_bytes(), budget), floor)
         whole_max = max(window, budget - (settings.worker_concurrency - 1) * window)
         if job.size > whole_max and job.size > settings.azure_max_single_put_size:

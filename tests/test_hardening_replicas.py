@@ -176,8 +176,8 @@ def test_claim_rules_the_owner_link_is_the_lock(tmp_path: Path) -> None:
     continued only by the replica its link names.
     """
     from ingestd.config import Settings
+    from ingestd.filesteps import Paths, claim
     from ingestd.messages import Job
-    from ingestd.uploader import Paths, claim
 
     a, b = "replica-a~0000000a", "replica-b~0000000b"
     layout = folder_layout(tmp_path / "nfs", tmp_path / "staging")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ingestd import blobupload, md5pair, uploader
+from ingestd import blobupload, filesteps, md5pair
 from ingestd.child import Channel
 from ingestd.scanner import choose_offers
 
@@ -23,7 +23,7 @@ class _Paths:
 
 
 @pytest.mark.parametrize(
-    "size", [0, 1000, 4 * MiB, 4 * MiB + 1, 3 * MiB + 5, 6 * MiB, uploader.COPY_CHUNK * 5 + 17]
+    "size", [0, 1000, 4 * MiB, 4 * MiB + 1, 3 * MiB + 5, 6 * MiB, filesteps.COPY_CHUNK * 5 + 17]
 )
 @pytest.mark.parametrize("whole_md5", [True, False], ids=["put-md5", "blocks-only"])
 def test_stage_hashes_the_file_and_each_block_in_one_pass(
@@ -36,7 +36,7 @@ def test_stage_hashes_the_file_and_each_block_in_one_pass(
     parent, child = Pipe()
     blocks: list[tuple[int, int, bytes]] = []
 
-    staged = uploader.stage(
+    staged = filesteps.stage(
         paths,
         Channel(child),
         "claimed.bin",
@@ -125,8 +125,8 @@ def test_a_failing_block_upload_stops_the_copy_and_removes_the_partial_copy(tmp_
     def refuse(offset: int, length: int, md5: bytes) -> None:
         raise RuntimeError("storage said no")
 
-    with pytest.raises(uploader.BlockFailed):
-        uploader.stage(paths, Channel(child), "claimed.bin", MiB, MiB, refuse)
+    with pytest.raises(filesteps.BlockFailed):
+        filesteps.stage(paths, Channel(child), "claimed.bin", MiB, MiB, refuse)
     assert not paths.staged.exists()
 
 
@@ -257,7 +257,7 @@ def test_a_claim_survives_its_folder_being_pruned_while_it_is_made(
         real_mkdir(self, *args, **kwargs)
 
     monkeypatch.setattr(Path, "mkdir", pruned_once)
-    assert uploader._rename_into(source, target)
+    assert filesteps._rename_into(source, target)
     assert target.read_bytes() == b"x" and not source.exists()
 
 

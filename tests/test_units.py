@@ -154,7 +154,7 @@ def test_redactor_scrubs_secrets_from_messages_args_and_tracebacks() -> None:
 
 @pytest.mark.timeout(10)
 def test_free_name_never_picks_a_taken_name_and_stays_within_name_max(tmp_path: Path) -> None:
-    from ingestd.uploader import free_name
+    from ingestd.filesteps import free_name
 
     assert free_name(tmp_path / "a.bin") == tmp_path / "a.bin"
     (tmp_path / "a.bin").write_bytes(b"1")
