@@ -18,6 +18,7 @@ import pytest
 
 from tests.support.azurite import Azurite
 from tests.support.checks import assert_all_arrived, assert_nothing_left
+from tests.support.proxy import BlobProxy
 from tests.support.service import ApiSampler, Layout, md5_of, wait_until, write_random
 
 MiB = 1024 * 1024
@@ -294,3 +295,38 @@ def test_whole_file_md5_is_stored_on_every_blob_unless_turned_off(
         hashlib.md5(data[o : o + block]).hexdigest() for o in offsets
     ]
     assert_nothing_left(layout)
+
+
+@pytest.mark.timeout(120)
+def test_a_small_file_costs_one_request_and_a_taken_name_is_looked_at_first(
+    make_service, layout: Layout, azurite: Azurite, azurite_container: str
+) -> None:
+    """A one-request file is put "if there is no blob" (If-None-Match: *).
+
+    A new name costs that one Put Blob; a name already taken (here by an
+    older blob with other bytes) is refused, looked at (HEAD), and put again
+    conditional on what was seen. Both end with the source's bytes.
+    """
+    with BlobProxy(azurite.port) as proxy:
+        service = make_service(**proxy.service_env(azurite.account_name))
+        date = service.start_session("puts")["date_prefix"]
+        prefix = f"{date}/puts/"
+        taken = azurite.container_client(azurite_container).get_blob_client(prefix + "taken.bin")
+        taken.upload_blob(b"an older blob of the same name", overwrite=True)
+        expected = {
+            f"new-{i}.bin": write_random(layout.incoming / f"new-{i}.bin", MiB) for i in range(4)
+        }
+        expected["taken.bin"] = write_random(layout.incoming / "taken.bin", MiB)
+        service.wait_processed(len(expected), timeout=60)
+        seen = proxy.requests_seen()
+    assert_all_arrived(azurite, azurite_container, prefix, expected)
+    assert_nothing_left(layout)
+
+    def asked(name: str) -> list[str]:
+        path = f"/{azurite.account_name}/{azurite_container}/{prefix}{name}"
+        return [method for method, target in seen if target.split("?")[0] == path]
+
+    for name in expected:
+        if name != "taken.bin":
+            assert asked(name) == ["PUT"], (name, asked(name))
+    assert asked("taken.bin") == ["PUT", "HEAD", "PUT"], asked("taken.bin")
