@@ -156,10 +156,7 @@ def _rename_into(source: Path, target: Path) -> bool:
     so the folder is made again and the rename retried.
     """
     for _ in range(3):
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-        except FileNotFoundError:
-            continue  # another uploader's cleanup pruned a parent between two mkdirs
+        make_folder(target.parent)
         try:
             os.rename(source, target)
             return True
@@ -378,7 +375,7 @@ def _read_version(opened: os.stat_result, size: int) -> Signature:
 def _create_staged(path: Path) -> BinaryIO:
     """Open the staging copy for writing, making its folder (again if it was just pruned)."""
     for _ in range(3):
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(path.parent)
         try:
             return open(path, "wb", buffering=0)
         except FileNotFoundError:
@@ -496,7 +493,7 @@ def write_record(paths: Paths, staged: Staged, block_size: int) -> None:
         "staged_ino": staged.staged_ino,
     }
     folder = paths.staged_record.parent
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder)
     temp = folder / f".{uuid.uuid4().hex}.tmp"
     with open(temp, "w") as stream:
         stream.write(json.dumps(record))
@@ -538,6 +535,27 @@ def kept_copy(paths: Paths, block_size: int, need_md5: bool) -> Staged | None:
     if signature(paths.claimed) != staged.source:
         return None
     return staged
+
+
+FOLDER_TRIES = 10
+
+
+def make_folder(folder: Path) -> None:
+    """``mkdir -p`` that another uploader's :func:`prune_folders` cannot make fail.
+
+    ``Path.mkdir(parents=True, exist_ok=True)`` is several syscalls: a
+    parent removed between two of them fails it with ENOENT, and the folder
+    itself removed between its EEXIST and the look that follows fails it
+    with EEXIST (seen with two replicas under load: "copy failed (staging):
+    EEXIST"). Either way the folder is simply made again.
+    """
+    for _ in range(FOLDER_TRIES - 1):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            return
+        except (FileExistsError, FileNotFoundError):
+            continue
+    folder.mkdir(parents=True, exist_ok=True)
 
 
 def prune_folders(paths: Paths, roots: tuple[Path, Path]) -> None:
@@ -582,7 +600,7 @@ def read_attempts(paths: Paths) -> int:
 
 
 def write_attempts(paths: Paths, attempts: int, error: str) -> None:
-    paths.attempts.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(paths.attempts.parent)
     record = {"attempts": attempts, "last_error": error, "time": _now()}
     # A uuid, not the pid: replicas in other pods may have the same pids.
     temp = paths.attempts.with_name(f".{uuid.uuid4().hex}.tmp")
@@ -597,7 +615,7 @@ def quarantine(paths: Paths, job: Job, attempts: int, error: str, owner: str = "
     one becomes ``<name>.1`` (``.2``, ...), its sidecar named to match, and
     the sidecar records the original name.
     """
-    paths.failed_sidecar.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(paths.failed_sidecar.parent)
     target = free_name(paths.failed)
     record = {
         "name": job.name,

@@ -34,6 +34,7 @@ moved back by an operator) are taken by whoever creates a link first.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -134,8 +135,10 @@ def take(link: Path, me: str) -> bool:
             if held is not None:
                 return held == me
         except FileNotFoundError:
-            # The folder was never made, or an emptied one was just pruned.
-            link.parent.mkdir(parents=True, exist_ok=True)
+            # The folder was never made, or an emptied one was just pruned
+            # (again, perhaps, while it is made: then the loop tries again).
+            with contextlib.suppress(FileExistsError, FileNotFoundError):
+                link.parent.mkdir(parents=True, exist_ok=True)
     os.symlink(me, link)
     return True
 

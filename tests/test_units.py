@@ -5,12 +5,18 @@ These complement the end-to-end tests; they never replace them.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
+import os
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
+from ingestd import filesteps
 from ingestd.config import parse_size
 from ingestd.logs import SecretRedactor
 from ingestd.messages import Job
@@ -265,3 +271,41 @@ def test_storage_health_tells_outage_from_auth_and_times_the_auth_exit() -> None
     assert health.view(40.0, 300)["auth_exit_in_s"] == 280.0
     health.ok(mono=41.0, wall=1031.0)
     assert health.view(42.0, 300)["state"] == "ok" and health.auth_failing_for(42.0) == 0.0
+
+
+def test_make_folder_survives_a_pruner_removing_the_folders_at_the_same_time(
+    tmp_path: Path,
+) -> None:
+    """Another uploader's prune_folders can remove a session or date folder while
+    we make it. Path.mkdir(exist_ok=True) then fails (ENOENT or EEXIST); make_folder
+    does not. Both run against the same pruner, so the test shows the race is real."""
+    folder = tmp_path / "20261130" / "session"
+    stop = threading.Event()
+
+    def prune() -> None:
+        while not stop.is_set():
+            for emptied in (folder, folder.parent):
+                with contextlib.suppress(OSError):
+                    os.rmdir(emptied)
+            time.sleep(0.0002)  # a prune now and then, not a wall of them
+
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often, so the race shows in a short run
+    pruner = threading.Thread(target=prune, daemon=True)
+    pruner.start()
+    plain_failures = made = 0
+    try:
+        for _ in range(3000):
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except (FileExistsError, FileNotFoundError):
+                plain_failures += 1
+        for _ in range(3000):
+            filesteps.make_folder(folder)
+            made += 1
+    finally:
+        stop.set()
+        pruner.join(timeout=5)
+        sys.setswitchinterval(previous)
+    assert plain_failures > 0, "the pruner never raced the plain mkdir: the test shows nothing"
+    assert made == 3000
