@@ -19,8 +19,8 @@ from typing import Any, NoReturn
 import uvicorn
 
 from ingestd import api
-from ingestd.cli import EXIT_CONFIG, EXIT_INTERNAL
 from ingestd.config import Settings
+from ingestd.exitcodes import EXIT_CONFIG, EXIT_INTERNAL
 from ingestd.sessions import Session, SessionNameError, new_session
 from ingestd.supervisor import Supervisor
 

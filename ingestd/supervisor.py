@@ -29,8 +29,8 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from ingestd import leases, scanner, uploader
-from ingestd.cli import EXIT_AUTH
 from ingestd.config import Settings
+from ingestd.exitcodes import EXIT_AUTH
 from ingestd.messages import (
     Backlog,
     Beat,
