@@ -1,8 +1,9 @@
 """The HTTP API: session control, status and probes.
 
-Handlers only read or flip the supervisor's in-memory state. None of them
-touches a file or waits on a child, so they answer in milliseconds even
-while every child is stuck on a frozen mount.
+Handlers only read or flip the supervisor's in-memory state (they read it
+through a :class:`~ingestd.status.Snapshot`). None of them touches a file or
+waits on a child, so they answer in milliseconds even while every child is
+stuck on a frozen mount.
 
 Routes that change state live on the ``control`` router, which requires the
 bearer token (:func:`ingestd.apiauth.require_token`); a new ``POST /v1/...``
@@ -23,9 +24,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ingestd import __version__, apiauth, metrics
+from ingestd import __version__, apiauth
 from ingestd.apiauth import require_token
+from ingestd.metrics import CONTENT_TYPE, Metrics
 from ingestd.sessions import SessionNameError, new_session
+from ingestd.status import health, rate_view, status_view
 from ingestd.supervisor import Supervisor
 
 MAX_BODY_BYTES = 16 * 1024
@@ -120,8 +123,10 @@ async def _no_receive() -> Message:
     return {"type": "http.disconnect"}
 
 
-def create_app(supervisor: Supervisor, ready: dict[str, Any] | None = None) -> FastAPI:
-    """The FastAPI app over a running :class:`Supervisor`.
+def create_app(
+    supervisor: Supervisor, metrics: Metrics, ready: dict[str, Any] | None = None
+) -> FastAPI:
+    """The FastAPI app over a running :class:`Supervisor` and the metrics it feeds.
 
     ``ready`` is a small dict the CLI flips to ``{"ready": True}`` once
     startup has finished.
@@ -150,7 +155,7 @@ def create_app(supervisor: Supervisor, ready: dict[str, Any] | None = None) -> F
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
         """Liveness: the supervisor ticks and every child slot has a fresh heartbeat."""
-        ok, reason = supervisor.health()
+        ok, reason = health(supervisor.snapshot())
         body: dict[str, Any] = {"ok": ok}
         if not ok:
             body["reason"] = reason
@@ -185,24 +190,24 @@ def create_app(supervisor: Supervisor, ready: dict[str, Any] | None = None) -> F
     @reads.get("/v1/limits")
     async def limits() -> dict[str, Any]:
         """The upload rate cap in force and how it is shared now."""
-        return supervisor.rate_limits()
+        return rate_view(supervisor.snapshot().rate)
 
     @control.post("/v1/limits")
     async def set_limits(body: LimitsRequest) -> dict[str, Any]:
         """Change the upload rate cap without a restart (until the next restart)."""
-        return supervisor.set_rate_cap(body.max_mbps)
+        return rate_view(supervisor.set_rate_cap(body.max_mbps))
 
     @reads.get("/v1/status", response_class=AsciiJSONResponse)
     async def status() -> AsciiJSONResponse:
         # The response itself, not a dict: FastAPI would walk every value of a
         # returned dict through jsonable_encoder first, which is most of the
         # request's cost, and the status is plain JSON types already.
-        return AsciiJSONResponse(supervisor.status())
+        return AsciiJSONResponse(status_view(supervisor.snapshot()))
 
     @reads.get("/metrics")
     async def prometheus() -> Response:
         """Prometheus text format, rendered from the supervisor's state."""
-        return Response(supervisor.metrics.render(), media_type=metrics.CONTENT_TYPE)
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     app.include_router(control)
     app.include_router(reads)

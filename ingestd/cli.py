@@ -1,11 +1,11 @@
 """Start-up: read the settings, fail fast, start the children, serve HTTP.
 
-Exit codes: 0 after a clean shutdown, 1 for an unexpected error, 2 for a
-configuration error (including an HTTP port that cannot be bound), 3 when no
-Azure credential works. Every exit is bounded in time, even with children
-stuck on a frozen mount (see :func:`ingestd.server.serve`). Kubernetes shows
-the last log line of a crashed pod, so each failure ends with one line that
-says what to fix.
+Exit codes (:mod:`ingestd.exitcodes`): 0 after a clean shutdown, 1 for an
+unexpected error, 2 for a configuration error (including an HTTP port that
+cannot be bound), 3 when no Azure credential works. Every exit is bounded in
+time, even with children stuck on a frozen mount (see
+:func:`ingestd.server.serve`). Kubernetes shows the last log line of a
+crashed pod, so each failure ends with one line that says what to fix.
 """
 
 from __future__ import annotations
@@ -16,12 +16,9 @@ import sys
 
 from ingestd import __version__, logs
 from ingestd.config import ConfigError, load_settings
+from ingestd.exitcodes import EXIT_AUTH, EXIT_CONFIG
 
 log = logging.getLogger("ingestd")
-
-EXIT_INTERNAL = 1
-EXIT_CONFIG = 2
-EXIT_AUTH = 3
 
 
 def main() -> int:

@@ -3,14 +3,15 @@
 Children never touch a metric: they send messages, the supervisor updates
 :class:`~ingestd.stats.Stats`, and a scrape renders that state. So there is no
 multiprocess mode, no shared files, and nothing a killed child can corrupt.
-Histograms are observed by the supervisor as results arrive; everything else
-is read at scrape time under the supervisor's lock.
+Histograms are observed as results arrive (:class:`Metrics` is the
+supervisor's :class:`~ingestd.status.Observer`); everything else is read at
+scrape time from a :class:`~ingestd.status.Snapshot`, which the supervisor
+takes under its lock.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
@@ -18,16 +19,18 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from ingestd import __version__
-
-if TYPE_CHECKING:
-    from ingestd.supervisor import Supervisor
+from ingestd.status import Snapshot, health, storage_view
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MiB = 1024 * 1024
 
 
 class Metrics:
-    """The registry for one service, and the histograms the supervisor feeds."""
+    """The registry for one service, and the histograms the supervisor feeds.
+
+    It is the supervisor's :class:`~ingestd.status.Observer`; :meth:`attach`
+    gives it the snapshots the other families are read from.
+    """
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -50,8 +53,16 @@ class Metrics:
             registry=self.registry,
         )
 
-    def attach(self, supervisor: Supervisor) -> None:
-        self.registry.register(_StateCollector(supervisor))
+    def scanned(self, seconds: float) -> None:
+        self.scan_seconds.observe(seconds)
+
+    def uploaded(self, seconds: float, size: int) -> None:
+        self.upload_seconds.observe(seconds)
+        self.file_bytes.observe(size)
+
+    def attach(self, snapshot: Callable[[], Snapshot]) -> None:
+        """Read the other families from ``snapshot()`` (``Supervisor.snapshot``) at each scrape."""
+        self.registry.register(_StateCollector(snapshot))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -60,23 +71,23 @@ class Metrics:
 class _StateCollector(Collector):
     """Counters and gauges read from the supervisor's state at scrape time."""
 
-    def __init__(self, supervisor: Supervisor) -> None:
-        self.supervisor = supervisor
+    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+        self.snapshot = snapshot
 
     def describe(self) -> list[Metric]:
         return []  # families vary with the children present; skip the up-front check
 
     def collect(self) -> Iterator[Metric]:
-        view = self.supervisor.metrics_view()
-        yield _info(view)
-        yield from _counters(view)
-        yield from _gauges(view)
-        yield from _children(view)
+        snap = self.snapshot()
+        yield _info(snap)
+        yield from _counters(snap)
+        yield from _gauges(snap)
+        yield from _children(snap)
 
 
-def _info(view: dict[str, Any]) -> InfoMetricFamily:
+def _info(snap: Snapshot) -> InfoMetricFamily:
     info = InfoMetricFamily("ingestd", "Version and the Azure auth method in use.")
-    info.add_metric([], {"version": __version__, "auth_method": view["auth_method"]})
+    info.add_metric([], {"version": __version__, "auth_method": snap.auth_method})
     return info
 
 
@@ -84,8 +95,8 @@ def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
     return CounterMetricFamily(name, doc, value=value)
 
 
-def _counters(view: dict[str, Any]) -> Iterator[Metric]:
-    stats = view["stats"]
+def _counters(snap: Snapshot) -> Iterator[Metric]:
+    stats = snap.stats
     yield _counter("ingestd_files_uploaded", "Files uploaded and cleaned up.", stats.processed_ok)
     yield _counter("ingestd_bytes_uploaded", "Bytes of files uploaded.", stats.bytes_ok)
     yield _counter(
@@ -134,13 +145,13 @@ def _counters(view: dict[str, Any]) -> Iterator[Metric]:
     yield kills
 
 
-def _gauges(view: dict[str, Any]) -> Iterator[Metric]:
-    stats = view["stats"]
+def _gauges(snap: Snapshot) -> Iterator[Metric]:
+    stats = snap.stats
     yield GaugeMetricFamily(
-        "ingestd_files_in_flight", "Files being uploaded now.", value=view["in_flight"]
+        "ingestd_files_in_flight", "Files being uploaded now.", value=len(snap.flights)
     )
     yield GaugeMetricFamily(
-        "ingestd_files_queued", "Files waiting for an uploader.", value=view["queued"]
+        "ingestd_files_queued", "Files waiting for an uploader.", value=snap.queue.depth
     )
     yield GaugeMetricFamily(
         "ingestd_scan_files_seen",
@@ -160,7 +171,7 @@ def _gauges(view: dict[str, Any]) -> Iterator[Metric]:
         value=stats.backlog_bytes,
     )
     yield GaugeMetricFamily(
-        "ingestd_watch_enabled", "1 while a session is scanning.", value=1 if view["enabled"] else 0
+        "ingestd_watch_enabled", "1 while a session is scanning.", value=1 if snap.enabled else 0
     )
     yield GaugeMetricFamily(
         "ingestd_last_success_timestamp_seconds",
@@ -168,21 +179,21 @@ def _gauges(view: dict[str, Any]) -> Iterator[Metric]:
         value=stats.last_success_at or 0,
     )
     yield GaugeMetricFamily(
-        "ingestd_healthy", "1 when /healthz would answer 200.", value=1 if view["healthy"] else 0
+        "ingestd_healthy", "1 when /healthz would answer 200.", value=1 if health(snap)[0] else 0
     )
     yield GaugeMetricFamily(
         "ingestd_folders_usable",
         "0 while the startup check finds the folders unusable (incoming, "
         ".processing and .failed on different filesystems, or staging "
         "not writable): no file is claimed then.",
-        value=0 if view["setup_problems"] else 1,
+        value=0 if snap.setup_problems else 1,
     )
     yield GaugeMetricFamily(
         "ingestd_upload_rate_cap_bytes_per_second",
         "The pod's upload rate cap now (0: no cap).",
-        value=view["rate_cap"],
+        value=snap.rate.cap,
     )
-    storage = view["storage"]
+    storage = storage_view(snap)
     yield GaugeMetricFamily(
         "ingestd_storage_reachable",
         "0 while the blob endpoint does not answer (refused, timing out, "
@@ -200,49 +211,49 @@ def _gauges(view: dict[str, Any]) -> Iterator[Metric]:
         "Seconds the current storage problem has lasted (0: none).",
         value=storage["for_s"] or 0,
     )
-    staging = view["staging"]
+    staging = snap.staging
     yield GaugeMetricFamily(
         "ingestd_staging_budget_bytes",
         "Staging bytes all uploaders share (APP_STAGING_BUDGET, else the "
         "staging filesystem's size; 0: not known, no budget kept).",
-        value=staging["budget_bytes"],
+        value=staging.budget_bytes,
     )
     yield GaugeMetricFamily(
         "ingestd_staging_reserved_bytes",
         "Staging bytes reserved by files in flight (whole files, or windows).",
-        value=staging["reserved_bytes"],
+        value=staging.reserved_bytes,
     )
     yield GaugeMetricFamily(
         "ingestd_files_windowed_in_flight",
         "Files in flight staged through a window (too large to stage whole).",
-        value=len(staging["windowed_in_flight"]),
+        value=len(staging.windowed_in_flight),
     )
     yield GaugeMetricFamily(
         "ingestd_files_waiting_for_staging",
         "1 while a file waits for its staging reservation to fit.",
-        value=1 if staging["waiting_for_space"] else 0,
+        value=1 if staging.waiting_for_space else 0,
     )
     yield _counter(
         "ingestd_files_windowed",
         "Files uploaded through a staging window.",
-        staging["windowed_total"],
+        staging.windowed_total,
     )
 
 
-def _children(view: dict[str, Any]) -> Iterator[Metric]:
+def _children(snap: Snapshot) -> Iterator[Metric]:
     stuck = GaugeMetricFamily(
         "ingestd_stuck_children",
         "Killed children the kernel has not released, by role.",
         labels=["role"],
     )
     for role in ("scanner", "uploader"):
-        stuck.add_metric([role], view["stuck"].get(role, 0))
+        stuck.add_metric([role], snap.stuck.get(role, 0))
     yield stuck
     age = GaugeMetricFamily(
         "ingestd_child_heartbeat_age_seconds",
         "Seconds since each child slot last reported.",
         labels=["child", "role"],
     )
-    for child, role, seconds in view["heartbeats"]:
-        age.add_metric([child, role], seconds)
+    for slot in snap.slots:
+        age.add_metric([slot.role, slot.kind], round(slot.beat_age, 3))
     yield age

@@ -19,8 +19,9 @@ from typing import Any, NoReturn
 import uvicorn
 
 from ingestd import api
-from ingestd.cli import EXIT_CONFIG, EXIT_INTERNAL
 from ingestd.config import Settings
+from ingestd.exitcodes import EXIT_CONFIG, EXIT_INTERNAL
+from ingestd.metrics import Metrics
 from ingestd.sessions import Session, SessionNameError, new_session
 from ingestd.supervisor import Supervisor
 
@@ -83,10 +84,12 @@ def serve(settings: Settings, auth_method: str) -> NoReturn:
     try:
         session = _autostart_session(settings)
         sock = _bind(settings)
-        supervisor = Supervisor(settings, auth_method)
+        metrics = Metrics()  # fed by the supervisor, read from its snapshots
+        supervisor = Supervisor(settings, auth_method, metrics)
+        metrics.attach(supervisor.snapshot)
         ready: dict[str, Any] = {"ready": False}
         config = uvicorn.Config(
-            api.create_app(supervisor, ready),
+            api.create_app(supervisor, metrics, ready),
             host=settings.http_host,
             port=settings.http_port,
             log_config=None,

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, OrderedDict
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
 
 SessionKey = tuple[str, str]
 """``(date, encoded session)``"""
@@ -146,52 +145,3 @@ class Stats:
     def on_backlog(self, files: int, size: int) -> None:
         """What waits in incoming: the scaling signal (every replica sees the same folder)."""
         self.backlog_files, self.backlog_bytes = files, size
-
-    def totals(self) -> dict[str, Any]:
-        return {
-            "processed_ok": self.processed_ok,
-            "processed_err": self.processed_err,
-            "last_error": self.last_error,
-            "bytes_ok": self.bytes_ok,
-            "last_success_at": self.last_success_at,
-            "skipped_gone": self.skipped,
-            "quarantined": self.quarantined,
-            "gave_up_by_stage": dict(self.gave_up),
-            "interrupted": self.interrupted,
-            "recovered": self.recovered_total,
-            "scan": {
-                "polls": self.scans,
-                "errors": self.scan_errors,
-                "last_seen": self.last_scan_seen,
-                "last_stable": self.last_scan_stable,
-                "last_seconds": round(self.last_scan_seconds, 4),
-            },
-            "backlog": {"files": self.backlog_files, "bytes": self.backlog_bytes},
-            "restarts": dict(self.restarts),
-            "kills": dict(self.kills),
-        }
-
-    def sessions_view(
-        self, queued: Counter[SessionKey], in_flight: Counter[SessionKey]
-    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        """The kept sessions (least recent first) and the folded aggregate, with work counts.
-
-        A session with a file in flight is listed even if folded (at most one
-        per uploader: still bounded). Files queued for folded sessions (found
-        in ``.processing`` at start, say) are counted in the aggregate: listing
-        each such session would unbound the view again.
-        """
-        keys = [*self.sessions, *(k for k in in_flight if k not in self.sessions)]
-        kept = [
-            {
-                **asdict(self.sessions.get(key) or SessionCounters(*key)),
-                "queued": queued[key],
-                "in_flight": in_flight[key],
-            }
-            for key in keys
-        ]
-        older = {
-            **asdict(self.older),
-            "queued": sum(n for key, n in queued.items() if key not in keys),
-        }
-        return kept, older

@@ -26,11 +26,10 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
-from typing import Any
 
 from ingestd import filesteps, leases, scanner, uploader
-from ingestd.cli import EXIT_AUTH
 from ingestd.config import Settings
+from ingestd.exitcodes import EXIT_AUTH
 from ingestd.messages import (
     Backlog,
     Beat,
@@ -55,18 +54,27 @@ from ingestd.messages import (
     StorageFailing,
     StorageOk,
 )
-from ingestd.metrics import Metrics
 from ingestd.process import ChildProcess
 from ingestd.sessions import Session
 from ingestd.stats import SessionCounters, Stats
+from ingestd.status import (
+    GivenUp,
+    Observer,
+    QueueSnapshot,
+    RateSnapshot,
+    SlotSnapshot,
+    Snapshot,
+    StagingSnapshot,
+    StatsSnapshot,
+    Unobserved,
+    session_rows,
+)
 from ingestd.storagehealth import StorageHealth
 from ingestd.workqueue import OutageBackoff, WorkQueue
 
 log = logging.getLogger(__name__)
 
 TICK_S = 0.2
-LOOP_STALE_S = 10.0
-"""The loop ticks every 0.2 s; ten seconds without a tick means it is wedged."""
 REAP_GRACE_S = 2.0
 """A killed child still unreaped after this long is stuck in the kernel."""
 MAX_RESPAWN_DELAY_S = 30.0
@@ -120,15 +128,16 @@ class Slot:
 class Supervisor:
     """Owns the children, the work queue, the sessions and the counters."""
 
-    def __init__(self, settings: Settings, auth_method: str) -> None:
+    def __init__(
+        self, settings: Settings, auth_method: str, observer: Observer | None = None
+    ) -> None:
         self.settings = settings
         self.auth_method = auth_method
+        self.observer: Observer = observer or Unobserved()  # the histograms (ingestd.metrics)
         self.lock = threading.Lock()
         self.queue = WorkQueue(settings.max_queue_size)
         self.outage = OutageBackoff(MAX_RETRY_DELAY_S)
         self.stats = Stats(history=settings.session_history)
-        self.metrics = Metrics()
-        self.metrics.attach(self)
         self.slots = [Slot(SCANNER)] + [
             Slot(f"uploader-{i}") for i in range(1, settings.worker_concurrency + 1)
         ]
@@ -139,7 +148,7 @@ class Supervisor:
         self.setup_problems: tuple[str, ...] = ()
         self.staging_capacity = 0  # the staging filesystem's size, from the scanner's check
         self.staging_parked: Job | None = None  # the oldest job waiting for staging space
-        self.gave_up: deque[dict[str, Any]] = deque(maxlen=GAVE_UP_SHOWN)
+        self.gave_up: deque[GivenUp] = deque(maxlen=GAVE_UP_SHOWN)
         self.unclaimable: dict[tuple[str, str, str], tuple[int, int] | None] = {}
         self.draining = False
         self.drain_deadline = 0.0
@@ -222,29 +231,21 @@ class Supervisor:
 
     # The upload rate cap (called by the API)
 
-    def set_rate_cap(self, max_mbps: float) -> dict[str, Any]:
+    def set_rate_cap(self, max_mbps: float) -> RateSnapshot:
         """Change the pod's upload rate cap now; uploaders get their new shares next tick.
 
         Kept in memory only: a restart goes back to ``APP_AZURE_MAX_MBPS``.
+        Returns the cap and its shares as they are right after the change.
         """
         with self.lock:
             old, self.rate_cap = self.rate_cap, max_mbps * 1e6
-            view = self._rate_view()
+            rate = self._rate_snapshot()
         log.info("upload rate cap changed from %s to %s", _mbps(old), _mbps(self.rate_cap))
-        return view
+        return rate
 
-    def rate_limits(self) -> dict[str, Any]:
-        with self.lock:
-            return self._rate_view()
-
-    def _rate_view(self) -> dict[str, Any]:
+    def _rate_snapshot(self) -> RateSnapshot:
         busy = sum(1 for slot in self.slots[1:] if slot.job)
-        return {
-            "max_mbps": self.rate_cap / 1e6,
-            "bytes_per_second": round(self.rate_cap),
-            "uploaders_sharing": busy,
-            "share_bytes_per_second": round(self._rate_share()),
-        }
+        return RateSnapshot(cap=self.rate_cap, sharing=busy, share=self._rate_share())
 
     def _rate_share(self) -> float:
         """Each uploader's share: the cap split among those with a job.
@@ -345,7 +346,7 @@ class Supervisor:
             log.info("recovery found %d claimed files in .processing", message.count)
         elif isinstance(message, ScanDone):
             self.stats.on_scan(message.seen, message.stable, message.seconds)
-            self.metrics.scan_seconds.observe(message.seconds)
+            self.observer.scanned(message.seconds)
         elif isinstance(message, ScanError):
             self.stats.scan_errors += 1
             self.stats.last_error = message.error
@@ -423,8 +424,7 @@ class Supervisor:
             if job.window:
                 self.stats.windowed_total += 1
             self.stats.on_done(counters, message.size)
-            self.metrics.upload_seconds.observe(message.seconds)
-            self.metrics.file_bytes.observe(message.size)
+            self.observer.uploaded(message.seconds, message.size)
         elif isinstance(message, Gone):
             self.queue.finish(job)
             self.stats.skipped += 1
@@ -474,15 +474,15 @@ class Supervisor:
             self.unclaimable[job.key] = job.seen
         self.stats.on_gave_up(counters, message.stage, f"{job.blob_name}: {message.error}")
         self.gave_up.append(
-            {
-                "file": job.name,
-                "date": job.date,
-                "session": job.session,
-                "stage": message.stage,
-                "error": message.error,
-                "stays_at": message.path,
-                "at": time.time(),
-            }
+            GivenUp(
+                file=job.name,
+                date=job.date,
+                session=job.session,
+                stage=message.stage,
+                error=message.error,
+                stays_at=message.path,
+                at=time.time(),
+            )
         )
 
     def _retry_at(self, failed: Failed, now: float) -> float:
@@ -605,7 +605,7 @@ class Supervisor:
         # Every killed child not reaped yet counts, even one killed a moment
         # ago: otherwise children killed within REAP_GRACE_S of each other
         # would all be replaced and the tree would outgrow the bound. Only
-        # those older than the grace make /healthz fail (see _health).
+        # those older than the grace make /healthz fail (see status.health).
         unreaped = len(self.stuck)
         if unreaped >= self.settings.max_stuck_children:
             slot.held_back = f"not respawned: {unreaped} killed children are stuck in the kernel"
@@ -633,9 +633,6 @@ class Supervisor:
             else:
                 still.append(child)
         self.stuck = still
-
-    def stuck_count(self, now: float) -> int:
-        return sum(1 for c in self.stuck if c.killed_at and now - c.killed_at > REAP_GRACE_S)
 
     @staticmethod
     def _role_kind(slot: Slot) -> str:
@@ -742,18 +739,18 @@ class Supervisor:
                 later.append(job)
         return None
 
-    def _staging_view(self) -> dict[str, Any]:
+    def _staging_snapshot(self) -> StagingSnapshot:
         windowed = [slot.job.blob_name for slot in self.slots[1:] if slot.job and slot.job.window]
         parked = self.staging_parked
-        return {
-            "budget_bytes": self.staging_budget(),
-            "filesystem_bytes": self.staging_capacity,
-            "reserved_bytes": self._staging_reserved(),
-            "window_bytes": self.settings.staging_window_bytes(),
-            "windowed_in_flight": windowed,
-            "windowed_total": self.stats.windowed_total,
-            "waiting_for_space": parked.blob_name if parked else None,
-        }
+        return StagingSnapshot(
+            budget_bytes=self.staging_budget(),
+            filesystem_bytes=self.staging_capacity,
+            reserved_bytes=self._staging_reserved(),
+            window_bytes=self.settings.staging_window_bytes(),
+            windowed_in_flight=tuple(windowed),
+            windowed_total=self.stats.windowed_total,
+            waiting_for_space=parked.blob_name if parked else None,
+        )
 
     def _finish_drain(self, now: float) -> None:
         """Once nothing is in flight, or the grace period is over, let the server exit."""
@@ -781,141 +778,86 @@ class Supervisor:
         if self.on_drained:
             self.on_drained()
 
-    # Views for the API
+    # The snapshot the views are built from (ingestd.status)
 
-    def health(self) -> tuple[bool, str]:
-        """Live if the loop ticks and every slot has beaten within the liveness timeout."""
+    def snapshot(self, now: float | None = None) -> Snapshot:
+        """What ``/v1/status``, ``/healthz``, ``/v1/limits`` and a scrape show, read in one go.
+
+        Taken under the lock and cheap: values and immutable records are
+        copied (the slots, the killed children, the kept sessions: all
+        bounded), nothing is rendered and nothing touches a file; the views
+        are built from the copy, outside the lock. ``now`` (monotonic) is the
+        time the ages are taken at, for tests that set the clock.
+        """
         with self.lock:
-            return self._health(time.monotonic())
-
-    def _health(self, now: float) -> tuple[bool, str]:
-        if now - self.last_tick > LOOP_STALE_S:
-            return False, f"supervisor loop has not ticked for {now - self.last_tick:.0f} s"
-        problems = [f"folders unusable: {problem}" for problem in self.setup_problems]
-        if self.lease_lost:
-            problems.append(f"lease lost: {self.lease_lost}")
-        # A slot held back only while killed children are still dying is no
-        # problem yet; once the kernel keeps them past the grace, it is.
-        stuck = self.stuck_count(now) >= max(1, self.settings.max_stuck_children)
-        for slot in self.slots:
-            age = slot.live_age(now)
-            if slot.held_back and stuck:
-                problems.append(f"{slot.role} {slot.held_back}")
-            elif age <= self.settings.liveness_timeout_s:
-                continue
-            elif slot.stalled_since is not None:
-                problems.append(
-                    f"{slot.role} has made no progress for {age:.0f} s: its "
-                    f"children stall (now {slot.state}) and are killed and replaced"
-                )
-            else:
-                problems.append(f"{slot.role} heartbeat is {age:.0f} s old")
-        return (not problems), "; ".join(problems)
-
-    def metrics_view(self) -> dict[str, Any]:
-        """What a scrape needs, read in one go under the lock."""
-        with self.lock:
-            now = time.monotonic()
+            now = time.monotonic() if now is None else now
             stuck: dict[str, int] = {}
             for child in self.stuck:
                 if child.killed_at and now - child.killed_at > REAP_GRACE_S:
                     kind = "scanner" if child.role == SCANNER else "uploader"
                     stuck[kind] = stuck.get(kind, 0) + 1
-            return {
-                "auth_method": self.auth_method,
-                "rate_cap": self.rate_cap,
-                "storage": self.storage.view(now, self.settings.auth_failure_exit_s),
-                "stats": self.stats,
-                "enabled": self.enabled,
-                "healthy": self._health(now)[0],
-                "setup_problems": self.setup_problems,
-                "in_flight": sum(1 for s in self.slots[1:] if s.job),
-                "queued": len(self.queue) + (self.staging_parked is not None),
-                "staging": self._staging_view(),
-                "stuck": stuck,
-                "heartbeats": [
-                    (s.role, self._role_kind(s), round(s.beat_age(now), 3)) for s in self.slots
-                ],
-            }
+            queued = self.queue.waiting_by_session()
+            if self.staging_parked is not None:  # taken from the queue, waiting for staging room
+                queued[self.staging_parked.key[:2]] += 1
+            flying = Counter(slot.job.key[:2] for slot in self.slots[1:] if slot.job)
+            sessions, older = session_rows(self.stats, queued, flying)
+            depth = self.queue.depth()
+            settings = self.settings
+            return Snapshot(
+                now=now,
+                last_tick=self.last_tick,
+                enabled=self.enabled,
+                session=self.session,
+                draining=self.draining,
+                recovery_done=self.recovery_done,
+                setup_problems=self.setup_problems,
+                lease_lost=self.lease_lost,
+                owner=self.owner,
+                replica=leases.replica_of(self.owner),
+                auth_method=self.auth_method,
+                stats=StatsSnapshot.of(self.stats),
+                gave_up=tuple(self.gave_up),
+                staging=self._staging_snapshot(),
+                queue=QueueSnapshot(
+                    recovered=depth["recovered"],
+                    new=depth["new"],
+                    retrying=depth["retrying"],
+                    parked=self.staging_parked is not None,
+                    max_size=self.queue.max_size,
+                    dropped=self.queue.dropped,
+                ),
+                slots=tuple(self._slot_snapshot(slot, now) for slot in self.slots),
+                stuck=stuck,
+                killed_unreaped=len(self.stuck),
+                storage=replace(self.storage),
+                rate=self._rate_snapshot(),
+                sessions=sessions,
+                older_sessions=older,
+                liveness_timeout_s=settings.liveness_timeout_s,
+                max_stuck_children=settings.max_stuck_children,
+                auth_failure_exit_s=settings.auth_failure_exit_s,
+            )
 
-    def status(self) -> dict[str, Any]:
-        """Everything an operator needs, as plain JSON-ready data."""
-        with self.lock:
-            now = time.monotonic()
-            session = self.session
-            return {
-                "enabled": self.enabled,
-                "active_session": session.name if session and self.enabled else None,
-                "session": _session_view(session),
-                **self.stats.totals(),
-                "draining": self.draining,
-                "recovery_done": self.recovery_done,
-                "setup_problems": list(self.setup_problems),
-                "gave_up": list(self.gave_up),
-                "staging": self._staging_view(),
-                "queue": {
-                    "depth": len(self.queue) + (self.staging_parked is not None),
-                    **self.queue.depth(),
-                    "waiting_for_staging": int(self.staging_parked is not None),
-                    "max": self.queue.max_size,
-                    "dropped_full": self.queue.dropped,
-                },
-                "in_flight": [self._flight_view(s, now) for s in self.slots[1:] if s.job],
-                "children": [self._child_view(s, now) for s in self.slots],
-                "stuck_children": self.stuck_count(now),
-                "killed_unreaped": len(self.stuck),
-                "auth_method": self.auth_method,
-                "storage": self.storage.view(now, self.settings.auth_failure_exit_s),
-                "upload_rate_cap": self._rate_view(),
-                "replica": {
-                    "id": leases.replica_of(self.owner),
-                    "lease": self.owner,
-                    "lease_lost": self.lease_lost,
-                },
-                **self._sessions_view(),
-            }
-
-    def _sessions_view(self) -> dict[str, Any]:
-        """Per-session counters (bounded), with queued and in-flight counted from the jobs."""
-        queued = self.queue.waiting_by_session()
-        if self.staging_parked is not None:  # taken from the queue, waiting for staging room
-            queued[self.staging_parked.key[:2]] += 1
-        flying = Counter(slot.job.key[:2] for slot in self.slots[1:] if slot.job)
-        kept, older = self.stats.sessions_view(queued, flying)
-        return {"sessions": kept, "older_sessions": older}
-
-    @staticmethod
-    def _flight_view(slot: Slot, now: float) -> dict[str, Any]:
-        assert slot.job is not None
-        return {
-            "file": slot.job.name,
-            "date": slot.job.date,
-            "session": slot.job.session,
-            "blob": slot.job.blob_name,
-            "stage": slot.state,
-            "bytes_done": slot.bytes_done,
-            "bytes_total": slot.bytes_total,
-            "seconds": round(now - slot.job_started, 1),
-            "worker": slot.role,
-            "staging": "window" if slot.job.window else "whole",
-            "staging_reserved_bytes": _reservation(slot.job),
-        }
-
-    @staticmethod
-    def _child_view(slot: Slot, now: float) -> dict[str, Any]:
-        return {
-            "role": slot.role,
-            "pid": slot.child.pid if slot.child else None,
-            "state": slot.state,
-            "file": slot.file,
-            "heartbeat_age_s": round(slot.beat_age(now), 2),
-            "waiting_on": slot.waiting or None,
-            "file_syscall_age_s": round(now - slot.syscall_since, 2)
-            if slot.syscall_since is not None
-            else None,
-            "restarts": slot.restarts,
-            "held_back": slot.held_back,
-        }
+    def _slot_snapshot(self, slot: Slot, now: float) -> SlotSnapshot:
+        return SlotSnapshot(
+            role=slot.role,
+            kind=self._role_kind(slot),
+            pid=slot.child.pid if slot.child else None,
+            state=slot.state,
+            file=slot.file,
+            beat_age=slot.beat_age(now),
+            live_age=slot.live_age(now),
+            stalled=slot.stalled_since is not None,
+            syscall_age=now - slot.syscall_since if slot.syscall_since is not None else None,
+            waiting=slot.waiting,
+            restarts=slot.restarts,
+            held_back=slot.held_back,
+            job=slot.job,
+            job_seconds=now - slot.job_started,
+            bytes_done=slot.bytes_done,
+            bytes_total=slot.bytes_total,
+            reserved=_reservation(slot.job) if slot.job else 0,
+        )
 
 
 def _reservation(job: Job) -> int:
@@ -925,14 +867,3 @@ def _reservation(job: Job) -> int:
 
 def _mbps(bytes_per_s: float) -> str:
     return f"{bytes_per_s / 1e6:g} MB/s" if bytes_per_s > 0 else "none"
-
-
-def _session_view(session: Session | None) -> dict[str, Any] | None:
-    if session is None:
-        return None
-    return {
-        "session_name": session.name,
-        "encoded_session": session.encoded,
-        "date_prefix": session.date,
-        "blob_prefix": session.blob_prefix,
-    }

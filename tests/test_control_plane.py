@@ -246,12 +246,13 @@ def test_every_state_changing_route_requires_the_token() -> None:
     from ingestd import api
     from ingestd.apiauth import bearer
     from ingestd.config import Settings
+    from ingestd.metrics import Metrics
     from ingestd.supervisor import Supervisor
 
     settings = Settings(
         azure_account_url="https://127.0.0.1:9/x", azure_container="c", http_host="127.0.0.1"
     )
-    spec = api.create_app(Supervisor(settings, "test")).openapi()
+    spec = api.create_app(Supervisor(settings, "test"), Metrics()).openapi()
     operations = [
         (method, path, op) for path, ops in spec["paths"].items() for method, op in ops.items()
     ]
@@ -325,6 +326,7 @@ def test_status_stays_small_after_10000_starts_without_a_name(
 
 def test_folding_keeps_the_active_session_and_every_count() -> None:
     from ingestd.stats import Stats
+    from ingestd.status import session_rows
 
     stats = Stats(history=2)
     stats.start("d", "active")
@@ -333,12 +335,12 @@ def test_folding_keeps_the_active_session_and_every_count() -> None:
     assert set(stats.sessions) == {("d", "active"), ("d", "c"), ("d", "d")}
     stats.on_failed(stats.session("d", "a"), "late result for a folded session")
     assert set(stats.sessions) == {("d", "active"), ("d", "d"), ("d", "a")}
-    kept, older = stats.sessions_view(Counter({("d", "b"): 3}), Counter({("d", "b"): 1}))
-    assert {s["session"] for s in kept} == {"active", "d", "a", "b"}, "in flight: listed"
-    assert kept[-1]["session"] == "b"
-    assert older["files_done"] + sum(s["files_done"] for s in kept) == stats.processed_ok == 4
-    assert older["failed"] + sum(s["failed"] for s in kept) == stats.processed_err == 1
-    assert older["queued"] == 0 and kept[-1]["queued"] == 3
+    kept, older = session_rows(stats, Counter({("d", "b"): 3}), Counter({("d", "b"): 1}))
+    assert {s.session for s in kept} == {"active", "d", "a", "b"}, "in flight: listed"
+    assert kept[-1].session == "b"
+    assert older.files_done + sum(s.files_done for s in kept) == stats.processed_ok == 4
+    assert older.failed + sum(s.failed for s in kept) == stats.processed_err == 1
+    assert older.queued == 0 and kept[-1].queued == 3
     none = Stats(history=0)
     none.start("d", "x")
     none.on_done(none.session("d", "y"), 1)

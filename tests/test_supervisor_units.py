@@ -24,6 +24,7 @@ import pytest
 import ingestd.supervisor as supervisor_module
 from ingestd.config import Settings
 from ingestd.messages import Beat, Claimed, Done, Job, Stop
+from ingestd.status import health
 from ingestd.supervisor import REAP_GRACE_S, Supervisor
 
 STALL_S = 5.0
@@ -327,7 +328,7 @@ def test_no_more_children_past_the_stuck_bound_until_they_are_reaped(
     sup._check_children(now + 1)
     assert len(children) == made, "held back while the killed ones stay in the kernel"
     assert live() + len(sup.stuck) <= slots + bound
-    ok, reason = sup._health(now + REAP_GRACE_S + 1)
+    ok, reason = health(sup.snapshot(now + REAP_GRACE_S + 1))
     assert not ok and "stuck in the kernel" in reason
 
     for child in sup.stuck[:2]:
@@ -344,8 +345,9 @@ def test_stuck_counts_only_after_the_reap_grace(make_supervisor: SupervisorFacto
     now = time.monotonic()
     stall_all(sup, now)
     killed_at = min(c.killed_at for c in sup.stuck if c.killed_at)
-    assert sup.stuck_count(killed_at + REAP_GRACE_S - 0.1) == 0, "still dying, not stuck"
-    assert sup.stuck_count(killed_at + REAP_GRACE_S + 0.1) == 2
+    snapshot = sup.snapshot
+    assert snapshot(killed_at + REAP_GRACE_S - 0.1).stuck_children == 0, "still dying, not stuck"
+    assert snapshot(killed_at + REAP_GRACE_S + 0.1).stuck_children == 2
 
 
 # ------------------------------------------------------------------------- drain
