@@ -39,7 +39,7 @@ from typing import BinaryIO
 
 from ingestd import blobupload, config, leases, md5pair, scanner
 from ingestd.blobupload import Staged
-from ingestd.child import Channel, ParentGone
+from ingestd.childruntime import Channel, ParentGone
 from ingestd.config import Settings
 from ingestd.messages import Job, Signature
 

@@ -24,8 +24,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TypeVar
 
-from ingestd import child, leases
-from ingestd.child import Channel, ParentGone
+from ingestd import childruntime, leases
+from ingestd.childruntime import Channel, ParentGone
 from ingestd.config import Settings
 from ingestd.leases import Lease, LeaseLost, Observer, Recovery
 from ingestd.messages import (
@@ -460,7 +460,7 @@ def _describe(exc: OSError) -> str:
 
 def main(conn: Connection, settings: Settings, first_start: bool, owner: str) -> None:
     """Entry point of the scanner process; ``owner`` is this replica's lease token."""
-    child.start(settings, "scanner")
+    childruntime.start(settings, "scanner")
     try:
         Scanner(settings, Channel(conn), owner).run(first_start)
     except ParentGone:

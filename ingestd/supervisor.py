@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 
 from ingestd import filesteps, leases, scanner, uploader
+from ingestd.childhandle import ChildProcess
 from ingestd.config import Settings
 from ingestd.exitcodes import EXIT_AUTH
 from ingestd.messages import (
@@ -54,7 +55,6 @@ from ingestd.messages import (
     StorageFailing,
     StorageOk,
 )
-from ingestd.process import ChildProcess
 from ingestd.sessions import Session
 from ingestd.stats import SessionCounters, Stats
 from ingestd.status import (

@@ -24,9 +24,9 @@ from typing import TypeVar
 from azure.core.exceptions import HttpResponseError
 from azure.storage.blob import StandardBlobTier
 
-from ingestd import blobupload, child, leases, provenance, storageclient, storageerrors
+from ingestd import blobupload, childruntime, leases, provenance, storageclient, storageerrors
 from ingestd.blobupload import Staged
-from ingestd.child import Channel, ParentGone
+from ingestd.childruntime import Channel, ParentGone
 from ingestd.config import Settings
 from ingestd.filesteps import (
     BlockFailed,
@@ -647,7 +647,7 @@ def main(
     conn: Connection, settings: Settings, auth_method: str, role: str, owner: str = ""
 ) -> None:
     """Entry point of an uploader process; ``owner`` is this replica's lease token."""
-    child.start(settings, role)
+    childruntime.start(settings, role)
     _lower_priority()
     channel = Channel(conn)
     try:

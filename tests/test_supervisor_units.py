@@ -6,7 +6,7 @@ test sets, the way uvicorn tests its supervisor with a fake process handle:
 dispatch, stall (kill and replace), respawn with back-off, the bound on
 children stuck in the kernel, and the drain at shutdown.
 
-``FakeChild`` stands in for ``ingestd.process.ChildProcess``: it records what
+``FakeChild`` stands in for ``ingestd.childhandle.ChildProcess``: it records what
 the supervisor sends it and lets the test decide when it exits, stalls or
 is reaped. The tests call the loop's steps (``_check_children``,
 ``_dispatch``, ...) with an explicit ``now`` instead of running the thread.

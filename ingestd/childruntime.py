@@ -1,5 +1,8 @@
 """What every child process does first, and its end of the pipe.
 
+Runs inside every child (scanner and uploaders), never in the parent; the
+parent's handle on a child is ``childhandle``.
+
 A child owns one duplex pipe to the parent. It must die with the parent (an
 orphaned uploader would keep claiming files nobody counts), must not send
 two messages at once from two threads (the SDK calls the progress hook from
