@@ -46,7 +46,7 @@ def _fill(folder: Path, entries: int, master: Path) -> list[str]:
 
 
 def isolated(entries: int, work: Path, repeats: int = 7) -> list[dict[str, Any]]:
-    from ingestd.child import Channel
+    from ingestd.childruntime import Channel
     from ingestd.scanner import list_incoming, stable_files
 
     master = work / "master.bin"

@@ -29,7 +29,7 @@ from azure.storage.blob import (
     StandardBlobTier,
 )
 
-from ingestd.child import FileCalls
+from ingestd.childruntime import FileCalls
 from ingestd.config import Settings
 from ingestd.ratelimit import TokenBucket
 from ingestd.storageerrors import error_code
@@ -100,7 +100,7 @@ class FileRange:
     ``bucket``, when given, is the uploader's share of the rate cap: each read
     first waits for its budget, beating (``on_read``) while it waits.
     ``file_calls``, when given, records each ``pread`` while it runs (see
-    :class:`ingestd.child.FileCalls`): a block thread stuck on a frozen
+    :class:`ingestd.childruntime.FileCalls`): a block thread stuck on a frozen
     staging disk must still get the uploader killed, although the work loop
     keeps beating while it waits for the blocks.
     """

@@ -39,9 +39,9 @@ from typing import BinaryIO
 
 from ingestd import blobupload, config, leases, md5pair, scanner
 from ingestd.blobupload import Staged
-from ingestd.child import Channel, ParentGone
+from ingestd.childruntime import Channel, ParentGone
 from ingestd.config import Settings
-from ingestd.messages import Job, Signature
+from ingestd.messages import ChildState, Job, Signature, Stage
 
 COPY_CHUNK = config.STAGING_COPY_CHUNK
 """Bytes per read from NFS while staging: as cheap per GiB as larger reads
@@ -57,7 +57,7 @@ class StepError(Exception):
     """A step failed; carries the stage, whether it counts against the file,
     and the kind of storage outage when that is what failed."""
 
-    def __init__(self, stage: str, message: str, counted: bool, outage: str = "") -> None:
+    def __init__(self, stage: Stage, message: str, counted: bool, outage: str = "") -> None:
         super().__init__(message)
         self.stage = stage
         self.counted = counted
@@ -245,7 +245,7 @@ def stage(
             opened = os.fstat(src.fileno())
             total = opened.st_size
             staged_ino = os.fstat(dst.fileno()).st_ino
-            channel.beat("copying", file, 0, total, force=True)
+            channel.beat(ChildState.COPYING, file, 0, total, force=True)
             if total <= single_put_size:
                 data = _read_small(src, total)
                 _write_all(dst, memoryview(data))
@@ -277,7 +277,7 @@ def stage(
                     if done - block_start == block_size:
                         block_done(done, hashes.split())
                         block_start = done
-                channel.beat("copying", file, done, total)
+                channel.beat(ChildState.COPYING, file, done, total)
             if done > block_start or not block_md5s:
                 block_done(done, hashes.split())
             _fsync_staged(dst)

@@ -8,9 +8,59 @@ The parent only ever learns about files through these.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
 Signature = tuple[int, int, int]
 """What identifies one version of a file: (size, mtime_ns, inode)."""
+
+
+class Stage(StrEnum):
+    """The step of a file's upload that failed (``Failed.stage``, ``GaveUp.stage``).
+
+    The uploader names it (``filesteps.StepError``); the supervisor decides
+    from it how to retry. It shows as ``gave_up[].stage`` and the keys of
+    ``gave_up_by_stage`` in ``/v1/status``, as the ``stage`` label of
+    ``ingestd_files_given_up_total``, and in the uploader's "failed at" and
+    "giving up" log lines. Members are ``str``: the JSON, the labels and the
+    log lines carry the plain value (``"claim"``).
+    """
+
+    CLAIM = "claim"  # the rename into .processing (the file stays in incoming)
+    COPY = "copy"  # reading NFS or writing the staging copy
+    UPLOAD = "upload"  # a request to storage (blocks, put, commit)
+    VERIFY = "verify"  # the file changed since it was read: not committed, or not deleted
+    CLEANUP = "cleanup"  # deleting both copies after the commit
+    QUARANTINE = "quarantine"  # the move to .failed
+    INTERNAL = "internal"  # an unexpected error (a bug): costs one attempt
+
+
+class ChildState(StrEnum):
+    """What a child slot is doing: a child's own ``Beat.state``, or what the parent knows.
+
+    A child says it in each beat (the scanner: ``idle``, ``checking``,
+    ``recovering``, ``scanning``, ``backoff``; an uploader: ``idle``,
+    ``claiming``, ``copying``, ``uploading``, ``cleaning``). The parent sets
+    the others on the slot itself: ``starting`` (spawned, no beat yet; also
+    what a child's channel repeats before its first beat), ``claiming`` (a
+    job was just sent), ``idle`` (its result came back), ``held`` (not
+    respawned while killed children are stuck), ``stopped`` (exited after a
+    drain). It shows as ``children[].state`` and ``in_flight[].stage`` in
+    ``/v1/status`` and in the parent's "killing it" / "stalled ... in" lines.
+    Members are ``str``: the JSON and the log lines carry the plain value.
+    """
+
+    STARTING = "starting"
+    IDLE = "idle"
+    CHECKING = "checking"  # scanner: checking that the folders are usable
+    RECOVERING = "recovering"  # scanner: a pass over .processing
+    SCANNING = "scanning"  # scanner: polling incoming
+    BACKOFF = "backoff"  # scanner: waiting after an NFS error
+    CLAIMING = "claiming"
+    COPYING = "copying"  # uploader: NFS to staging (blocks go out meanwhile)
+    UPLOADING = "uploading"  # uploader: the rest of the blocks, then the commit
+    CLEANING = "cleaning"  # uploader: deleting both copies after the commit
+    HELD = "held"
+    STOPPED = "stopped"
 
 
 @dataclass(frozen=True)
@@ -204,7 +254,7 @@ class Beat:
     stop the beats, so the beat carries how long it has been blocked.
     """
 
-    state: str
+    state: ChildState
     file: str | None = None
     bytes_done: int = 0
     bytes_total: int = 0
@@ -269,7 +319,7 @@ class Failed:
 
     job: Job
     error: str
-    stage: str
+    stage: Stage
     counted: bool
     outage: str = ""  # why storage failed, when it did (see storageerrors.outage_kind)
 
@@ -290,7 +340,7 @@ class GaveUp:
 
     job: Job
     error: str
-    stage: str
+    stage: Stage
     path: str
 
 

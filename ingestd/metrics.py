@@ -19,6 +19,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from ingestd import __version__
+from ingestd.messages import Stage
 from ingestd.status import Snapshot, health, storage_view
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -129,7 +130,7 @@ def _counters(snap: Snapshot) -> Iterator[Metric]:
         "stays in incoming; cleanup, quarantine: stays in .processing).",
         labels=["stage"],
     )
-    for stage in ("claim", "cleanup", "quarantine"):
+    for stage in (Stage.CLAIM, Stage.CLEANUP, Stage.QUARANTINE):
         gave_up.add_metric([stage], stats.gave_up.get(stage, 0))
     yield gave_up
     restarts = CounterMetricFamily(

@@ -24,12 +24,13 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TypeVar
 
-from ingestd import child, leases
-from ingestd.child import Channel, ParentGone
+from ingestd import childruntime, leases
+from ingestd.childruntime import Channel, ParentGone
 from ingestd.config import Settings
 from ingestd.leases import Lease, LeaseLost, Observer, Recovery
 from ingestd.messages import (
     Backlog,
+    ChildState,
     LeaseGone,
     Recovered,
     RecoveryDone,
@@ -87,7 +88,7 @@ def list_incoming(
     with os.scandir(incoming) as entries:
         for count, entry in enumerate(entries):
             if count % BEAT_EVERY == 0:
-                channel.beat("scanning")
+                channel.beat(ChildState.SCANNING)
             if entry.name.startswith("."):
                 continue
             if not entry.is_file(follow_symlinks=False):
@@ -150,7 +151,7 @@ def recover(recovery: Recovery, channel: Channel, start: bool) -> int:
     Afterwards, every :func:`leases.renew_interval`: only what it takes over
     (see :class:`ingestd.leases.Recovery`).
     """
-    result = recovery.run(start, lambda: channel.beat("recovering"))
+    result = recovery.run(start, lambda: channel.beat(ChildState.RECOVERING))
     for claim in result.ours:
         channel.send(
             Recovered(name=claim.name, date=claim.date, session=claim.session, size=claim.size)
@@ -321,7 +322,7 @@ class Scanner:
         reported: list[str] = []
         wait_s = self.settings.poll_interval_s
         while True:
-            self.channel.beat("checking", force=True)
+            self.channel.beat(ChildState.CHECKING, force=True)
             problems = self._retrying("folder check", lambda: check_setup(self.settings))
             self.channel.send(
                 SetupProblem(tuple(problems), staging_size(self.settings.local_staging_root))
@@ -335,7 +336,7 @@ class Scanner:
             wait_s = min(MAX_BACKOFF_S, wait_s * 2)
 
     def _recover(self, first_start: bool) -> None:
-        self.channel.beat("recovering", force=True)
+        self.channel.beat(ChildState.RECOVERING, force=True)
         if first_start:
             removed = clean_staging(self.settings.local_staging_root)
             if removed:
@@ -357,14 +358,14 @@ class Scanner:
         """The periodic pass: take the files of replicas taken for dead."""
         if self.lease_lost:
             return
-        self.channel.beat("recovering", force=True)
+        self.channel.beat(ChildState.RECOVERING, force=True)
         count = recover(self.recovery, self.channel, start=False)
         if count:
             self.channel.send(RecoveryDone(count=count))
-        self.channel.beat("idle", force=True)
+        self.channel.beat(ChildState.IDLE, force=True)
 
     def _poll(self) -> None:
-        self.channel.beat("scanning", force=True)
+        self.channel.beat(ChildState.SCANNING, force=True)
         listing = list_incoming(self.settings.nfs_incoming_dir, self.channel, self._unchecked)
         stable = stable_files(
             self.previous, listing.files, time.time_ns(), self.settings.min_file_age_s
@@ -378,7 +379,7 @@ class Scanner:
             ScanDone(seen=len(listing.files), stable=len(stable), seconds=listing.seconds)
         )
         self.channel.send(Backlog(files=len(stable), bytes=sum(item[1] for item in stable)))
-        self.channel.beat("idle", force=True)
+        self.channel.beat(ChildState.IDLE, force=True)
 
     def _unchecked(self, name: str) -> Signature | None:
         """The signature to reuse without an ``lstat`` for a file already offered, or None.
@@ -429,7 +430,7 @@ class Scanner:
 
     def _wait_for_control(self, timeout: float) -> None:
         """Wait up to ``timeout`` for a message from the parent, beating at least each second."""
-        self.channel.beat("idle" if not self.backoff_s else "backoff")
+        self.channel.beat(ChildState.IDLE if not self.backoff_s else ChildState.BACKOFF)
         if not self.channel.poll(min(timeout, 1.0)):
             return
         message = self.channel.recv()
@@ -460,7 +461,7 @@ def _describe(exc: OSError) -> str:
 
 def main(conn: Connection, settings: Settings, first_start: bool, owner: str) -> None:
     """Entry point of the scanner process; ``owner`` is this replica's lease token."""
-    child.start(settings, "scanner")
+    childruntime.start(settings, "scanner")
     try:
         Scanner(settings, Channel(conn), owner).run(first_start)
     except ParentGone:

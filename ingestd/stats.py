@@ -16,6 +16,8 @@ import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
+from ingestd.messages import Stage
+
 SessionKey = tuple[str, str]
 """``(date, encoded session)``"""
 
@@ -59,7 +61,7 @@ class Stats:
     last_success_at: float | None = None
     skipped: int = 0
     quarantined: int = 0
-    gave_up: Counter[str] = field(default_factory=Counter)
+    gave_up: Counter[Stage] = field(default_factory=Counter)
     interrupted: int = 0
     recovered_total: int = 0
     windowed_total: int = 0  # files uploaded through a staging window
@@ -129,7 +131,7 @@ class Stats:
         counters.quarantined += 1
         self._fold()
 
-    def on_gave_up(self, counters: SessionCounters, stage: str, error: str) -> None:
+    def on_gave_up(self, counters: SessionCounters, stage: Stage, error: str) -> None:
         """No more tries this run (the file stays on NFS); counted by the step that failed."""
         self.processed_err += 1
         self.gave_up[stage] += 1

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ingestd.messages import Job
+from ingestd.messages import ChildState, Job, Stage
 from ingestd.sessions import Session
 from ingestd.stats import SessionCounters, SessionKey, Stats
 from ingestd.storagehealth import StorageHealth
@@ -62,7 +62,7 @@ class StatsSnapshot:
     last_success_at: float | None
     skipped: int
     quarantined: int
-    gave_up: Mapping[str, int]
+    gave_up: Mapping[Stage, int]
     interrupted: int
     recovered_total: int
     windowed_total: int
@@ -135,7 +135,7 @@ class GivenUp:
     file: str
     date: str
     session: str
-    stage: str
+    stage: Stage
     error: str
     stays_at: str
     at: float  # wall clock
@@ -148,7 +148,7 @@ class SlotSnapshot:
     role: str
     kind: str  # "scanner" or "uploader"
     pid: int | None
-    state: str
+    state: ChildState
     file: str | None
     beat_age: float
     live_age: float  # heartbeat age for liveness (see Slot.live_age)

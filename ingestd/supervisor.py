@@ -28,11 +28,13 @@ from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 
 from ingestd import filesteps, leases, scanner, uploader
+from ingestd.childhandle import ChildProcess
 from ingestd.config import Settings
 from ingestd.exitcodes import EXIT_AUTH
 from ingestd.messages import (
     Backlog,
     Beat,
+    ChildState,
     Claimed,
     Done,
     Failed,
@@ -50,11 +52,11 @@ from ingestd.messages import (
     ScanError,
     SetupProblem,
     Stable,
+    Stage,
     Stop,
     StorageFailing,
     StorageOk,
 )
-from ingestd.process import ChildProcess
 from ingestd.sessions import Session
 from ingestd.stats import SessionCounters, Stats
 from ingestd.status import (
@@ -96,7 +98,7 @@ class Slot:
 
     role: str
     child: ChildProcess | None = None
-    state: str = "starting"
+    state: ChildState = ChildState.STARTING
     file: str | None = None
     bytes_done: int = 0
     bytes_total: int = 0
@@ -416,7 +418,7 @@ class Supervisor:
         self, slot: Slot, message: Done | Failed | Gone | Quarantined | GaveUp, now: float
     ) -> None:
         job = message.job
-        slot.job, slot.file, slot.state = None, None, "idle"
+        slot.job, slot.file, slot.state = None, None, ChildState.IDLE
         counters = self.stats.session(job.date, job.session)
         if isinstance(message, Done):
             self.queue.finish(job)
@@ -470,7 +472,7 @@ class Supervisor:
         """
         job = message.job
         self.queue.finish(job)
-        if message.stage == "claim":
+        if message.stage == Stage.CLAIM:
             self.unclaimable[job.key] = job.seen
         self.stats.on_gave_up(counters, message.stage, f"{job.blob_name}: {message.error}")
         self.gave_up.append(
@@ -495,7 +497,7 @@ class Supervisor:
         if failed.counted:
             delay = max(self.settings.min_file_age_s, 2.0**failed.job.attempts)
             return now + min(MAX_RETRY_DELAY_S, delay)
-        if failed.stage in ("cleanup", "quarantine"):
+        if failed.stage in (Stage.CLEANUP, Stage.QUARANTINE):
             return now + min(MAX_RETRY_DELAY_S, 2.0**failed.job.tries)
         return self.outage.retry_at(now)
 
@@ -512,7 +514,7 @@ class Supervisor:
             target, args = uploader.main, (self.settings, self.auth_method, slot.role, self.owner)
         slot.child = ChildProcess(slot.role, target, args)
         slot.state, slot.file, slot.last_beat, slot.held_back = (
-            "starting",
+            ChildState.STARTING,
             None,
             time.monotonic(),
             None,
@@ -543,7 +545,7 @@ class Supervisor:
             # Told to stop (Stop, once drained): an expected exit, not replaced.
             log.info("%s (pid %d) stopped after the drain", slot.role, child.pid)
             child.release()
-            slot.child, slot.state = None, "stopped"
+            slot.child, slot.state = None, ChildState.STOPPED
             return
         log.warning(
             "%s (pid %d) exited with code %s after %.1f s", slot.role, child.pid, code, lived
@@ -609,7 +611,7 @@ class Supervisor:
         unreaped = len(self.stuck)
         if unreaped >= self.settings.max_stuck_children:
             slot.held_back = f"not respawned: {unreaped} killed children are stuck in the kernel"
-            slot.state = "held"
+            slot.state = ChildState.HELD
             return
         self._spawn(slot)
 
@@ -662,7 +664,7 @@ class Supervisor:
                     continue
                 slot.job, slot.job_started = job, now
                 slot.state, slot.file, slot.bytes_done, slot.bytes_total = (
-                    "claiming",
+                    ChildState.CLAIMING,
                     job.name,
                     0,
                     0,

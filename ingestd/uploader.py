@@ -24,9 +24,9 @@ from typing import TypeVar
 from azure.core.exceptions import HttpResponseError
 from azure.storage.blob import StandardBlobTier
 
-from ingestd import blobupload, child, leases, provenance, storageclient, storageerrors
+from ingestd import blobupload, childruntime, leases, provenance, storageclient, storageerrors
 from ingestd.blobupload import Staged
-from ingestd.child import Channel, ParentGone
+from ingestd.childruntime import Channel, ParentGone
 from ingestd.config import Settings
 from ingestd.filesteps import (
     BlockFailed,
@@ -53,6 +53,7 @@ from ingestd.filesteps import (
     write_record,
 )
 from ingestd.messages import (
+    ChildState,
     Claimed,
     Done,
     Failed,
@@ -62,6 +63,7 @@ from ingestd.messages import (
     Quarantined,
     RateLimit,
     Signature,
+    Stage,
     Stop,
     StorageFailing,
     StorageOk,
@@ -103,7 +105,7 @@ class Uploader:
 
     def run(self) -> None:
         while True:
-            self.channel.beat("idle")
+            self.channel.beat(ChildState.IDLE)
             if not self.channel.poll(1.0):
                 continue
             message = self.channel.recv()
@@ -118,7 +120,7 @@ class Uploader:
         started = time.monotonic()
         self.windowed = None
         # Not forced: the parent marks the slot "claiming" when it sends the job.
-        self.channel.beat("claiming", job.name)
+        self.channel.beat(ChildState.CLAIMING, job.name)
         try:
             if not claim(paths, job, self.owner):
                 discard_staged(paths)  # a killed uploader's copy, if one was left
@@ -129,7 +131,7 @@ class Uploader:
                 )
                 return Gone(job, "gone from incoming, or changed since it was found stable")
         except OSError as exc:
-            return self._failed(job, paths, StepError("claim", describe_os_error(exc), True))
+            return self._failed(job, paths, StepError(Stage.CLAIM, describe_os_error(exc), True))
         if not job.claimed:
             job = replace(job, claimed=True, maybe_claimed=False)
             self.channel.send(Claimed(job.key))
@@ -146,7 +148,7 @@ class Uploader:
             raise
         except Exception as exc:  # a bug must cost one attempt, not the process
             log.exception("unexpected error", extra=_context(job))
-            return self._failed(job, paths, StepError("internal", repr(exc), True))
+            return self._failed(job, paths, StepError(Stage.INTERNAL, repr(exc), True))
 
     def _after_claim(self, job: Job, paths: Paths, started: float) -> Result:
         """Upload a claimed file (unless that is already done) and delete it."""
@@ -163,7 +165,7 @@ class Uploader:
             staged, upload_seconds = self._transfer(paths, job)
             size, md5, staged_ino = staged.size, staged.md5, staged.staged_ino
             job = replace(job, uploaded=staged.source)
-        self.channel.beat("cleaning", job.name, size, size, force=True)
+        self.channel.beat(ChildState.CLEANING, job.name, size, size, force=True)
         try:
             self._cleanup(job, paths, staged_ino)
         except StepError as exc:
@@ -204,7 +206,7 @@ class Uploader:
 
         def progress(current: int, total: int | None) -> None:
             if copied:  # while copying, the copy's progress is what operators need
-                self.channel.beat("uploading", job.name, current, total or size_hint[0])
+                self.channel.beat(ChildState.UPLOADING, job.name, current, total or size_hint[0])
 
         settings = self.settings
         block_size = settings.azure_max_block_size
@@ -230,7 +232,7 @@ class Uploader:
             window = self._window(job, size, upload) if kept is None else None
             if kept is not None:
                 copied, size_hint[0], staged = True, kept.size, kept
-                self.channel.beat("uploading", job.name, 0, kept.size, force=True)
+                self.channel.beat(ChildState.UPLOADING, job.name, 0, kept.size, force=True)
                 self._storage_call(lambda: self._add_blocks(upload, kept, block_size))
             else:
                 paths.staged_record.unlink(missing_ok=True)  # it would describe the old copy
@@ -238,7 +240,9 @@ class Uploader:
                 if staged.block_md5s and window is None:  # a windowed copy has holes
                     write_record(paths, staged, block_size)
             copied, size_hint[0] = True, staged.size
-            self.channel.beat("uploading", job.name, upload.uploaded, staged.size, force=True)
+            self.channel.beat(
+                ChildState.UPLOADING, job.name, upload.uploaded, staged.size, force=True
+            )
             started = upload.started or time.monotonic()
             metadata = provenance.blob_metadata(
                 job, staged.size, staged.mtime_ns, staged.md5, self.host
@@ -354,7 +358,7 @@ class Uploader:
             cause = exc.__cause__
             if cause is not None and blobupload.condition_failed(cause):
                 raise StepError(
-                    "upload",
+                    Stage.UPLOAD,
                     "another upload of this file committed the blob "
                     "since it was checked: not committed over it; tried "
                     "again",
@@ -379,12 +383,14 @@ class Uploader:
         try:
             now = signature(paths.claimed)
         except OSError as exc:
-            raise StepError("copy", f"copy failed (nfs): {describe_os_error(exc)}", True) from exc
+            raise StepError(
+                Stage.COPY, f"copy failed (nfs): {describe_os_error(exc)}", True
+            ) from exc
         if now is None:
             raise Vanished()
         if now != source:
             raise StepError(
-                "verify",
+                Stage.VERIFY,
                 f"it changed while it was uploaded (size, mtime, inode "
                 f"{source} -> {now}): not committed, to be uploaded again",
                 True,
@@ -405,7 +411,7 @@ class Uploader:
             raise
         except OSError as exc:  # reading the staging copy for a block
             raise StepError(
-                "upload", f"upload failed (staging): {describe_os_error(exc)}", True
+                Stage.UPLOAD, f"upload failed (staging): {describe_os_error(exc)}", True
             ) from exc
         except Exception as exc:
             raise self._upload_error(exc) from exc
@@ -452,11 +458,13 @@ class Uploader:
         except FileNotFoundError as exc:
             if not os.path.lexists(paths.claimed):
                 raise Vanished() from exc
-            raise StepError("copy", f"copy failed: {describe_os_error(exc)}", True) from exc
+            raise StepError(Stage.COPY, f"copy failed: {describe_os_error(exc)}", True) from exc
         except OSError as exc:
             if exc.filename and str(exc.filename).startswith(str(self.settings.local_staging_root)):
                 raise self._staging_failure(exc, paths) from exc
-            raise StepError("copy", f"copy failed (nfs): {describe_os_error(exc)}", True) from exc
+            raise StepError(
+                Stage.COPY, f"copy failed (nfs): {describe_os_error(exc)}", True
+            ) from exc
 
     @staticmethod
     def _staging_failure(exc: OSError, paths: Paths) -> StepError:
@@ -470,17 +478,17 @@ class Uploader:
         """
         message = f"copy failed (staging): {describe_os_error(exc)}"
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-            return StepError("copy", message, True)
+            return StepError(Stage.COPY, message, True)
         size, capacity = file_size(paths.claimed), staging_capacity(paths.staged.parent)
         if size > capacity:
             return StepError(
-                "copy",
+                Stage.COPY,
                 f"{message}: the file ({size} bytes) is larger than "
                 f"the whole staging filesystem ({capacity} bytes)",
                 True,
             )
         return StepError(
-            "copy",
+            Stage.COPY,
             f"{message}: staging is full ({size} bytes needed, "
             f"{capacity} in all); retried, not counted against the file",
             False,
@@ -493,7 +501,7 @@ class Uploader:
         message = f"upload failed: {storageerrors.describe_error(exc, method)}"
         if kind:
             self.channel.send(StorageFailing(kind, message))
-        return StepError("upload", message, not kind, kind)
+        return StepError(Stage.UPLOAD, message, not kind, kind)
 
     def _cleanup(self, job: Job, paths: Paths, staged_ino: int | None) -> None:
         assert job.uploaded is not None
@@ -501,15 +509,19 @@ class Uploader:
         try:
             cleanup(paths, job.uploaded, staged_ino, roots, self.owner)
         except Changed as exc:
-            raise StepError("verify", str(exc), True) from exc
+            raise StepError(Stage.VERIFY, str(exc), True) from exc
         except FileNotFoundError as exc:
             if not os.path.lexists(paths.claimed):
                 raise Vanished() from exc
-            raise StepError("cleanup", f"cleanup failed: {describe_os_error(exc)}", False) from exc
+            raise StepError(
+                Stage.CLEANUP, f"cleanup failed: {describe_os_error(exc)}", False
+            ) from exc
         except OSError as exc:
             # The blob is committed; the file stays claimed and the retry
             # only deletes it (job.uploaded), a bounded number of times.
-            raise StepError("cleanup", f"cleanup failed: {describe_os_error(exc)}", False) from exc
+            raise StepError(
+                Stage.CLEANUP, f"cleanup failed: {describe_os_error(exc)}", False
+            ) from exc
 
     def _unlink_owner(self, paths: Paths) -> None:
         """Drop our owner link if the claim did not happen, so other replicas may take the file.
@@ -596,7 +608,7 @@ class Uploader:
             target = quarantine(paths, job, job.attempts, error, self.owner)
         except OSError as exc:
             message = f"cannot move to .failed: {describe_os_error(exc)} (after: {error})"
-            return self._failed(job, paths, StepError("quarantine", message, False))
+            return self._failed(job, paths, StepError(Stage.QUARANTINE, message, False))
         prune_folders(paths, (self.settings.nfs_processing_root, self.settings.local_staging_root))
         log.error(
             "%s moved to %s after %d failed attempts",
@@ -610,7 +622,7 @@ class Uploader:
 
 Result = Done | Failed | Gone | Quarantined | GaveUp
 
-BOUNDED_STEPS = ("cleanup", "quarantine")
+BOUNDED_STEPS = (Stage.CLEANUP, Stage.QUARANTINE)
 """Steps whose failures say nothing about the file's bytes, so they do not
 count towards ``.failed``, but are still retried only ``APP_MAX_ATTEMPTS`` times."""
 
@@ -647,7 +659,7 @@ def main(
     conn: Connection, settings: Settings, auth_method: str, role: str, owner: str = ""
 ) -> None:
     """Entry point of an uploader process; ``owner`` is this replica's lease token."""
-    child.start(settings, role)
+    childruntime.start(settings, role)
     _lower_priority()
     channel = Channel(conn)
     try:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ingestd import blobupload, filesteps, md5pair
-from ingestd.child import Channel
+from ingestd.childruntime import Channel
 from ingestd.scanner import choose_offers
 
 MiB = 1024 * 1024

@@ -6,7 +6,7 @@ test sets, the way uvicorn tests its supervisor with a fake process handle:
 dispatch, stall (kill and replace), respawn with back-off, the bound on
 children stuck in the kernel, and the drain at shutdown.
 
-``FakeChild`` stands in for ``ingestd.process.ChildProcess``: it records what
+``FakeChild`` stands in for ``ingestd.childhandle.ChildProcess``: it records what
 the supervisor sends it and lets the test decide when it exits, stalls or
 is reaped. The tests call the loop's steps (``_check_children``,
 ``_dispatch``, ...) with an explicit ``now`` instead of running the thread.
@@ -23,7 +23,7 @@ import pytest
 
 import ingestd.supervisor as supervisor_module
 from ingestd.config import Settings
-from ingestd.messages import Beat, Claimed, Done, Job, Stop
+from ingestd.messages import Beat, ChildState, Claimed, Done, Job, Stop
 from ingestd.status import health
 from ingestd.supervisor import REAP_GRACE_S, Supervisor
 
@@ -202,8 +202,8 @@ def test_a_silent_child_is_killed_replaced_and_its_job_retried(
     made = len(children)
 
     later = start + STALL_S + 0.1
-    sup._handle(sup.slots[2], Beat("idle"), later)  # the other one keeps beating
-    sup._handle(sup.slots[0], Beat("idle"), later)
+    sup._handle(sup.slots[2], Beat(ChildState.IDLE), later)  # the other one keeps beating
+    sup._handle(sup.slots[0], Beat(ChildState.IDLE), later)
     sup._check_children(later)
 
     assert silent.killed and silent in sup.stuck
@@ -227,7 +227,7 @@ def test_a_child_that_beats_within_the_stall_timeout_is_left_alone(
     for step in range(1, 6):  # beats every STALL_S - 1 s, for five periods
         now = start + step * (STALL_S - 1)
         for slot in sup.slots:
-            sup._handle(slot, Beat("idle"), now)
+            sup._handle(slot, Beat(ChildState.IDLE), now)
         sup._check_children(now)
     assert not any(c.killed for c in children) and len(children) == 2
 
@@ -242,7 +242,7 @@ def test_a_claimed_job_of_a_stalled_child_is_retried_as_claimed(
     sup._handle(sup.slots[1], Claimed(job("a").key), start)
 
     later = start + STALL_S + 0.1
-    sup._handle(sup.slots[0], Beat("idle"), later)
+    sup._handle(sup.slots[0], Beat(ChildState.IDLE), later)
     sup._check_children(later)
 
     retried = sup.queue.take(later + 1.0)

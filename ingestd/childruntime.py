@@ -1,5 +1,8 @@
 """What every child process does first, and its end of the pipe.
 
+Runs inside every child (scanner and uploaders), never in the parent; the
+parent's handle on a child is ``childhandle``.
+
 A child owns one duplex pipe to the parent. It must die with the parent (an
 orphaned uploader would keep claiming files nobody counts), must not send
 two messages at once from two threads (the SDK calls the progress hook from
@@ -23,7 +26,7 @@ from typing import Any, TypeVar
 
 from ingestd import logs
 from ingestd.config import Settings
-from ingestd.messages import Beat
+from ingestd.messages import Beat, ChildState
 
 M = TypeVar("M")
 
@@ -81,7 +84,7 @@ class Channel:
         self._conn = conn
         self._lock = threading.Lock()
         self._last_beat = 0.0
-        self._last: tuple[str, str | None, int, int] = ("starting", None, 0, 0)
+        self._last: tuple[ChildState, str | None, int, int] = (ChildState.STARTING, None, 0, 0)
         self._handlers: dict[type, Callable[[Any], None]] = {}
         self._inbox: deque[object] = deque()
         self._waiting = ""
@@ -100,7 +103,7 @@ class Channel:
 
     def beat(
         self,
-        state: str,
+        state: ChildState,
         file: str | None = None,
         done: int = 0,
         total: int = 0,

@@ -1,5 +1,8 @@
 """The parent's handle on one child process and its private pipe.
 
+Runs in the parent only (the supervisor spawns, feeds, kills and reaps its
+children through it); what runs inside the child is ``childruntime``.
+
 Nothing here ever waits: liveness is read with ``waitpid(WNOHANG)`` (what
 ``Process.exitcode`` does), and a kill is a signal, not a join. The pipe is
 created for this child alone and thrown away with it, because a child killed
