@@ -11,15 +11,12 @@ mid-write could leave a shared channel corrupt.
 
 from __future__ import annotations
 
-import logging
 import multiprocessing
 import os
 import signal
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
-
-log = logging.getLogger(__name__)
 
 _context = multiprocessing.get_context("spawn")
 """``spawn``, not ``fork``: the parent runs threads (uvicorn, the supervisor)

@@ -34,6 +34,12 @@ class Stage(StrEnum):
     INTERNAL = "internal"  # an unexpected error (a bug): costs one attempt
 
 
+BOUNDED_STAGES = frozenset({Stage.CLEANUP, Stage.QUARANTINE})
+"""Stages whose failures say nothing about the file's bytes: they do not count
+towards ``.failed``, but are retried only ``APP_MAX_ATTEMPTS`` times (the
+uploader counts them; the supervisor backs them off per file)."""
+
+
 class ChildState(StrEnum):
     """What a child slot is doing: a child's own ``Beat.state``, or what the parent knows.
 

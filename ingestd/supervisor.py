@@ -27,11 +27,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 
-from ingestd import filesteps, leases, scanner, uploader
+from ingestd import config, leases, scanner, uploader
 from ingestd.childhandle import ChildProcess
 from ingestd.config import Settings
 from ingestd.exitcodes import EXIT_AUTH
 from ingestd.messages import (
+    BOUNDED_STAGES,
     Backlog,
     Beat,
     ChildState,
@@ -497,7 +498,7 @@ class Supervisor:
         if failed.counted:
             delay = max(self.settings.min_file_age_s, 2.0**failed.job.attempts)
             return now + min(MAX_RETRY_DELAY_S, delay)
-        if failed.stage in (Stage.CLEANUP, Stage.QUARANTINE):
+        if failed.stage in BOUNDED_STAGES:
             return now + min(MAX_RETRY_DELAY_S, 2.0**failed.job.tries)
         return self.outage.retry_at(now)
 
@@ -692,7 +693,7 @@ class Supervisor:
         go through a window. Sizes are those the scan or recovery reported.
         """
         settings = self.settings
-        floor = settings.azure_max_block_size + filesteps.COPY_CHUNK
+        floor = settings.azure_max_block_size + config.STAGING_COPY_CHUNK
         window = max(min(settings.staging_window_bytes(), budget), floor)
         whole_max = max(window, budget - (settings.worker_concurrency - 1) * window)
         if job.size > whole_max and job.size > settings.azure_max_single_put_size:

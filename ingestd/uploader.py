@@ -53,6 +53,7 @@ from ingestd.filesteps import (
     write_record,
 )
 from ingestd.messages import (
+    BOUNDED_STAGES,
     ChildState,
     Claimed,
     Done,
@@ -557,7 +558,7 @@ class Uploader:
                 if job.claimed:
                     return self._quarantine(job, paths, str(exc))
                 return self._give_up(job, exc, paths.incoming)
-        elif exc.stage in BOUNDED_STEPS:
+        elif exc.stage in BOUNDED_STAGES:
             job = replace(job, tries=job.tries + 1)
             if job.tries >= self.settings.max_attempts:
                 return self._give_up(job, exc, paths.claimed)
@@ -621,10 +622,6 @@ class Uploader:
 
 
 Result = Done | Failed | Gone | Quarantined | GaveUp
-
-BOUNDED_STEPS = (Stage.CLEANUP, Stage.QUARANTINE)
-"""Steps whose failures say nothing about the file's bytes, so they do not
-count towards ``.failed``, but are still retried only ``APP_MAX_ATTEMPTS`` times."""
 
 
 def _context(job: Job) -> dict[str, str]:
