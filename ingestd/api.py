@@ -134,6 +134,7 @@ def create_app(
     readiness = ready if ready is not None else {"ready": True}
     app = FastAPI(title="ingestd", version=__version__, default_response_class=AsciiJSONResponse)
     app.add_middleware(BodyLimit)
+    app.add_middleware(apiauth.TokenFirst)  # outermost: a refused request's body is never read
     apiauth.install(app, supervisor.settings)
     apiauth.log_protection(supervisor.settings)
     control = APIRouter(dependencies=[Depends(require_token)])

@@ -1,6 +1,7 @@
 """Bearer-token protection of the HTTP API (``APP_API_TOKEN``).
 
-One dependency, :func:`require_token`, guards everything that changes state.
+One dependency, :func:`require_token`, guards everything that changes state;
+:class:`TokenFirst` checks the same header before a body is read.
 An endpoint gets it by being declared on the ``control`` router in
 :mod:`ingestd.api` (or, anywhere else, with
 ``dependencies=[Depends(require_token)]``); a unit test fails if a POST, PUT,
@@ -20,7 +21,10 @@ import ipaddress
 import logging
 
 from fastapi import FastAPI, HTTPException, Request, Security
+from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ingestd.config import Settings
 
@@ -48,25 +52,74 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode("latin-1", errors="replace")).digest()
 
 
+STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+_MISSING = ("missing bearer token", 'Bearer realm="ingestd"')
+_WRONG = ("wrong bearer token", 'Bearer realm="ingestd", error="invalid_token"')
+
+
+def refusal(expected: bytes | None, token: str | None) -> tuple[str, str] | None:
+    """Why a request carrying ``token`` must be refused: (reason, challenge), or None.
+
+    ``expected`` is the configured token's digest; None means the API is open.
+    """
+    if expected is None:
+        return None
+    if not token:
+        return _MISSING
+    if not hmac.compare_digest(_digest(token), expected):
+        return _WRONG
+    return None
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, as HTTPBearer reads it."""
+    scheme, _, token = (authorization or "").partition(" ")
+    return token if scheme.lower() == "bearer" and token else None
+
+
 async def require_token(
     request: Request,
     credentials: HTTPAuthorizationCredentials | None = Security(bearer),
 ) -> None:
     """401 unless the request carries the configured bearer token; no-op when none is set."""
-    expected: bytes | None = request.app.state.api_token_digest
-    if expected is None:
-        return
-    if credentials is None:
-        raise _unauthorized(request, "missing bearer token", 'Bearer realm="ingestd"')
-    if not hmac.compare_digest(_digest(credentials.credentials), expected):
-        raise _unauthorized(
-            request, "wrong bearer token", 'Bearer realm="ingestd", error="invalid_token"'
-        )
+    token = credentials.credentials if credentials is not None else None
+    why = refusal(request.app.state.api_token_digest, token)
+    if why is not None:
+        host = request.client.host if request.client else "?"
+        raise _unauthorized(request.method, request.url.path, host, *why)
 
 
-def _unauthorized(request: Request, reason: str, challenge: str) -> HTTPException:
-    client = request.client.host if request.client else "?"
-    log.warning("refused %s %s from %s: %s", request.method, request.url.path, client, reason)
+class TokenFirst:
+    """Refuse a state-changing request without the token before its body is read.
+
+    :func:`require_token` runs only once FastAPI has read and parsed the
+    body, so a malformed body sent without a token would get 422 (and a
+    description of what the body should be) instead of 401. This checks the
+    header first, for every POST, PUT, PATCH and DELETE; the routes keep
+    their dependency, which OpenAPI shows and a unit test requires.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] in STATE_CHANGING:
+            token = bearer_token(Headers(scope=scope).get("authorization"))
+            why = refusal(scope["app"].state.api_token_digest, token)
+            if why is not None:
+                host = (scope.get("client") or ("?",))[0]
+                refused = _unauthorized(scope["method"], scope["path"], host, *why)
+                response = JSONResponse(
+                    {"detail": refused.detail}, status_code=401, headers=refused.headers
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _unauthorized(method: str, path: str, host: str, reason: str, challenge: str) -> HTTPException:
+    log.warning("refused %s %s from %s: %s", method, path, host, reason)
     return HTTPException(
         401,
         f"{reason}: send Authorization: Bearer <APP_API_TOKEN>",

@@ -118,6 +118,34 @@ def test_token_matrix_on_every_endpoint(make_service, reads_protected: bool) -> 
 
 
 @pytest.mark.timeout(90)
+def test_a_bad_body_without_the_token_is_refused_before_it_is_read(make_service) -> None:
+    """401 comes before the body: a caller without the token learns nothing of its shape."""
+    service = make_service(APP_API_TOKEN=TOKEN)
+    bodies = {
+        "malformed JSON": {
+            "content": b"{not json",
+            "headers": {"Content-Type": "application/json"},
+        },
+        "a wrong field": {"json": {"session_name": 5, "unknown": 1}},
+        "over the size limit": {"content": b"x" * (64 * 1024)},
+    }
+    with httpx.Client(base_url=service.url, timeout=5.0) as bare:
+        for what, body in bodies.items():
+            for name in ("missing", "wrong", "scheme without a token"):
+                headers = {**body.get("headers", {}), **CREDENTIALS[name]}
+                request = {k: v for k, v in body.items() if k != "headers"}
+                response = bare.post("/v1/watch/start", headers=headers, **request)
+                assert_refused(response, f"{what} with the {name} token")
+            right = {**body.get("headers", {}), **CREDENTIALS["right"]}
+            request = {k: v for k, v in body.items() if k != "headers"}
+            answered = bare.post("/v1/watch/start", headers=right, **request)
+            assert answered.status_code in (413, 422), (what, answered.status_code)
+        # An unknown route with a state-changing method is refused the same way.
+        assert_refused(bare.post("/v1/nowhere", content=b"{"), "an unknown route")
+    assert authorized_status(service)["sessions"] == []
+
+
+@pytest.mark.timeout(90)
 def test_openapi_declares_the_bearer_scheme_where_it_applies(make_service) -> None:
     service = make_service(APP_API_TOKEN=TOKEN, APP_API_TOKEN_FOR_READS="true")
     spec = service.http.get("/openapi.json").json()
