@@ -31,6 +31,9 @@ def main() -> int:
         log.critical("cannot start: %s", exc)
         return EXIT_CONFIG
     logs.configure(settings.log_format, settings.log_level, "api", settings.secrets())
+    # Only the parent checks the API token: keep it out of the environment
+    # every child inherits (the children get settings without it too).
+    os.environ.pop("APP_API_TOKEN", None)
     log.info(
         "ingestd %s starting; incoming %s, staging %s, %d uploaders",
         __version__,

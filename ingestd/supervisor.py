@@ -135,6 +135,9 @@ class Supervisor:
         self, settings: Settings, auth_method: str, observer: Observer | None = None
     ) -> None:
         self.settings = settings
+        # The children never need the API token: they get settings without it
+        # (and ingestd.cli keeps it out of the environment they inherit).
+        self.child_settings = settings.model_copy(update={"api_token": None})
         self.auth_method = auth_method
         self.observer: Observer = observer or Unobserved()  # the histograms (ingestd.metrics)
         self.lock = threading.Lock()
@@ -508,11 +511,14 @@ class Supervisor:
         target: Callable[..., None]
         args: tuple[object, ...]
         if slot.role == SCANNER:
-            target, args = scanner.main, (self.settings, self._first_scanner, self.owner)
+            target, args = scanner.main, (self.child_settings, self._first_scanner, self.owner)
             self._first_scanner = False
             self._scan_sent = None
         else:
-            target, args = uploader.main, (self.settings, self.auth_method, slot.role, self.owner)
+            target, args = (
+                uploader.main,
+                (self.child_settings, self.auth_method, slot.role, self.owner),
+            )
         slot.child = ChildProcess(slot.role, target, args)
         slot.state, slot.file, slot.last_beat, slot.held_back = (
             ChildState.STARTING,

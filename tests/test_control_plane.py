@@ -146,6 +146,18 @@ def test_a_bad_body_without_the_token_is_refused_before_it_is_read(make_service)
 
 
 @pytest.mark.timeout(90)
+def test_no_child_holds_the_token(make_service) -> None:
+    """Only the parent checks the token: no child gets it in its environment or settings."""
+    service = make_service(APP_API_TOKEN=TOKEN, APP_LOG_LEVEL="DEBUG")
+    children = [c["pid"] for c in service.children() if c["pid"]]
+    assert len(children) >= 2, children
+    for pid in children:
+        with open(f"/proc/{pid}/environ", "rb") as environ:
+            assert TOKEN.encode() not in environ.read(), pid
+    assert TOKEN not in service.log_text()
+
+
+@pytest.mark.timeout(90)
 def test_openapi_declares_the_bearer_scheme_where_it_applies(make_service) -> None:
     service = make_service(APP_API_TOKEN=TOKEN, APP_API_TOKEN_FOR_READS="true")
     spec = service.http.get("/openapi.json").json()
