@@ -25,7 +25,6 @@ so they survive restarts (:func:`read_attempts`, :func:`write_attempts`).
 
 from __future__ import annotations
 
-import ctypes
 import datetime as dt
 import errno
 import hashlib
@@ -37,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from ingestd import blobupload, config, leases, md5pair, scanner
+from ingestd import blobupload, config, leases, md5pair, punchhole, scanner
 from ingestd.blobupload import Staged
 from ingestd.childruntime import Channel, ParentGone
 from ingestd.config import Settings
@@ -303,32 +302,12 @@ def _make_room(window: StagingWindow, dst: BinaryIO, count: int) -> None:
         raise BlockFailed(exc) from exc
 
 
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-_libc = ctypes.CDLL(None, use_errno=True)
-_fallocate = _libc.fallocate
-_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_fallocate.restype = ctypes.c_int
-
-
-def punch_hole(fd: int, offset: int, length: int) -> None:
-    """Give ``length`` bytes at ``offset`` of a file back to its filesystem; its size stays.
-
-    Python 3.11's ``os`` has ``posix_fallocate`` but no ``fallocate`` with
-    flags, so libc's is called. Supported by tmpfs (an emptyDir with
-    ``medium: Memory``), ext4 and xfs (a disk-backed emptyDir).
-    """
-    if _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, f"cannot release staging space: {os.strerror(code)}")
-
-
 class StagingWindow:
     """The staging space of one file copied through a window of ``size`` bytes.
 
     The staging file keeps its full length, but only the blocks not yet
     acknowledged by storage (and the block being copied) occupy space: each
-    acknowledged block's range is punched out (:func:`punch_hole`). The
+    acknowledged block's range is punched out (:func:`~ingestd.punchhole.punch_hole`). The
     copy asks :meth:`room` before each chunk and waits, beating as a wait on
     the network, while the bytes it holds plus the chunk would exceed the
     window. ``size`` is at least a block and a chunk (see
@@ -352,7 +331,7 @@ class StagingWindow:
         """Wait until ``count`` more bytes fit, releasing acknowledged blocks."""
         while True:
             for offset, length in self.upload.take_acked():
-                punch_hole(fd, offset, length)
+                punchhole.punch_hole(fd, offset, length)
                 self.released += length
             if self.held + count <= self.size or self.held == 0:
                 break

@@ -230,6 +230,7 @@ class SetupProblem:
 
     problems: tuple[str, ...]
     staging_bytes: int = 0  # the staging filesystem's whole size; 0 if unknown
+    staging_holes: bool = True  # staging can punch holes, so a file can go through a window
 
 
 @dataclass(frozen=True)

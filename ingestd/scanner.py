@@ -24,7 +24,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TypeVar
 
-from ingestd import childruntime, leases
+from ingestd import childruntime, leases, punchhole
 from ingestd.childruntime import Channel, ParentGone
 from ingestd.config import Settings
 from ingestd.leases import Lease, LeaseLost, Observer, Recovery
@@ -321,12 +321,12 @@ class Scanner:
         """
         reported: list[str] = []
         wait_s = self.settings.poll_interval_s
+        staging = self.settings.local_staging_root
         while True:
             self.channel.beat(ChildState.CHECKING, force=True)
             problems = self._retrying("folder check", lambda: check_setup(self.settings))
-            self.channel.send(
-                SetupProblem(tuple(problems), staging_size(self.settings.local_staging_root))
-            )
+            holes = not problems and self._staging_holes(staging)
+            self.channel.send(SetupProblem(tuple(problems), staging_size(staging), holes))
             if not problems:
                 return
             if problems != reported:
@@ -334,6 +334,18 @@ class Scanner:
                 reported = problems
             self._sleep(wait_s)
             wait_s = min(MAX_BACKOFF_S, wait_s * 2)
+
+    def _staging_holes(self, staging: Path) -> bool:
+        """Can staging give space back mid-file? Without it no file goes through a window."""
+        if punchhole.supported(staging):
+            return True
+        log.warning(
+            "APP_LOCAL_STAGING_ROOT=%s cannot punch holes (fallocate PUNCH_HOLE is not "
+            "supported): every file is staged whole, so a file larger than the staging "
+            "budget waits until it runs alone and then needs its whole size free",
+            staging,
+        )
+        return False
 
     def _recover(self, first_start: bool) -> None:
         self.channel.beat(ChildState.RECOVERING, force=True)

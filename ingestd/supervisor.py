@@ -153,6 +153,7 @@ class Supervisor:
         self.recovery_done = False
         self.setup_problems: tuple[str, ...] = ()
         self.staging_capacity = 0  # the staging filesystem's size, from the scanner's check
+        self.staging_holes = True  # staging can punch holes (windows possible), the same check
         self.staging_parked: Job | None = None  # the oldest job waiting for staging space
         self.gave_up: deque[GivenUp] = deque(maxlen=GAVE_UP_SHOWN)
         self.unclaimable: dict[tuple[str, str, str], tuple[int, int] | None] = {}
@@ -389,6 +390,8 @@ class Supervisor:
     def _on_setup(self, message: SetupProblem) -> None:
         if message.staging_bytes:
             self.staging_capacity = message.staging_bytes
+        if not message.problems:
+            self.staging_holes = message.staging_holes
         if message.problems and message.problems != self.setup_problems:
             self.stats.last_error = "; ".join(message.problems)
         elif not message.problems and self.setup_problems:
@@ -697,8 +700,12 @@ class Supervisor:
         leaves once every other uploader has a window (and never when it is
         no larger than a window: a window would save nothing). Larger files
         go through a window. Sizes are those the scan or recovery reported.
+        On a staging filesystem that cannot punch holes every file is staged
+        whole (the scanner's setup check says which, and logs it).
         """
         settings = self.settings
+        if not self.staging_holes:  # a window gives space back by punching holes
+            return replace(job, window=0)
         floor = settings.azure_max_block_size + config.STAGING_COPY_CHUNK
         window = max(min(settings.staging_window_bytes(), budget), floor)
         whole_max = max(window, budget - (settings.worker_concurrency - 1) * window)

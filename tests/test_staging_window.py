@@ -28,6 +28,7 @@ import pytest
 from tests.support.azurite import Azurite
 from tests.support.checks import assert_all_arrived, assert_nothing_left, metric
 from tests.support.faults import MiB, folder_layout, tmpfs
+from tests.support.fusefs import FreezableMount
 from tests.support.proxy import BlobProxy
 from tests.support.service import Layout, wait_until, write_random
 
@@ -176,3 +177,31 @@ def test_kill_9_mid_window_then_restart_delivers_the_file_sending_only_what_is_m
     assert resent <= BIG // 2 + WINDOW + 2 * MiB, resent
     assert "resumed" in second.log_text()
     assert_nothing_left(layout)
+
+
+@pytest.mark.timeout(180)
+def test_staging_that_cannot_punch_holes_stages_whole_and_loses_nothing(
+    tmp_path: Path, make_service, azurite: Azurite, azurite_container: str
+) -> None:
+    """A staging filesystem without ``fallocate`` (this FUSE mount has none) cannot
+    give a window's space back. The setup check finds it and says so; every file
+    is then staged whole, so the file over the budget is delivered, not failed
+    at its first punched hole."""
+    backing = tmp_path / "staging-backing"
+    backing.mkdir()
+    mount = FreezableMount.start(backing)
+    try:
+        layout = folder_layout(tmp_path / "share", mount.mountpoint)
+        service = make_service(layout_=layout, APP_STAGING_BUDGET="8MiB", **WINDOWED)
+        date = service.start_session("no-holes")["date_prefix"]
+        expected = {"big.bin": write_random(layout.incoming / "big.bin", 24 * MiB)}
+        expected["small.bin"] = write_random(layout.incoming / "small.bin", MiB)
+        status = service.wait_processed(2, timeout=120)
+        log = service.log_text()
+    finally:
+        mount.unmount()
+    assert_all_arrived(azurite, azurite_container, f"{date}/no-holes/", expected)
+    assert "cannot punch holes" in log, log[-2000:]
+    assert status["staging"]["windowed_total"] == 0
+    assert status["processed_err"] == 0, status["last_error"]
+    assert not layout.files_under(layout.failed)
