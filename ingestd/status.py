@@ -325,7 +325,7 @@ def status_view(snap: Snapshot) -> dict[str, Any]:
         "draining": snap.draining,
         "recovery_done": snap.recovery_done,
         "setup_problems": list(snap.setup_problems),
-        "gave_up": [_given_up_view(entry) for entry in snap.gave_up],
+        "gave_up": [_fields_view(entry) for entry in snap.gave_up],
         "staging": staging_view(snap.staging),
         "queue": {
             "depth": snap.queue.depth,
@@ -348,7 +348,7 @@ def status_view(snap: Snapshot) -> dict[str, Any]:
             "lease": snap.owner,
             "lease_lost": snap.lease_lost,
         },
-        "sessions": [_session_row_view(row) for row in snap.sessions],
+        "sessions": [_fields_view(row) for row in snap.sessions],
         "older_sessions": {
             "count": snap.older_sessions.count,
             "files_done": snap.older_sessions.files_done,
@@ -423,29 +423,9 @@ def _session_view(session: Session | None) -> dict[str, Any] | None:
     }
 
 
-def _session_row_view(row: SessionRow) -> dict[str, Any]:
-    return {
-        "date": row.date,
-        "session": row.session,
-        "files_done": row.files_done,
-        "bytes_done": row.bytes_done,
-        "failed": row.failed,
-        "quarantined": row.quarantined,
-        "queued": row.queued,
-        "in_flight": row.in_flight,
-    }
-
-
-def _given_up_view(entry: GivenUp) -> dict[str, Any]:
-    return {
-        "file": entry.file,
-        "date": entry.date,
-        "session": entry.session,
-        "stage": entry.stage,
-        "error": entry.error,
-        "stays_at": entry.stays_at,
-        "at": entry.at,
-    }
+def _fields_view(row: SessionRow | GivenUp) -> dict[str, Any]:
+    """A flat snapshot row as JSON keys, in field order (its fields are the API's names)."""
+    return {name: getattr(row, name) for name in row.__dataclass_fields__}
 
 
 def _flight_view(slot: SlotSnapshot) -> dict[str, Any]:
