@@ -75,9 +75,18 @@ class Ledger:
         return max(found, key=lambda v: v.finished_s) if found else None
 
 
+CONTENT_CHUNK = 64 * 1024 * 1024
+"""``randbytes`` takes its size in bits as a C int: at most 256 MiB per call."""
+
+
 def content(seed: int, size: int) -> bytes:
-    """Bytes derived from the plan's seed (replayable), fast enough for tens of MiB."""
-    return random.Random(seed).randbytes(size)
+    """Bytes derived from the plan's seed (replayable), fast enough for hundreds of MiB."""
+    rng = random.Random(seed)
+    if size <= CONTENT_CHUNK:
+        return rng.randbytes(size)
+    return b"".join(
+        rng.randbytes(min(CONTENT_CHUNK, size - offset)) for offset in range(0, size, CONTENT_CHUNK)
+    )
 
 
 def rename_exchange(old: Path, new: Path) -> bool:
