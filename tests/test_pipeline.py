@@ -298,6 +298,37 @@ def test_whole_file_md5_is_stored_on_every_blob_unless_turned_off(
 
 
 @pytest.mark.timeout(120)
+def test_the_environments_proxy_carries_the_uploads_unless_no_proxy_exempts_the_host(
+    make_service, layout: Layout, azurite: Azurite, azurite_container: str
+) -> None:
+    """``HTTP_PROXY`` is honoured, and ``NO_PROXY`` too, although the storage
+    client reads them once (``storageclient.environment_once``), not per request.
+
+    The account URL names Azurite itself; the proxy (a loopback forwarder,
+    which Azurite accepts absolute-form requests from) sees the bytes only
+    when the environment sends them through it.
+    """
+    with BlobProxy(azurite.port) as proxy:
+        through = {"HTTP_PROXY": proxy.url, "http_proxy": proxy.url}
+        service = make_service(**through, NO_PROXY="", no_proxy="")
+        date = service.start_session("proxied")["date_prefix"]
+        expected = {"via-proxy.bin": write_random(layout.incoming / "via-proxy.bin", 6 * MiB)}
+        service.wait_processed(1, timeout=60)
+        assert_all_arrived(azurite, azurite_container, f"{date}/proxied/", expected)
+        assert proxy.sent > 6 * MiB, proxy.sent  # the startup check and the upload
+        service.stop()
+
+        before = proxy.sent
+        exempt = make_service(**through, NO_PROXY="127.0.0.1,localhost", no_proxy="")
+        date = exempt.start_session("direct")["date_prefix"]
+        expected = {"direct.bin": write_random(layout.incoming / "direct.bin", 6 * MiB)}
+        exempt.wait_processed(1, timeout=60)
+        assert_all_arrived(azurite, azurite_container, f"{date}/direct/", expected)
+        assert proxy.sent == before, "NO_PROXY covers the host: nothing goes through the proxy"
+    assert_nothing_left(layout)
+
+
+@pytest.mark.timeout(120)
 def test_a_small_file_costs_one_request_and_a_taken_name_is_looked_at_first(
     make_service, layout: Layout, azurite: Azurite, azurite_container: str
 ) -> None:

@@ -218,6 +218,78 @@ def test_every_network_wait_is_shorter_than_the_stall_timeout(stall: float) -> N
         assert budget.worst_case_s() <= stall
 
 
+_ENVIRONMENT_NAMES = (
+    *(f"{scheme}_PROXY" for scheme in ("HTTP", "HTTPS", "ALL", "NO")),
+    *(f"{scheme}_proxy" for scheme in ("http", "https", "all", "no")),
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+)
+
+
+@pytest.fixture
+def no_proxy_environment(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in _ENVIRONMENT_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def _per_request(url: str) -> tuple[dict[str, str], object]:
+    """What requests itself resolves from the environment for one request (trust_env on)."""
+    import requests
+
+    merged = requests.Session().merge_environment_settings(url, {}, None, None, None)
+    return merged["proxies"], merged["verify"]
+
+
+def test_the_proxy_and_ca_bundle_are_read_once_and_as_requests_would(
+    no_proxy_environment: pytest.MonkeyPatch,
+) -> None:
+    """The storage client does not read the environment per request; what it
+    read once must be what requests would have read on each request."""
+    from ingestd.storageclient import environment_once
+
+    env = no_proxy_environment
+    url = "https://acct.blob.core.windows.net"
+    assert environment_once(url) == {"use_env_settings": False}
+    env.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")
+    env.setenv("CURL_CA_BUNDLE", "/etc/ssl/curl.pem")
+    once = environment_once(url)
+    proxies, verify = _per_request(url)
+    assert once["proxies"]["https"] == proxies["https"] == "http://127.0.0.1:3128"
+    assert once["connection_verify"] == verify == "/etc/ssl/curl.pem"
+    env.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/corp.pem")  # wins over CURL_CA_BUNDLE
+    assert environment_once(url)["connection_verify"] == _per_request(url)[1] == "/etc/ssl/corp.pem"
+    env.setenv("NO_PROXY", "localhost,.blob.core.windows.net")  # the host is exempt
+    assert "proxies" not in environment_once(url)
+    assert _per_request(url)[0] == {}
+
+
+def test_a_connection_strings_own_endpoint_decides_the_proxy(
+    no_proxy_environment: pytest.MonkeyPatch,
+) -> None:
+    """NO_PROXY is matched against the host the client really sends to."""
+    from pydantic import SecretStr
+
+    from ingestd.config import Settings
+    from ingestd.storageclient import container_client
+    from ingestd.storageerrors import CONNECTION_STRING
+
+    no_proxy_environment.setenv("HTTP_PROXY", "http://127.0.0.1:3128")
+    no_proxy_environment.setenv("NO_PROXY", "localhost")
+    connection_string = (
+        "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=a2V5;"
+        "BlobEndpoint=http://127.0.0.1:2/devstoreaccount1;"
+    )
+    settings = Settings(
+        azure_account_url="http://localhost:1/devstoreaccount1",  # exempt, but not used
+        azure_container="c",
+        azure_connection_string=SecretStr(connection_string),
+    )
+    client = container_client(settings, CONNECTION_STRING)
+    assert client.url.startswith("http://127.0.0.1:2/")
+    assert client._config.proxy_policy.proxies["http"] == "http://127.0.0.1:3128"
+
+
 def test_storage_failures_are_classified_for_operators() -> None:
     from azure.core.exceptions import (
         ClientAuthenticationError,
