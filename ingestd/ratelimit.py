@@ -3,7 +3,8 @@
 The pod's cap (``APP_AZURE_MAX_MBPS``, or ``POST /v1/limits``) is divided by
 the parent among the uploaders that have a job; each uploader learns its
 share over its own pipe and applies it here, in
-:meth:`~ingestd.blobupload.FileRange.read`, per 128 KiB read. Nothing is shared
+:meth:`~ingestd.blobupload.FileRange.read`, per 128 KiB read, and before a
+one-request file's Put Blob, for its whole size. Nothing is shared
 between processes, so a killed uploader cannot leave a lock held or a budget
 spent.
 

