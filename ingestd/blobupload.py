@@ -23,7 +23,6 @@ from azure.core import MatchConditions
 from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 from azure.storage.blob import (
     BlobClient,
-    BlobType,
     ContainerClient,
     ContentSettings,
     StandardBlobTier,
@@ -31,6 +30,7 @@ from azure.storage.blob import (
 
 from ingestd.childruntime import FileCalls
 from ingestd.config import Settings
+from ingestd.putblob import PutBlob
 from ingestd.ratelimit import TokenBucket
 from ingestd.storageerrors import error_code
 
@@ -487,7 +487,7 @@ def condition_failed(exc: BaseException) -> bool:
 
 
 def put_whole(
-    client: ContainerClient,
+    put_blob: PutBlob,
     blob_name: str,
     path: str,
     staged: Staged,
@@ -501,22 +501,17 @@ def put_whole(
     The MD5 computed while staging is both the request's Content-MD5 (storage
     rejects the request if the bytes differ) and the blob's stored MD5; the
     SDK's ``validate_content`` would hash the file a second time for the same
-    header.
+    header. Sent by :class:`~ingestd.putblob.PutBlob`, not the SDK (why: see there).
     """
     data = staged.data
     assert staged.md5 is not None, "staging always hashes a file that goes in one request"
     if data is None:
         with open(path, "rb") as stream:
             data = stream.read()
-    md5 = bytearray(staged.md5)
-    client.get_blob_client(blob_name).upload_blob(
-        data,
-        blob_type=BlobType.BLOCKBLOB,
-        length=len(data),
-        overwrite=True,
-        transactional_content_md5=md5,
-        content_settings=ContentSettings(content_md5=md5),
-        standard_blob_tier=tier,
-        metadata=metadata,
-        **_condition(unchanged_since),
-    )
+    headers = {f"x-ms-meta-{key}": value for key, value in (metadata or {}).items()}
+    if tier is not None:
+        headers["x-ms-access-tier"] = str(tier.value)
+    if unchanged_since is not None:
+        etag = unchanged_since[0]
+        headers.update({"If-None-Match": "*"} if etag is None else {"If-Match": etag})
+    put_blob.put(blob_name, data, staged.md5, headers)

@@ -69,6 +69,7 @@ from ingestd.messages import (
     StorageFailing,
     StorageOk,
 )
+from ingestd.putblob import PutBlob
 from ingestd.ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ class Uploader:
         self.owner = owner  # this replica's lease token (ingestd.leases)
         self.auth_method = auth_method
         self.client = storageclient.container_client(settings, auth_method)
+        self.put_blob = PutBlob(self.client, storageclient.NetworkBudget.of(settings))
         self.host = provenance.host_name()
         self.bucket = TokenBucket(initial_share(settings))
         channel.on(RateLimit, self._set_rate)
@@ -328,7 +330,7 @@ class Uploader:
                 # meanwhile the work loop beats, waiting on the "network".
                 self.bucket.take(staged.size)
                 blobupload.put_whole(
-                    self.client, job.blob_name, str(paths.staged), staged, tier, metadata, version
+                    self.put_blob, job.blob_name, str(paths.staged), staged, tier, metadata, version
                 )
 
             self._over_network(paced_put)

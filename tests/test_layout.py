@@ -75,6 +75,7 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
 def test_the_parent_auth_and_the_child_upload_engine_do_not_import_each_other() -> None:
     edges = graph()
     assert "blobupload" not in edges["auth"] and "auth" not in edges["blobupload"]
+    assert "putblob" not in edges["auth"] and "auth" not in edges["putblob"]
 
 
 def test_the_supervisor_imports_neither_metrics_nor_the_http_side() -> None:
@@ -86,5 +87,14 @@ def test_the_supervisor_imports_neither_metrics_nor_the_http_side() -> None:
 def test_the_children_never_import_the_http_side() -> None:
     edges = graph()
     http = {"api", "apiauth", "server", "cli", "metrics", "supervisor"}
-    for child in ("scanner", "uploader", "filesteps", "blobupload", "childruntime", "leases"):
+    children = (
+        "scanner",
+        "uploader",
+        "filesteps",
+        "blobupload",
+        "putblob",
+        "childruntime",
+        "leases",
+    )
+    for child in children:
         assert not edges[child] & http, (child, edges[child] & http)

@@ -312,17 +312,23 @@ def test_the_environments_proxy_carries_the_uploads_unless_no_proxy_exempts_the_
         through = {"HTTP_PROXY": proxy.url, "http_proxy": proxy.url}
         service = make_service(**through, NO_PROXY="", no_proxy="")
         date = service.start_session("proxied")["date_prefix"]
-        expected = {"via-proxy.bin": write_random(layout.incoming / "via-proxy.bin", 6 * MiB)}
-        service.wait_processed(1, timeout=60)
+        expected = {  # sent in blocks, and in one Put Blob (ingestd.putblob)
+            "via-proxy.bin": write_random(layout.incoming / "via-proxy.bin", 6 * MiB),
+            "small-via-proxy.bin": write_random(layout.incoming / "small-via-proxy.bin", MiB),
+        }
+        service.wait_processed(2, timeout=60)
         assert_all_arrived(azurite, azurite_container, f"{date}/proxied/", expected)
-        assert proxy.sent > 6 * MiB, proxy.sent  # the startup check and the upload
+        assert proxy.sent > 7 * MiB, proxy.sent  # the startup check and both uploads
         service.stop()
 
         before = proxy.sent
         exempt = make_service(**through, NO_PROXY="127.0.0.1,localhost", no_proxy="")
         date = exempt.start_session("direct")["date_prefix"]
-        expected = {"direct.bin": write_random(layout.incoming / "direct.bin", 6 * MiB)}
-        exempt.wait_processed(1, timeout=60)
+        expected = {
+            "direct.bin": write_random(layout.incoming / "direct.bin", 6 * MiB),
+            "small-direct.bin": write_random(layout.incoming / "small-direct.bin", MiB),
+        }
+        exempt.wait_processed(2, timeout=60)
         assert_all_arrived(azurite, azurite_container, f"{date}/direct/", expected)
         assert proxy.sent == before, "NO_PROXY covers the host: nothing goes through the proxy"
     assert_nothing_left(layout)
