@@ -416,10 +416,12 @@ def cleanup(
     paths: Paths,
     uploaded: Signature,
     staged_ino: int | None,
-    roots: tuple[Path, Path],
     owner: str = "",
 ) -> None:
     """Delete the NFS copy, only if it is still the version uploaded; then the staging copy.
+
+    The folders it leaves empty are pruned later, by the uploader
+    (:func:`prune_folders`): the next file is likely of the same session.
 
     A writer that kept its descriptor open across the claim may have
     appended to the claimed file after the copy read to its end; deleting
@@ -441,7 +443,6 @@ def cleanup(
     leases.release(paths.owner, owner)  # after the file: a claimed file always has one
     discard_staged(paths, staged_ino)
     paths.attempts.unlink(missing_ok=True)
-    prune_folders(paths, roots)
 
 
 def discard_staged(paths: Paths, staged_ino: int | None = None) -> None:
@@ -542,7 +543,9 @@ def prune_folders(paths: Paths, roots: tuple[Path, Path]) -> None:
 
     Best effort: a folder that is not empty, or already gone, stays as it
     is. Whoever writes into these folders makes them again if they vanish
-    (see :func:`_rename_into` and :func:`_create_staged`).
+    (see :func:`_rename_into` and :func:`_create_staged`). The uploader
+    calls it when it has no work left of that session, not after every
+    file (see ``Uploader.prune_emptied``).
     """
     processing_root, staging_root = roots
     _remove_empty(paths.attempts.parent)

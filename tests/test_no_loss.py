@@ -136,7 +136,13 @@ def test_bytes_appended_through_an_open_descriptor_after_the_copy_are_not_lost(
     assert private.blob_md5("appends", blob) == digest.hexdigest(), "the append is missing"
     assert "changed while it was uploaded" in service.log_text()
     assert_nothing_left(layout)
-    assert not (layout.processing / date).exists(), "emptied folders are removed"
+    # Emptied folders are removed once the uploader has no more work of that
+    # session (it prunes when idle for a second, not after every file).
+    wait_until(
+        lambda: not (layout.processing / date).exists() and not (layout.staging / date).exists(),
+        10,
+        what="the emptied date folders to be removed",
+    )
 
 
 # 2. "Claimed" means the rename happened
