@@ -101,3 +101,18 @@ def test_bench_runs_end_to_end_on_a_tiny_corpus(tmp_path: Path) -> None:
 
     assert "ingestd/rclone" in markdown and "## Targets" in markdown
     assert data["machine"]["cores"] and data["machine"]["rclone"].startswith("rclone")
+
+
+@pytest.mark.timeout(120)
+def test_the_uploader_loop_runs_and_reports_its_cost_per_file() -> None:
+    """``python -m bench.uploader_loop``: every job done, sampled blobs MD5-checked, one line."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.uploader_loop", "--files", "6", "--size-kib", "64"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "6 files of 65536 bytes:" in result.stdout, result.stdout
+    assert "ms CPU and" in result.stdout and "ms wall per file" in result.stdout, result.stdout
