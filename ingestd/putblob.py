@@ -51,7 +51,7 @@ from ingestd.storageclient import NetworkBudget, environment_once
 _RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 """Answers worth the same request again (the SDK's: 408 and 5xx but 501 and 505; and 429)."""
 
-_NOT_SENT = (
+_NOT_SENT = (  # as the SDK's requests transport maps them: ServiceRequestError
     urllib3.exceptions.ConnectTimeoutError,
     urllib3.exceptions.NewConnectionError,
     urllib3.exceptions.ProxyError,
@@ -147,12 +147,7 @@ class PutBlob:
                 retries=False,
                 redirect=False,
             )
-        except (
-            urllib3.exceptions.ConnectTimeoutError,
-            urllib3.exceptions.NewConnectionError,
-        ) as exc:
-            raise ServiceRequestError(str(exc), error=exc) from exc
-        except urllib3.exceptions.ProxyError as exc:
+        except _NOT_SENT as exc:  # no byte of the request reached storage
             raise ServiceRequestError(str(exc), error=exc) from exc
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             # A read timeout, a reset, a truncated answer: the request may have landed.
