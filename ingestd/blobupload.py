@@ -11,6 +11,7 @@ parent never imports it.
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import threading
 import time
@@ -78,20 +79,21 @@ read/send rounds per block instead of hundreds (about as cheap as larger
 reads), and only this much of a block is ever in memory, per block thread.
 Figures: bench/RESULTS.md."""
 
-_read_buffers = threading.local()
-
 
 class FileRange:
     """A seekable, read-only view of ``length`` bytes at ``offset`` of an open file.
 
-    It reads with ``os.preadv`` into a buffer of ``READ_SIZE`` owned by the
-    calling thread, so many blocks of one file go out in parallel from one
-    descriptor without a shared position or a lock, nothing is allocated per
-    read, and nothing but the chunk being sent is in memory (a fresh bytes
-    object per read leaves more behind in malloc's per-thread arenas).
-    ``read`` returns a view of that buffer, valid until the same thread's
-    next read: the HTTP stack sends each chunk before it asks for
-    the next. ``read(size)`` may return up to ``READ_SIZE`` bytes even when
+    It reads with ``os.preadv`` into a buffer of ``READ_SIZE`` of its own,
+    so many blocks of one file go out in parallel from one descriptor
+    without a shared position or a lock, nothing is allocated per read, and
+    nothing but the chunk being sent is in memory. The buffer is an
+    anonymous mapping, not malloc's: it is unmapped when the range is
+    dropped, so an uploader's memory after a large file goes back to what
+    it was (malloc's per-thread arenas kept a per-thread buffer, or fresh
+    bytes objects, resident: 1 MiB per uploader that ran blocks, measured
+    in bench/RESULTS.md, "Memory"). ``read`` returns a view of that buffer,
+    valid until the next read: the HTTP stack sends each chunk before it
+    asks for the next. ``read(size)`` may return up to ``READ_SIZE`` bytes even when
     asked for fewer (urllib3 and http.client send whatever they get).
     Seekable so the SDK's retry policy can rewind it; ``__len__`` gives
     requests the Content-Length. ``on_read`` is called after every read:
@@ -120,6 +122,7 @@ class FileRange:
         self._pos = 0
         self._on_read = on_read
         self._bucket = bucket
+        self._buffer: memoryview | None = None
         self._track = file_calls.track if file_calls is not None else contextlib.nullcontext
 
     def __len__(self) -> int:
@@ -151,9 +154,9 @@ class FileRange:
             if want > READ_SIZE:  # read() of the whole range: not what the HTTP stack does
                 data = os.pread(self._fd, want, self._offset + self._pos)
             else:
-                buffer = getattr(_read_buffers, "buffer", None)
-                if buffer is None:
-                    buffer = _read_buffers.buffer = memoryview(bytearray(READ_SIZE))
+                if self._buffer is None:  # mapped, not malloc'ed: unmapped with the range
+                    self._buffer = memoryview(mmap.mmap(-1, READ_SIZE))
+                buffer = self._buffer
                 data = buffer[: os.preadv(self._fd, [buffer[:want]], self._offset + self._pos)]
         if not len(data):
             raise OSError(f"staging file shorter than expected at {self._offset + self._pos}")
