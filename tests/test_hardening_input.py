@@ -118,8 +118,13 @@ def test_session_names_become_one_folder_under_each_root_and_nowhere_else(
         assert azurite.blob_md5(azurite_container, blob) == md5, blob
     for root in (layout.processing, layout.staging):
         # Each session had its folder under <root>/<date>/ (the blob names above
-        # say which); once its files were done, it was removed, date folder too.
-        assert not (root / date).exists(), sorted(map(str, (root / date).rglob("*")))
+        # say which); once its files were done, it was removed, date folder too
+        # (when the uploader had no more work of that session: idle for 1 s).
+        wait_until(
+            lambda root=root: not (root / date).exists(),
+            10,
+            what=f"{root / date} to be removed",
+        )
     # Nothing anywhere else: the test's whole tree holds only the configured roots.
     allowed = (layout.incoming, layout.processing, layout.failed, layout.staging)
     strays = [
