@@ -335,6 +335,11 @@ class Supervisor:
         ):
             slot.stalled_since = None  # this child kept beating for a whole stall period
         if isinstance(message, Beat):
+            if slot.job is not None and message.state == ChildState.IDLE:
+                # Sent before the child took the job that is on its way (a
+                # child with a job says idle only after its result, which
+                # clears slot.job first): the job's state stands.
+                return
             slot.state, slot.file = message.state, message.file
             slot.bytes_done, slot.bytes_total = message.bytes_done, message.bytes_total
             slot.waiting = message.waiting

@@ -157,6 +157,26 @@ def test_dispatch_gives_each_idle_uploader_one_job(make_supervisor: SupervisorFa
     assert [m.name for m in first.sent if isinstance(m, Job)] == ["a", "c"]
 
 
+def test_an_idle_beat_sent_before_the_job_arrived_does_not_hide_the_job(
+    make_supervisor: SupervisorFactory,
+) -> None:
+    """The child beat "idle" just as the job was sent: applied after the dispatch,
+    it must not make a claiming uploader look idle (and fileless) until its next
+    beat, which never comes if its claim is stuck in a frozen mount. It still
+    counts as a sign of life."""
+    sup = make_supervisor(worker_concurrency=1)
+    sup.queue.add_new(job("a"))
+    now = time.monotonic()
+    sup._dispatch(now)
+    sup._handle(sup.slots[1], Beat(ChildState.IDLE), now + 0.5)
+    assert sup.slots[1].state == ChildState.CLAIMING and sup.slots[1].file == "a"
+    assert sup.slots[1].last_beat == now + 0.5
+
+    sup._handle(sup.slots[1], Done(sup.slots[1].job, 1, "md5", 0.1, 0.1), now + 1)
+    sup._handle(sup.slots[1], Beat(ChildState.IDLE), now + 1)  # after its result: idle
+    assert sup.slots[1].state == ChildState.IDLE and sup.slots[1].file is None
+
+
 def test_no_dispatch_before_recovery_or_while_draining(
     make_supervisor: SupervisorFactory,
 ) -> None:
