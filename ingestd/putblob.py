@@ -155,11 +155,9 @@ class PutBlob:
         return response.status, response.headers, response.data
 
     def _wait_before(self, retry: int) -> float:
-        """The SDK's exponential wait (see :meth:`NetworkBudget.retry_policy`)."""
-        budget = self._budget
-        jitter = budget.backoff_s / 2
-        wait = budget.backoff_s + (2**retry if retry else 0)
-        return max(0.0, wait + random.uniform(-jitter, jitter))
+        """The budget's wait before this retry, with its jitter."""
+        jitter = self._budget.backoff_s / 2
+        return max(0.0, self._budget.wait_before_retry(retry) + random.uniform(-jitter, jitter))
 
 
 def _pool(url: str) -> urllib3.PoolManager:

@@ -68,11 +68,13 @@ class NetworkBudget:
             random_jitter_range=self.backoff_s / 2,  # type: ignore[arg-type]
         )
 
+    def wait_before_retry(self, retry: int) -> float:
+        """The wait before retry ``retry`` (0 for the first), before its jitter (backoff / 2)."""
+        return self.backoff_s + (2**retry if retry else 0)
+
     def worst_case_s(self) -> float:
         """A request that gets no answer at all: every try reads until its timeout."""
-        waits = sum(
-            self.backoff_s + (2**n if n else 0) + self.backoff_s / 2 for n in range(self.retries)
-        )
+        waits = sum(self.wait_before_retry(n) + self.backoff_s / 2 for n in range(self.retries))
         return (self.retries + 1) * self.read_s + waits
 
 
