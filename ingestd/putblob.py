@@ -7,8 +7,10 @@ MiB itself; sent here it spends 0.6 ms (measured against Azurite, 300 puts
 of 1 MiB, bench/RESULTS.md). What is kept from the SDK, so that nothing
 about the request differs: the client's own credential policy signs it
 (Shared Key, or the bearer token the client's policy holds and renews),
-its API version, its blob URL quoting. What is done here instead, the way
-the SDK does it: the retries and their waits (:class:`NetworkBudget`), the
+its API version, its blob URL quoting. What is done here instead: the
+retries and their waits, as :class:`NetworkBudget` documents them (the
+SDK's own policy counts its first retry as the second, so its waits on the
+block path are 2 s longer each), the
 proxy and CA bundle the environment names
 (:func:`~ingestd.storageclient.environment_once`), and errors raised as the
 SDK raises them (``HttpResponseError`` with ``status_code`` and
